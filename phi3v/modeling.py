@@ -1,0 +1,279 @@
+"""Phi-3(.5)-vision on transformers' own building blocks.
+
+    Phi3VForCausalLM
+    ├── model: Phi3VModel            transformers' Phi3Model + the image embedding
+    │   ├── embed_tokens, layers, norm
+    │   └── vision_embed_tokens: Phi3VImageEmbedding
+    │       ├── img_processor.vision_model   transformers' CLIPVisionModel (ViT-L/14-336)
+    │       ├── glb_GN, sub_GN               learnable separators
+    │       └── img_projection               Linear -> GELU -> Linear
+    └── lm_head
+
+Attribute names are the checkpoint's keys, so Hub snapshots load with no conversion. Images enter
+as runs of negative ids in `input_ids` (the processor writes -k for image k); the embedding of
+those positions is replaced, in row-major (batch, position) order, by the image features.
+"""
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
+from transformers.utils import logging
+
+from .configuration import Phi3VConfig
+
+logger = logging.get_logger(__name__)
+
+CROP_SIZE = 336
+
+class Phi3VVisionTower(nn.Module):
+    """CLIP under `.vision_model`, the checkpoint's layout (transformers 5 dropped that level)."""
+
+    def __init__(self, config: CLIPVisionConfig, feature_layer: int):
+        super().__init__()
+        self.vision_model = CLIPVisionModel(config)
+        self.feature_layer = feature_layer
+
+    def freeze_unused(self) -> None:
+        """Freeze the layers after the feature layer and `post_layernorm`.
+
+        They are in the checkpoint but never run; frozen, DDP and optimizers don't wait for
+        gradients that never come. (Call after loading: `from_pretrained` resets requires_grad.)
+        """
+        for module in [*self.vision_model.encoder.layers[self.num_layers_used :], self.vision_model.post_layernorm]:
+            module.requires_grad_(False)
+
+    @property
+    def num_layers_used(self) -> int:
+        num_layers = len(self.vision_model.encoder.layers)
+        return num_layers + 1 + self.feature_layer if self.feature_layer < 0 else self.feature_layer
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """CLIP hidden state number `feature_layer` (-2 for Phi-3-V), CLS included: [crops, 1 + patches, dim]."""
+        vision = self.vision_model
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))
+        for layer in vision.encoder.layers[: self.num_layers_used]:
+            hidden = layer(hidden, None)
+        return hidden
+
+class Phi3VImageEmbedding(nn.Module):
+    """Turns HD crops into image tokens: CLIP patches, 2x2 merge, separators, MLP projection."""
+
+    def __init__(self, config: Phi3VConfig):
+        super().__init__()
+        vision_dim = config.vision_config.hidden_size
+        self.img_processor = Phi3VVisionTower(config.vision_config, config.feature_layer)
+        # Separators: `sub_GN` ends every row of the token grid, `glb_GN` sits between the
+        # sub-crop grid and the global view.
+        self.glb_GN = nn.Parameter(torch.zeros(1, 1, 4 * vision_dim))
+        self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, 4 * vision_dim))
+        self.img_projection = nn.Sequential(
+            nn.Linear(4 * vision_dim, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
+        )
+
+    def merge_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """[crops, side*side, dim] -> [crops, side/2, side/2, 4*dim].
+
+        Merged token (i, j) concatenates patches (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1).
+        """
+        crops, num_patches, dim = patches.shape
+        side = int(num_patches**0.5)
+        grid = patches.reshape(crops, side // 2, 2, side // 2, 2, dim)
+        return grid.permute(0, 1, 3, 2, 4, 5).reshape(crops, side // 2, side // 2, 4 * dim)
+
+    def with_row_separators(self, grid: torch.Tensor) -> torch.Tensor:
+        """[rows, cols, d] -> [rows * (cols + 1), d]: `sub_GN` appended to every row, flattened."""
+        separator = self.sub_GN.reshape(1, 1, -1).expand(grid.shape[0], 1, -1)
+        return torch.cat([grid, separator.to(grid.dtype)], dim=1).flatten(0, 1)
+
+    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """Image tokens for all images, concatenated in image order: [total_tokens, hidden].
+
+        pixel_values: [images, max_crops, 3, 336, 336], crop slot 0 the global view, then the
+        h x w sub-crops in raster order, then zero padding. image_sizes: [images, 2] (H, W).
+        """
+        crops_hw = [(int(h) // CROP_SIZE, int(w) // CROP_SIZE) for h, w in image_sizes.tolist()]
+        # CLIP runs on the real crops only: the zero padding slots contribute nothing.
+        real_crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(crops_hw)])
+        dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
+        features = self.img_processor(real_crops.to(dtype))[:, 1:]  # drop CLS
+        merged = self.merge_patches(features)
+        side = merged.shape[1]
+
+        tokens, start = [], 0
+        for h, w in crops_hw:
+            global_view, sub_crops = merged[start], merged[start + 1 : start + 1 + h * w]
+            start += 1 + h * w
+            # h x w crops of side x side tokens -> one (h*side) x (w*side) grid, rows in raster order
+            sub_grid = sub_crops.reshape(h, w, side, side, -1).permute(0, 2, 1, 3, 4).reshape(h * side, w * side, -1)
+            tokens += [
+                self.with_row_separators(sub_grid),
+                self.glb_GN.reshape(1, -1).to(merged.dtype),
+                self.with_row_separators(global_view),
+            ]
+        return self.img_projection(torch.cat(tokens))
+
+class Phi3VPreTrainedModel(Phi3PreTrainedModel):
+    config: Phi3VConfig
+    _no_split_modules = ["Phi3DecoderLayer", "CLIPEncoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, Phi3VImageEmbedding):
+            std = self.config.initializer_range
+            nn.init.normal_(module.glb_GN, std=std)
+            nn.init.normal_(module.sub_GN, std=std)
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        # The Hub config.json asks for flash_attention_2; without flash-attn installed we run SDPA
+        # instead of refusing to load.
+        if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            logger.warning_once(
+                "flash_attention_2 was requested but flash-attn is not installed: using SDPA attention. "
+                "Install flash-attn (GPU only) to use it."
+            )
+            attn_implementation = "sdpa"
+            self.config._attn_implementation = attn_implementation  # the setter reaches the CLIP sub-config
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+
+class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
+    """Phi3Model whose input embeddings carry the image features at the image positions."""
+
+    def __init__(self, config: Phi3VConfig):
+        Phi3Model.__init__(self, config)
+        self.vision_embed_tokens = Phi3VImageEmbedding(config)
+        self.post_init()  # initialises the new modules only; the LM ones are marked done
+
+    def embed(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features written at the positions where `input_ids < 0`."""
+        inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
+        image_positions = (input_ids < 0).nonzero(as_tuple=True)
+        if image_positions[0].numel() == 0:
+            return inputs_embeds
+        if pixel_values is None or image_sizes is None:
+            raise ValueError(
+                "input_ids contain image positions (negative ids) but no pixel_values/image_sizes were given; "
+                "build inputs with Phi3VProcessor(text, images)."
+            )
+        features = self.vision_embed_tokens(pixel_values, image_sizes)
+        if features.shape[0] != image_positions[0].numel():
+            raise ValueError(
+                f"input_ids have {image_positions[0].numel()} image positions but the {len(image_sizes)} images give "
+                f"{features.shape[0]} tokens: were the prompts and images processed with the same num_crops?"
+            )
+        return inputs_embeds.index_put(image_positions, features.to(inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+        return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)
+
+class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
+    """Phi-3(.5)-vision for generation and fine-tuning.
+
+    With `labels`, the loss is computed from the hidden states at the labelled positions only:
+    the 32,064-wide logits of prompt and image positions are never materialised, and `logits`
+    in the output is None. Call without labels to get full logits.
+    """
+
+    def __init__(self, config: Phi3VConfig):
+        # Phi3ForCausalLM.__init__ would build a text-only Phi3Model first; build ours directly.
+        Phi3PreTrainedModel.__init__(self, config)
+        self.model = Phi3VModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        loss = logits = None
+        if labels is not None:
+            loss = self.answer_loss(hidden_states, labels, num_items_in_batch)
+        else:
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden_states = hidden_states[:, logits_to_keep]
+            logits = self.lm_head(hidden_states)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def answer_loss(
+        self,
+        hidden_states: torch.Tensor,
+        labels: torch.LongTensor,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy over the positions whose next label is not -100.
+
+        Mean over those tokens, or their sum divided by `num_items_in_batch` when the Trainer
+        passes it (so gradient accumulation weights every token equally).
+        """
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logits = self.lm_head(hidden_states[:, :-1][keep]).float()
+        if num_items_in_batch is None:
+            return F.cross_entropy(logits, targets[keep]) if logits.shape[0] else logits.sum()
+        loss = F.cross_entropy(logits, targets[keep], reduction="sum")
+        return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, stopping on `<|end|>` and `<|endoftext|>` by default.
+
+        The Hub's generation_config.json still names `</s>` (2) as EOS, which chat answers never
+        produce; for the real vocabulary we replace that stale value.
+        """
+        stale_eos = self.generation_config.eos_token_id in (2, [2])
+        if "eos_token_id" not in kwargs and stale_eos and self.config.vocab_size == 32064:
+            kwargs["eos_token_id"] = [32007, 32000]  # <|end|>, <|endoftext|>
+        return super().generate(*args, **kwargs)
+
+__all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel", "Phi3VImageEmbedding"]

@@ -1,0 +1,267 @@
+"""The native model: checkpoint layout, config round-trip, image embedding, attention, generation, training."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from phi3v import Phi3VConfig, Phi3VForCausalLM
+from phi3v._tiny_model import tiny_config
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+HUB_FILES = REFERENCE / "phi35v_hub_files"
+
+
+def tokens_per_image(h: int, w: int) -> int:
+    return (h * w + 1) * 144 + 1 + (h + 1) * 12
+
+
+def image_inputs(crops_hw, max_crops=5, seed=0):
+    """Random pixel_values with zero padding slots, and the matching image_sizes."""
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.zeros(len(crops_hw), max_crops, 3, 336, 336)
+    for i, (h, w) in enumerate(crops_hw):
+        pixel_values[i, : 1 + h * w] = torch.randn(1 + h * w, 3, 336, 336, generator=g)
+    image_sizes = torch.tensor([[336 * h, 336 * w] for h, w in crops_hw])
+    return pixel_values, image_sizes
+
+
+def prompt_ids(crops_hw, text=(5, 6, 7)):
+    """ids: text, image 1, text, image 2, ... text (image k as -k, as the processor writes them)."""
+    ids = [1, *text]
+    for k, (h, w) in enumerate(crops_hw, start=1):
+        ids += [-k] * tokens_per_image(h, w) + [1, *text]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Phi3VForCausalLM(tiny_config()).eval()
+
+
+def test_full_size_model_has_the_hub_checkpoint_keys_and_shapes():
+    expected = {}
+    for line in (REFERENCE / "phi35v_checkpoint_keys.tsv").read_text().splitlines() if REFERENCE.exists() else []:
+        name, shape = line.split("\t")
+        expected[name] = tuple(int(x) for x in shape.split("x"))
+    config = Phi3VConfig(**json.loads((HUB_FILES / "config.json").read_text())) if HUB_FILES.exists() else Phi3VConfig()
+    with torch.device("meta"):
+        full = Phi3VForCausalLM(config)
+    shapes = {name: tuple(t.shape) for name, t in full.state_dict().items()}
+    assert len(shapes) == 592
+    assert sum(p.numel() for p in full.parameters()) == 4_146_621_440
+    if expected:
+        assert shapes == expected
+
+
+@pytest.mark.skipif(not HUB_FILES.exists(), reason="shared/reference not present")
+def test_hub_config_loads_and_saves_back_in_hub_form(tmp_path, caplog):
+    hub = json.loads((HUB_FILES / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, Phi3VConfig)
+    assert config.rope_parameters["rope_type"] == "longrope"
+    assert config.rope_parameters["short_factor"] == hub["rope_scaling"]["short_factor"]
+    assert config.vision_config.hidden_size == 1024 and config.vision_config.num_hidden_layers == 24
+
+    config.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    for key, value in hub.items():
+        if key in ("transformers_version", "_attn_implementation", "_name_or_path"):
+            continue
+        assert saved[key] == value, key
+    assert "vision_config" not in saved and "rope_parameters" not in saved
+
+
+def test_requesting_flash_attention_without_flash_attn_falls_back_to_sdpa(caplog):
+    pytest.importorskip("torch")
+    if __import__("importlib").util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed")
+    model = Phi3VForCausalLM(tiny_config(attn_implementation="flash_attention_2"))
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_save_load_round_trip_gives_identical_logits_and_files(model, tmp_path):
+    model.save_pretrained(tmp_path / "a")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    assert isinstance(loaded, Phi3VForCausalLM)
+    crops = [(1, 2)]
+    ids = torch.tensor([prompt_ids(crops)])
+    pixel_values, image_sizes = image_inputs(crops)
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+        actual = loaded.eval()(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+    assert torch.equal(expected, actual)
+    loaded.save_pretrained(tmp_path / "b")
+    files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files_a:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_two_by_two_merge_order(model):
+    embedding = model.model.vision_embed_tokens
+    patches = torch.arange(576, dtype=torch.float).reshape(1, 576, 1)
+    merged = embedding.merge_patches(patches)
+    assert merged.shape == (1, 12, 12, 4)
+    assert merged[0, 0, 0].tolist() == [0, 1, 24, 25]
+    assert merged[0, 0, 1].tolist() == [2, 3, 26, 27]
+    assert merged[0, 1, 0].tolist() == [48, 49, 72, 73]
+
+
+def test_image_token_layout_sub_grid_then_glb_then_global_view(monkeypatch):
+    """Features coded by crop and patch show where every merged token and separator lands."""
+    embedding = Phi3VForCausalLM(tiny_config()).model.vision_embed_tokens
+    dim = embedding.glb_GN.shape[-1] // 4
+
+    def coded_features(pixel_values):  # value = crop index * 1000 + patch index, CLS first
+        crops = pixel_values.shape[0]
+        code = torch.arange(crops).reshape(-1, 1) * 1000 + torch.arange(-1, 576).reshape(1, -1)
+        return code.float().unsqueeze(-1).expand(crops, 577, dim)
+
+    monkeypatch.setattr(embedding.img_processor, "forward", coded_features)
+    embedding.img_projection = torch.nn.Identity()
+    with torch.no_grad():
+        embedding.sub_GN.fill_(-1)
+        embedding.glb_GN.fill_(-2)
+    h, w = 2, 1
+    pixel_values, image_sizes = image_inputs([(h, w)])
+    tokens = embedding(pixel_values, image_sizes)[:, 0]  # first patch of each merged token
+    assert tokens.shape[0] == tokens_per_image(h, w) == 12 * h * (12 * w + 1) + 1 + 12 * 13
+    sub_grid = tokens[: 12 * h * (12 * w + 1)].reshape(12 * h, 12 * w + 1)
+    assert (sub_grid[:, -1] == -1).all()  # sub_GN closes every row
+    assert sub_grid[0, 0] == 1000  # crop 1 (first sub-crop), patch 0
+    assert sub_grid[12, 0] == 2000  # row 12 starts the crop below (crop 2)
+    assert sub_grid[1, 0] == 1000 + 48  # second merged row = patch row 2
+    assert tokens[12 * h * (12 * w + 1)] == -2  # glb_GN
+    global_view = tokens[-156:].reshape(12, 13)
+    assert global_view[0, 0] == 0 and global_view[0, 1] == 2 and (global_view[:, -1] == -1).all()
+
+
+def test_padded_crop_slots_do_not_change_the_output(model):
+    crops = [(2, 1), (1, 1)]
+    ids = torch.tensor([prompt_ids(crops)])
+    pixel_values, image_sizes = image_inputs(crops, max_crops=17)
+    garbage = pixel_values.clone()
+    garbage[0, 3:] = 5.0
+    garbage[1, 2:] = -5.0
+    with torch.no_grad():
+        clean = model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+        noisy = model(input_ids=ids, pixel_values=garbage, image_sizes=image_sizes).logits
+    assert torch.equal(clean, noisy)
+
+
+def test_mismatched_image_positions_raise_a_clear_error(model):
+    crops = [(1, 1)]
+    ids = torch.tensor([prompt_ids(crops)[:-10]])  # image run cut short
+    pixel_values, image_sizes = image_inputs(crops, max_crops=2)
+    with pytest.raises(ValueError, match="num_crops"):
+        model(input_ids=torch.tensor([prompt_ids([(1, 2)])]), pixel_values=pixel_values, image_sizes=image_sizes)
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(input_ids=ids)
+
+
+def test_batch_with_right_padding_matches_single_rows(model):
+    rows = [[(1, 1)], [(2, 1), (1, 1)]]
+    singles = [torch.tensor([prompt_ids(r)]) for r in rows]
+    length = max(s.shape[1] for s in singles)
+    batch = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for i, s in enumerate(singles):
+        batch[i, : s.shape[1]] = s[0]
+        mask[i, : s.shape[1]] = 1
+    all_crops = [c for r in rows for c in r]
+    pixel_values, image_sizes = image_inputs(all_crops)
+    with torch.no_grad():
+        batched = model(input_ids=batch, attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes).logits
+        start = 0
+        for i, (r, s) in enumerate(zip(rows, singles)):
+            single = model(
+                input_ids=s, pixel_values=pixel_values[start : start + len(r)], image_sizes=image_sizes[start : start + len(r)]
+            ).logits
+            start += len(r)
+            torch.testing.assert_close(batched[i, : s.shape[1]], single[0], atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_and_eager_logits_agree():
+    torch.manual_seed(0)
+    sdpa = Phi3VForCausalLM(tiny_config(attn_implementation="sdpa")).eval()
+    eager = Phi3VForCausalLM(tiny_config(attn_implementation="eager")).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    assert eager.model.vision_embed_tokens.img_processor.vision_model.config._attn_implementation == "eager"
+    crops = [(1, 2)]
+    ids = torch.tensor([prompt_ids(crops)])
+    pixel_values, image_sizes = image_inputs(crops)
+    with torch.no_grad():
+        a = sdpa(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+        b = eager(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_generate_with_and_without_cache_agree_and_images_only_in_prefill(model):
+    crops = [(1, 1)]
+    ids = torch.tensor([prompt_ids(crops)])
+    pixel_values, image_sizes = image_inputs(crops, max_crops=2)
+    vision_calls = []
+    hook = model.model.vision_embed_tokens.register_forward_hook(lambda *a: vision_calls.append(1))
+    common = dict(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=6, do_sample=False)
+    try:
+        cached = model.generate(**common, eos_token_id=None)
+        assert len(vision_calls) == 1
+        uncached = model.generate(**common, use_cache=False, eos_token_id=None)
+    finally:
+        hook.remove()
+    assert cached.shape[1] == ids.shape[1] + 6
+    assert torch.equal(cached, uncached)
+
+
+def test_generate_stops_on_end_token(model):
+    crops = [(1, 1)]
+    ids = torch.tensor([prompt_ids(crops)])
+    pixel_values, image_sizes = image_inputs(crops, max_crops=2)
+    free = model.generate(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=6, eos_token_id=None)
+    first_new = int(free[0, ids.shape[1]])
+    stopped = model.generate(
+        input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=6, eos_token_id=[first_new]
+    )
+    assert stopped.shape[1] == ids.shape[1] + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_backward_with_gradient_checkpointing_gives_finite_gradients(dtype):
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM(tiny_config()).to(dtype).train()
+    model.model.vision_embed_tokens.img_processor.freeze_unused()
+    model.activation_checkpointing_enable()
+    crops = [(2, 1), (1, 1)]
+    ids = torch.tensor([prompt_ids(crops)])
+    labels = ids.clone()
+    labels[:, :-3] = -100
+    pixel_values, image_sizes = image_inputs(crops)
+    loss = model(input_ids=ids, pixel_values=pixel_values.to(dtype), image_sizes=image_sizes, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n, p in trainable.items() if p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in trainable.values())
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all("post_layernorm" in n or ".layers.2." in n for n in frozen)
+
+
+def test_answer_only_loss_equals_full_logits_cross_entropy(model):
+    crops = [(1, 1)]
+    ids = torch.tensor([prompt_ids(crops)])
+    labels = ids.clone()
+    labels[:, :-4] = -100
+    pixel_values, image_sizes = image_inputs(crops, max_crops=2)
+    with torch.no_grad():
+        loss = model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=labels).loss
+        logits = model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+    expected = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
