@@ -8,12 +8,19 @@ Importing this package registers the classes with the Auto API, so a `phi3_v` ch
     processor = AutoProcessor.from_pretrained("microsoft/Phi-3.5-vision-instruct")
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
 
 from .configuration import Phi3VConfig
+from .image_processing import Phi3VImageProcessor
 from .modeling import Phi3VForCausalLM, Phi3VModel
+from .processing import Phi3VProcessor
 
 AutoConfig.register(Phi3VConfig.model_type, Phi3VConfig)
 AutoModelForCausalLM.register(Phi3VConfig, Phi3VForCausalLM)
+# AutoImageProcessor picks a backend ("torchvision" when installed, else "pil"): same class for both.
+AutoImageProcessor.register(
+    Phi3VConfig, image_processor_classes={"pil": Phi3VImageProcessor, "torchvision": Phi3VImageProcessor}
+)
+AutoProcessor.register(Phi3VConfig, Phi3VProcessor)
 
-__all__ = ["Phi3VConfig", "Phi3VForCausalLM", "Phi3VModel"]
+__all__ = ["Phi3VConfig", "Phi3VForCausalLM", "Phi3VModel", "Phi3VImageProcessor", "Phi3VProcessor"]

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM
-from phi3v._tiny_model import tiny_config
+from phi3v.tiny import tiny_config
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 HUB_FILES = REFERENCE / "phi35v_hub_files"

@@ -1,0 +1,253 @@
+"""Processor of Phi-3(.5)-vision: prompts with `<|image_N|>` tags plus images -> model inputs.
+
+Token ids follow the original processor exactly for one prompt: the text is split at the tags, every
+piece is tokenised on its own WITH special tokens (so each piece starts with `<s>`), and image N is
+stood for by `num_img_tokens` copies of -N. On top of the original this processor batches prompts
+(padding left or right) and builds training examples (`encode_conversation`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing import Phi3VImageProcessor
+
+IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
+IGNORE_INDEX = -100
+
+
+def _image_list(images: Any) -> list:
+    """One prompt's images as a list (None or [] for none, a single image, or a list)."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def _tags(numbers: Sequence[int]) -> str:
+    return ", ".join(f"<|image_{n}|>" for n in numbers) or "none"
+
+
+class Phi3VProcessor(ProcessorMixin):
+    """Wraps a `Phi3VImageProcessor` and the Phi-3-V tokenizer.
+
+    Args:
+        image_processor: the HD-transform image processor.
+        tokenizer: the Phi-3-V tokenizer (fast; its tokenizer.json is used as is).
+        chat_template: defaults to the tokenizer's.
+    """
+
+    def __init__(
+        self,
+        image_processor: Phi3VImageProcessor,
+        tokenizer: PreTrainedTokenizerBase,
+        chat_template: str | None = None,
+    ) -> None:
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        # The Hub tokenizer_config points AutoProcessor at remote code that is not saved with us.
+        tokenizer.init_kwargs.pop("auto_map", None)
+
+    # ----- loading and saving -----
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # Load our own classes rather than going through the Auto classes: the Hub files name remote code
+        # (auto_map) and "LlamaTokenizer", whose transformers 5 class re-creates the pre-tokenizer and gives
+        # other ids than the tokenizer.json (a leading "▁" before "\n" and after "<|end|>" goes missing).
+        kwargs.pop("trust_remote_code", None)
+        image_processor = Phi3VImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        image_keys = Phi3VImageProcessor.valid_kwargs.__annotations__
+        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k not in image_keys}
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
+        return [image_processor, tokenizer]
+
+    def to_dict(self) -> dict[str, Any]:
+        """processor_config.json in the Hub form: the image processor goes to its own preprocessor_config.json."""
+        output = super().to_dict()
+        output.pop("image_processor", None)
+        return output
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Write tokenizer files, processor_config.json, chat_template.jinja and preprocessor_config.json."""
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        return files + self.image_processor.save_pretrained(save_directory)
+
+    # ----- text -> ids -----
+
+    def _split_at_tags(self, text: str, num_images: int, first_image: int = 1, where: str = "prompt") -> list[str]:
+        """Text pieces between the image tags, after checking the tags are first_image, first_image+1, ..."""
+        numbers = [int(n) for n in IMAGE_TAG.findall(text)]
+        expected = list(range(first_image, first_image + num_images))
+        if numbers != expected:
+            repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+            if repeated:
+                problem = f"tag {_tags(repeated)} appears more than once (use one tag per image)"
+            elif len(numbers) != num_images:
+                problem = f"it has {len(numbers)} image tag(s) ({_tags(numbers)}) but {num_images} image(s) were given"
+            else:
+                problem = f"its tags are {_tags(numbers)}"
+            wanted = (
+                f"the tags {_tags(expected)}, each once and in this order (the model fills image positions in order)"
+                if expected
+                else "no image tags"
+            )
+            raise ValueError(f"{where}: {problem}. Expected {wanted}. Text: {text[:200]!r}")
+        return IMAGE_TAG.split(text)[::2]
+
+    def _join(self, piece_ids: list[list[int]], num_image_tokens: Sequence[int], first_image: int) -> list[int]:
+        ids = list(piece_ids[0])
+        for k, (count, piece) in enumerate(zip(num_image_tokens, piece_ids[1:])):
+            ids += [-(first_image + k)] * count + piece
+        return ids
+
+    def _encode(self, pieces: list[list[str]], num_image_tokens: list[Sequence[int]], first_image: int = 1):
+        # One tokenizer call for all pieces of all prompts: each piece gets its own <s>, as in the original.
+        flat = [piece for prompt_pieces in pieces for piece in prompt_pieces]
+        flat_ids = iter(self.tokenizer(flat, add_special_tokens=True)["input_ids"]) if flat else iter([])
+        return [
+            self._join([next(flat_ids) for _ in prompt_pieces], counts, first_image)
+            for prompt_pieces, counts in zip(pieces, num_image_tokens)
+        ]
+
+    def encode_prompt(self, text: str, num_image_tokens: Sequence[int]) -> list[int]:
+        """Token ids of one prompt whose tags `<|image_1|>`..`<|image_n|>` stand for images with the given
+        token counts (see `Phi3VImageProcessor.num_image_tokens`). Image k becomes that many ids -k."""
+        pieces = self._split_at_tags(text, len(num_image_tokens))
+        return self._encode([pieces], [num_image_tokens])[0]
+
+    def encode_conversation(
+        self, turns: Sequence[dict[str, Any]], num_image_tokens: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of a training conversation.
+
+        `turns` are `{"user": str, "assistant": str, "images": [...]}` (images optional). Images are numbered
+        1..n across all turns and `num_image_tokens` has one count per image, in order. A user text without
+        tags gets tags for its turn's images prepended, each followed by "\\n"; a text with tags must name
+        exactly its turn's images. Each turn is `<|user|>\\n{user}<|end|>\\n<|assistant|>\\n` (encoded as a
+        prompt, labels -100) followed by `{assistant}<|end|>\\n` (tokenised without special tokens, labels =
+        ids); the last answer also ends with `<|endoftext|>`, as in the reference recipe.
+        """
+        counts_per_turn = [len(_image_list(turn.get("images"))) for turn in turns]
+        if not turns:
+            raise ValueError("encode_conversation needs at least one turn")
+        if sum(counts_per_turn) != len(num_image_tokens):
+            raise ValueError(
+                f"the turns have {sum(counts_per_turn)} image(s) in all but num_image_tokens has "
+                f"{len(num_image_tokens)} count(s): give one count per image, in order"
+            )
+        end_of_text = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if end_of_text is None or end_of_text == self.tokenizer.unk_token_id:
+            raise ValueError("the tokenizer has no <|endoftext|> token; use the Phi-3-V tokenizer")
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        first_image = 1
+        for index, (turn, count) in enumerate(zip(turns, counts_per_turn)):
+            if "user" not in turn or "assistant" not in turn:
+                raise ValueError(f"turn {index} needs 'user' and 'assistant' keys, got {sorted(turn)}")
+            user = turn["user"]
+            if count and not IMAGE_TAG.search(user):
+                user = "".join(f"<|image_{first_image + k}|>\n" for k in range(count)) + user
+            prompt = f"<|user|>\n{user}<|end|>\n<|assistant|>\n"
+            pieces = self._split_at_tags(prompt, count, first_image, where=f"turn {index}")
+            counts = num_image_tokens[first_image - 1 : first_image - 1 + count]
+            prompt_ids = self._encode([pieces], [counts], first_image)[0]
+            answer_ids = self.tokenizer(f"{turn['assistant']}<|end|>\n", add_special_tokens=False)["input_ids"]
+            if index == len(turns) - 1:
+                answer_ids = answer_ids + [end_of_text]
+            input_ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+            first_image += count
+        return input_ids, labels
+
+    # ----- the call -----
+
+    def __call__(
+        self,
+        text: str | list[str],
+        images: Any = None,
+        num_crops: int | None = None,
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Model inputs for one prompt or a batch of prompts.
+
+        Args:
+            text: a prompt, or a list of prompts. Images are referenced as `<|image_1|>`..`<|image_n|>`,
+                numbered from 1 within each prompt, each once, in order.
+            images: for one prompt, an image or a list of images; for a list of prompts, one entry per
+                prompt (a list of images, a single image, or None / [] for text-only prompts).
+            num_crops: crops per image; defaults to the image processor's.
+            padding_side: "left" (generation) or "right" (training), for batches of unequal length.
+            return_tensors: "pt" (default), "np", or None for lists.
+
+        Returns:
+            BatchFeature with `input_ids` (image positions hold -k for image k), `attention_mask` (0 on
+            padding) and, with images, `pixel_values` and `image_sizes` of all images of all prompts in
+            prompt order.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if isinstance(text, str):
+            texts, per_prompt = [text], [_image_list(images)]
+        else:
+            texts = list(text)
+            if images is None:
+                per_prompt = [[] for _ in texts]
+            elif isinstance(images, (list, tuple)) and len(images) == len(texts):
+                per_prompt = [_image_list(entry) for entry in images]
+            else:
+                raise ValueError(
+                    f"with a list of {len(texts)} prompts, images must be a list of {len(texts)} entries (the "
+                    "images of each prompt: a list, a single image, or None), got "
+                    f"{type(images).__name__} of length {len(images) if hasattr(images, '__len__') else '?'}"
+                )
+        if not texts:
+            raise ValueError("text is empty: give a prompt or a list of prompts")
+
+        where = "prompt" if isinstance(text, str) else "prompt {}"
+        pieces = [
+            self._split_at_tags(prompt, len(prompt_images), where=where.format(index))
+            for index, (prompt, prompt_images) in enumerate(zip(texts, per_prompt))
+        ]
+
+        data: dict[str, Any] = {}
+        all_images = [image for prompt_images in per_prompt for image in prompt_images]
+        counts: list[list[int]] = [[] for _ in texts]
+        if all_images:
+            features = self.image_processor.preprocess(all_images, num_crops=num_crops)
+            data["pixel_values"] = features["pixel_values"]
+            data["image_sizes"] = features["image_sizes"]
+            tokens = iter(features["num_img_tokens"])
+            counts = [[next(tokens) for _ in prompt_images] for prompt_images in per_prompt]
+
+        rows = self._encode(pieces, counts)
+        longest = max(len(row) for row in rows)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None and any(len(row) < longest for row in rows):
+            raise ValueError("the tokenizer has no pad token to pad the batch with; set tokenizer.pad_token")
+        input_ids, attention_mask = [], []
+        for row in rows:
+            padding = longest - len(row)
+            if padding_side == "left":
+                input_ids.append([pad_id] * padding + row)
+                attention_mask.append([0] * padding + [1] * len(row))
+            else:
+                input_ids.append(row + [pad_id] * padding)
+                attention_mask.append([1] * len(row) + [0] * padding)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask, **data}
+        if return_tensors is None:
+            return BatchFeature(data)
+        if return_tensors == "np":
+            data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+        return BatchFeature(data, tensor_type=return_tensors)
