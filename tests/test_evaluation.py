@@ -1,0 +1,346 @@
+"""Evaluation: metrics against hand-computed values, prompts, and `evaluate` (fake model, tiny model, torchrun)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from phi3v.evaluation import (
+    METRICS,
+    anls,
+    conversation_prompt,
+    evaluate,
+    exact_match,
+    generation_prompt,
+    levenshtein,
+    normalize_answer,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "a, b, distance",
+    [("kitten", "sitting", 3), ("flaw", "lawn", 2), ("", "abc", 3), ("abc", "", 3), ("", "", 0), ("same", "same", 0),
+     ("abcdefghij", "abcdefghix", 1), ("ab", "ba", 2)],
+)
+def test_levenshtein(a, b, distance):
+    assert levenshtein(a, b) == distance
+    assert levenshtein(b, a) == distance
+
+
+@pytest.mark.parametrize(
+    "prediction, answers, expected",
+    [
+        ("hello world", "hello world", 1.0),  # exact
+        ("  Hello   WORLD ", "hello world", 1.0),  # case and whitespace
+        ("hello\tworld\n", ["Hello World"], 1.0),
+        ("abcdefghix", "abcdefghij", 0.9),  # one substitution in 10 characters
+        ("abcdefghi", "abcdefghij", 0.9),  # one deletion
+        ("abc", "abcd", 0.75),  # NL = 1/4
+        ("abcdef", "abcxyz", 0.0),  # NL = 3/6 = 0.5 >= threshold -> 0 (standard ANLS)
+        ("abcde", "abxyz", 0.0),  # NL = 3/5 >= 0.5 -> 0
+        ("ab", "ax", 0.0),  # NL = 0.5 exactly -> 0
+        ("abcdefghix", ["zzzz", "abcdefghij", "abcdefgxyz"], 0.9),  # max over ground truths (0, 0.9, 0.7)
+        ("abcdefgxyz", ["abcdefghij", "abcdefgxyz"], 1.0),
+        ("", "", 1.0),  # both empty
+        ("   ", [" "], 1.0),
+        ("", "abc", 0.0),
+        ("abc", "", 0.0),
+        ("abc", [], 0.0),  # no ground truth
+    ],
+)
+def test_anls(prediction, answers, expected):
+    assert anls(prediction, answers) == pytest.approx(expected)
+
+
+def test_anls_threshold():
+    assert anls("abcde", "abxyz", threshold=0.7) == pytest.approx(0.4)  # NL 0.6 < 0.7
+    assert anls("abcdefghix", "abcdefghij", threshold=0.1) == 0.0  # NL 0.1 >= 0.1
+
+
+@pytest.mark.parametrize(
+    "text, normalized",
+    [("Yes.", "yes"), (" no ", "no"), ("  No.\n", "no"), ("..Yes..", "yes"), ("3.5", "3.5"), ("Yes Sir", "yes sir"),
+     ("", "")],
+)
+def test_normalize_answer(text, normalized):
+    assert normalize_answer(text) == normalized
+
+
+@pytest.mark.parametrize(
+    "prediction, answers, expected",
+    [
+        ("Yes.", "yes", 1.0),
+        ("yes", "Yes.", 1.0),
+        (" no ", "No", 1.0),
+        ("no", "yes", 0.0),
+        ("Yes", ["no", "YES"], 1.0),  # any ground truth
+        ("maybe", ["no", "yes"], 0.0),
+        ("3.5", "3.5", 1.0),
+        ("3.5", "35", 0.0),
+        ("yes sir", "yessir", 0.0),  # only the ends are stripped
+        ("yes, sir", "yes sir", 0.0),
+        ("", "", 1.0),
+        (".", "", 1.0),
+        ("yes", [], 0.0),
+    ],
+)
+def test_exact_match(prediction, answers, expected):
+    assert exact_match(prediction, answers) == expected
+
+
+def test_metrics_registry():
+    assert METRICS == {"anls": anls, "accuracy": exact_match}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------
+
+def test_generation_prompt():
+    assert generation_prompt("What is it?", 0) == "<|user|>\nWhat is it?<|end|>\n<|assistant|>\n"
+    assert generation_prompt("Same?", 2) == "<|user|>\n<|image_1|>\n<|image_2|>\nSame?<|end|>\n<|assistant|>\n"
+    tagged = "Left <|image_1|> right <|image_2|>: same?"
+    assert generation_prompt(tagged, 2) == f"<|user|>\n{tagged}<|end|>\n<|assistant|>\n"
+
+
+def test_conversation_prompt_renders_history_and_ends_with_the_generation_prompt():
+    conversation = [{"user": "Q1", "assistant": "A1"}, {"user": "Q2", "assistant": "A2"}]
+    assert conversation_prompt(conversation, 1) == (
+        "<|user|>\n<|image_1|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nQ2<|end|>\n<|assistant|>\n"
+    )
+    assert conversation_prompt(conversation[1:], 1) == generation_prompt("Q2", 1)
+    tagged = [{"user": "Q1", "assistant": "A1"}, {"user": "<|image_1|>Q2", "assistant": "A2"}]
+    assert conversation_prompt(tagged, 1) == (
+        "<|user|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\n<|image_1|>Q2<|end|>\n<|assistant|>\n"
+    )
+    with pytest.raises(ValueError):
+        conversation_prompt([], 0)
+
+
+def test_conversation_prompt_with_images_per_turn_numbers_tags_across_turns():
+    conversation = [
+        {"user": "Q1", "assistant": "A1", "images": ["a", "b"]},
+        {"user": "Q2", "assistant": "A2", "images": []},
+        {"user": "Q3", "assistant": "A3", "images": ["c"]},
+    ]
+    assert conversation_prompt(conversation, 3) == (
+        "<|user|>\n<|image_1|>\n<|image_2|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n"
+        "<|user|>\nQ2<|end|>\n<|assistant|>\nA2<|end|>\n"
+        "<|user|>\n<|image_3|>\nQ3<|end|>\n<|assistant|>\n"
+    )
+    with pytest.raises(ValueError, match="image"):
+        conversation_prompt(conversation, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate()
+# ---------------------------------------------------------------------------------------------
+
+def _image(width, height, seed):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def make_rows():
+    """Six synthetic rows with 0, 1 and 2 images, one multi-turn, one with several ground truths."""
+    return [
+        {"id": "r0", "question": "Is the sky blue?", "answer": "Yes", "images": []},
+        {"id": "r1", "question": "What colour is the square?", "answer": "red", "images": [(400, 300, 1)]},
+        {"id": "r2", "question": "Are the two pictures the same?", "answer": "no",
+         "images": [(300, 500, 2), (500, 300, 3)]},
+        {"question": "Count the dots.", "answer": "3", "answers": ["3", "three"], "images": [(200, 200, 4)]},
+        {"id": "r4", "question": "Say hello.", "answer": "hello", "images": [],
+         "history": [("Hi there, this is a much longer first question?", "Hello.")]},
+        {"id": "r5", "question": "Which one is larger?", "answer": "the left one",
+         "images": [(640, 480, 5), (336, 336, 6)]},
+    ]
+
+
+def format_example(row):
+    conversation = [{"user": user, "assistant": answer} for user, answer in row.get("history", [])]
+    last = {"user": row["question"], "assistant": row["answer"]}
+    if "answers" in row:
+        last["answers"] = row["answers"]
+    conversation.append(last)
+    return conversation, [_image(*spec) for spec in row["images"]]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    tiny = pytest.importorskip("phi3v.tiny")
+    return tiny.build_tiny_processor(num_crops=4)
+
+
+def tiny_model(processor, seed=0):
+    from phi3v import Phi3VForCausalLM
+    from phi3v.tiny import tiny_config
+
+    torch.manual_seed(seed)
+    return Phi3VForCausalLM(tiny_config(vocab_size=len(processor.tokenizer))).eval()
+
+
+class FakeModel(torch.nn.Module):
+    """Answers each prompt with a canned text chosen from the prompt, then `<|end|>` and padding."""
+
+    def __init__(self, tokenizer, canned):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.canned = tokenizer, canned
+        self.calls = []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, **kwargs):
+        assert not self.training and not torch.is_grad_enabled()
+        assert kwargs["do_sample"] is False
+        self.calls.append(input_ids.shape[0])
+        end = self.tokenizer.convert_tokens_to_ids("<|end|>")
+        assert end in eos_token_id
+        assert (attention_mask[:, -1] == 1).all(), "prompts must be left padded"
+        rows = []
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            prompt = self.tokenizer.decode([t for t, m in zip(ids, mask) if m and t >= 0])
+            answer = next(text for key, text in self.canned.items() if key in prompt)
+            rows.append(self.tokenizer.encode(answer, add_special_tokens=False) + [end])
+        width = max(map(len, rows)) + 2
+        new = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_evaluate_with_known_predictions_gives_the_exact_metric(processor, tmp_path):
+    rows = make_rows()
+    canned = {  # question -> prediction
+        "Is the sky blue?": " yes. ",  # accuracy 1 (normalised)
+        "What colour is the square?": "Red",  # 1
+        "Are the two pictures the same?": "yes",  # 0
+        "Count the dots.": "three",  # 1 (second ground truth)
+        "Say hello.": "hello",  # 1
+        "Which one is larger?": "the right one",  # 0
+    }
+    model = FakeModel(processor.tokenizer, canned).train()
+    output = tmp_path / "sub" / "eval.json"
+    summary = evaluate(model, processor, rows, format_example, "accuracy", batch_size=4, output_file=output,
+                       disable_tqdm=True)
+    assert model.training, "the training mode is restored"
+    assert sorted(model.calls) == [2, 4]
+    assert summary["metric"] == "accuracy" and summary["num_examples"] == 6
+    assert [e["score"] for e in summary["examples"]] == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    assert summary["score"] == pytest.approx(4 / 6)
+    assert [e["prediction"] for e in summary["examples"]] == [
+        "yes.", "Red", "yes", "three", "hello", "the right one"]
+    assert json.loads(output.read_text()) == summary
+    assert [p.name for p in output.parent.iterdir()] == ["eval.json"], "no temporary file left behind"
+
+    anls_summary = evaluate(model, processor, rows, format_example, "anls", batch_size=3, disable_tqdm=True)
+    # "yes." vs "Yes": 1 edit / 4; "the right one" vs "the left one": 4 edits / 13
+    expected = [0.75, 1.0, 0.0, 1.0, 1.0, 1 - 4 / 13]
+    assert [e["score"] for e in anls_summary["examples"]] == pytest.approx(expected)
+    assert anls_summary["score"] == pytest.approx(sum(expected) / 6)
+
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(model, processor, rows, format_example, "bleu")
+
+
+def test_evaluate_tiny_model_records_and_batching(processor, tmp_path):
+    rows = make_rows()
+    model = tiny_model(processor)
+    output = tmp_path / "eval.json"
+    batched = evaluate(model, processor, rows, format_example, "accuracy", batch_size=4, max_new_tokens=8,
+                       output_file=output, disable_tqdm=True)
+    assert not model.training
+    written = json.loads(output.read_text())
+    assert written == batched
+    assert written["metric"] == "accuracy" and written["num_examples"] == len(rows)
+    examples = written["examples"]
+    assert [e["id"] for e in examples] == ["r0", "r1", "r2", 3, "r4", "r5"]  # row id, else the index
+    assert [e["question"] for e in examples] == [r["question"] for r in rows]
+    assert [e["answers"] for e in examples] == [r.get("answers", [r["answer"]]) for r in rows]
+    for e in examples:
+        assert set(e) == {"id", "question", "answers", "prediction", "score"}
+        assert isinstance(e["prediction"], str) and e["score"] in (0.0, 1.0)
+    assert any(e["prediction"] for e in examples), "a random model still generates text"
+
+    single = evaluate(model, processor, rows, format_example, "accuracy", batch_size=1, max_new_tokens=8,
+                      disable_tqdm=True)
+    assert [e["prediction"] for e in single["examples"]] == [e["prediction"] for e in examples], (
+        "left padding changed the greedy outputs"
+    )
+
+
+def test_evaluate_bf16_model_restores_training_mode(processor):
+    rows = make_rows()[:3]
+    model = tiny_model(processor).to(torch.bfloat16).train()
+    summary = evaluate(model, processor, rows, format_example, "anls", batch_size=2, max_new_tokens=4,
+                       disable_tqdm=True)
+    assert model.training
+    assert summary["num_examples"] == 3 and 0.0 <= summary["score"] <= 1.0
+
+
+def test_evaluate_peft_model(processor):
+    peft = pytest.importorskip("peft")
+    rows = make_rows()[:2]
+    model = tiny_model(processor)
+    plain = evaluate(model, processor, rows, format_example, "accuracy", batch_size=2, max_new_tokens=4,
+                     disable_tqdm=True)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"])
+    wrapped = peft.get_peft_model(model, config).train()
+    summary = evaluate(wrapped, processor, rows, format_example, "accuracy", batch_size=2, max_new_tokens=4,
+                       disable_tqdm=True)
+    assert wrapped.training
+    # LoRA B starts at zero: the adapter does not change the outputs.
+    assert [e["prediction"] for e in summary["examples"]] == [e["prediction"] for e in plain["examples"]]
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {tests_dir!r})
+from test_evaluation import format_example, make_rows, tiny_model
+from phi3v.evaluation import evaluate
+from phi3v.tiny import build_tiny_processor
+
+dist.init_process_group("gloo")
+processor = build_tiny_processor(num_crops=4)
+model = tiny_model(processor)
+model.load_state_dict(torch.load({weights!r}))
+summary = evaluate(model, processor, make_rows(), format_example, "accuracy", batch_size=2, max_new_tokens=8,
+                   output_file={output!r})
+with open({output!r} + f".rank{{dist.get_rank()}}", "w") as f:
+    json.dump(summary, f)
+dist.destroy_process_group()
+"""
+
+
+def test_evaluate_under_torchrun_matches_the_single_process_run(processor, tmp_path):
+    rows = make_rows()
+    model = tiny_model(processor)
+    expected = evaluate(model, processor, rows, format_example, "accuracy", batch_size=3, max_new_tokens=8,
+                        disable_tqdm=True)
+    weights, output = tmp_path / "weights.pt", tmp_path / "eval.json"
+    torch.save(model.state_dict(), weights)
+    script = tmp_path / "run_eval.py"
+    script.write_text(textwrap.dedent(TORCHRUN_SCRIPT).format(
+        tests_dir=str(Path(__file__).parent), weights=str(weights), output=str(output)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    written = json.loads(output.read_text())
+    assert written == expected
+    for rank in (0, 1):  # every rank returns the whole summary
+        assert json.loads(Path(f"{output}.rank{rank}").read_text()) == expected
