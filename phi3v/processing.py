@@ -134,7 +134,7 @@ class Phi3VProcessor(ProcessorMixin):
         1..n across all turns and `num_image_tokens` has one count per image, in order. A user text without
         tags gets tags for its turn's images prepended, each followed by "\\n"; a text with tags must name
         exactly its turn's images. Each turn is `<|user|>\\n{user}<|end|>\\n<|assistant|>\\n` (encoded as a
-        prompt, labels -100) followed by `{assistant}<|end|>\\n` (tokenised without special tokens, labels =
+        prompt, labels -100; only the first turn starts with BOS) followed by `{assistant}<|end|>\\n` (tokenised without special tokens, labels =
         ids); the last answer also ends with `<|endoftext|>`, as in the reference recipe.
         """
         counts_per_turn = [len(_image_list(turn.get("images"))) for turn in turns]
@@ -162,6 +162,9 @@ class Phi3VProcessor(ProcessorMixin):
             pieces = self._split_at_tags(prompt, count, first_image, where=f"turn {index}")
             counts = num_image_tokens[first_image - 1 : first_image - 1 + count]
             prompt_ids = self._encode([pieces], [counts], first_image)[0]
+            if index > 0 and prompt_ids[:1] == [self.tokenizer.bos_token_id]:
+                # A follow-up turn continues the same text at inference (one BOS at the start), so no BOS here.
+                prompt_ids = prompt_ids[1:]
             answer_ids = self.tokenizer(f"{turn['assistant']}<|end|>\n", add_special_tokens=False)["input_ids"]
             if index == len(turns) - 1:
                 answer_ids = answer_ids + [end_of_text]

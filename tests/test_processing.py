@@ -196,9 +196,10 @@ def test_encode_conversation_multi_turn(tiny_processor):
     ids, labels = tiny_processor.encode_conversation(turns, [4, 5, 6])
     prompts = [
         tiny_processor.encode_prompt(PROMPT.format("<|image_1|>\n<|image_2|>\nDescribe these."), [4, 5]),
-        tokenizer(PROMPT.format("And now?"))["input_ids"],
-        [-3 if i == -1 else i for i in tiny_processor.encode_prompt(PROMPT.format("Look at <|image_1|> please."), [6])],
+        tokenizer(PROMPT.format("And now?"))["input_ids"][1:],  # follow-up turns: no BOS, as at inference
+        [-3 if i == -1 else i for i in tiny_processor.encode_prompt(PROMPT.format("Look at <|image_1|> please."), [6])][1:],
     ]
+    assert ids[0] == tokenizer.bos_token_id
     answers = [
         tokenizer("Two cats.<|end|>\n", add_special_tokens=False)["input_ids"],
         tokenizer("Nothing new.<|end|>\n", add_special_tokens=False)["input_ids"],

@@ -1,0 +1,63 @@
+"""Fine-tune Phi-3.5-vision on DocVQA (questions about document images), scored with ANLS.
+
+    torchrun --nproc_per_node=4 finetune_hf_trainer_docvqa.py                    # mini-train split
+    torchrun --nproc_per_node=4 finetune_hf_trainer_docvqa.py --full_train --bf16 --use_flash_attention \
+        --batch_size 64 --output_dir out --learning_rate 4e-5 --num_train_epochs 2
+
+Data: nielsr/docvqa_1200_examples (train 1000 / test 200; --dataset_name_or_path for a local copy);
+--full_train trains on HuggingFaceM4/the_cauldron "docvqa" instead. Evaluation: the 200 test rows.
+"""
+
+from dataclasses import dataclass, field
+
+from phi3v import training
+from phi3v.data import load_hf_dataset
+
+MINI_DATASET, CAULDRON, METRIC = "nielsr/docvqa_1200_examples", "HuggingFaceM4/the_cauldron", "anls"
+
+
+@dataclass
+class DocVQAArguments:
+    full_train: bool = field(default=False, metadata={"help": "Train on the_cauldron's full DocVQA train set."})
+    cauldron_name_or_path: str = field(
+        default=CAULDRON, metadata={"help": "the_cauldron for --full_train: Hub id or local copy of its docvqa config."}
+    )
+
+
+def load_data(args, task):
+    """(train rows, their format function, eval rows)."""
+    mini = args.dataset_name_or_path or MINI_DATASET
+    eval_rows = load_hf_dataset(mini, split="test")
+    if task.full_train:
+        return load_hf_dataset(task.cauldron_name_or_path, "docvqa", split="train"), format_cauldron, eval_rows
+    return load_hf_dataset(mini, split="train"), format_example, eval_rows
+
+
+def format_example(row):
+    """A docvqa_1200_examples row -> (conversation, images); all answers count for ANLS."""
+    question = row["query"]["en"] + "\nAnswer briefly."
+    turn = {"user": question, "assistant": row["answers"][0], "answers": row["answers"], "images": [row["image"]]}
+    return [turn], [row["image"]]
+
+
+def format_cauldron(row):
+    """A the_cauldron docvqa row -> (conversation, images)."""
+    turns = [{"user": t["user"], "assistant": t["assistant"]} for t in row["texts"]]
+    turns[0]["images"] = row["images"]
+    return turns, row["images"]
+
+
+def main(argv=None):
+    args, task = training.parse_args(DocVQAArguments, argv=argv)
+    train_rows, format_train, eval_rows = load_data(args, task)
+    model, processor = training.load_model_and_processor(args)
+    if not args.skip_eval_before:
+        training.evaluate(model, processor, eval_rows, format_example, METRIC, args, "before")
+    trainer = training.train(model, processor, train_rows, format_train, args)
+    training.save(trainer, processor, args)
+    training.evaluate(trainer.model, processor, eval_rows, format_example, METRIC, args, "after")
+    training.finish()
+
+
+if __name__ == "__main__":
+    main()

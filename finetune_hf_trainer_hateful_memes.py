@@ -1,0 +1,43 @@
+"""Fine-tune Phi-3.5-vision on Hateful Memes (yes/no: is this meme hateful?).
+
+    torchrun --nproc_per_node=8 finetune_hf_trainer_hateful_memes.py --output_dir out --batch_size 64 \
+        --use_flash_attention --bf16                  # full fine-tuning (DeepSpeed ZeRO-2)
+    torchrun --nproc_per_node=2 finetune_hf_trainer_hateful_memes.py --output_dir out --batch_size 64 --use_lora
+
+Data: HuggingFaceM4/the_cauldron, config "hateful_memes" (or a local copy: --dataset_name_or_path).
+The first 500 rows are held out for evaluation; the metric is exact-match accuracy.
+"""
+
+from phi3v import training
+from phi3v.data import load_hf_dataset
+
+DATASET, CONFIG, NUM_EVAL, METRIC = "HuggingFaceM4/the_cauldron", "hateful_memes", 500, "accuracy"
+
+
+def load_data(args):
+    """(train rows, eval rows)."""
+    rows = load_hf_dataset(args.dataset_name_or_path or DATASET, CONFIG, split="train")
+    return rows.select(range(NUM_EVAL, len(rows))), rows.select(range(min(NUM_EVAL, len(rows))))
+
+
+def format_example(row):
+    """A the_cauldron row -> (conversation, images)."""
+    turns = [{"user": t["user"], "assistant": t["assistant"]} for t in row["texts"]]
+    turns[0]["images"] = row["images"]  # the images belong to the first question
+    return turns, row["images"]
+
+
+def main(argv=None):
+    args = training.parse_args(argv=argv)
+    train_rows, eval_rows = load_data(args)
+    model, processor = training.load_model_and_processor(args)
+    if not args.skip_eval_before:
+        training.evaluate(model, processor, eval_rows, format_example, METRIC, args, "before")
+    trainer = training.train(model, processor, train_rows, format_example, args)
+    training.save(trainer, processor, args)
+    training.evaluate(trainer.model, processor, eval_rows, format_example, METRIC, args, "after")
+    training.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Fine-tune Phi-3.5-vision on NLVR2 (two images, is the statement true?).
+
+    torchrun --nproc_per_node=4 finetune_hf_trainer_nlvr2.py --bf16 --use_flash_attention --batch_size 64 \
+        --output_dir out --learning_rate 1e-5 --num_train_epochs 3
+
+Data: HuggingFaceM4/the_cauldron, config "nlvr2" (or a local copy: --dataset_name_or_path).
+The first 500 rows are held out for evaluation; the metric is exact-match accuracy.
+"""
+
+from phi3v import training
+from phi3v.data import load_hf_dataset
+
+DATASET, CONFIG, NUM_EVAL, METRIC = "HuggingFaceM4/the_cauldron", "nlvr2", 500, "accuracy"
+
+
+def load_data(args):
+    """(train rows, eval rows)."""
+    rows = load_hf_dataset(args.dataset_name_or_path or DATASET, CONFIG, split="train")
+    return rows.select(range(NUM_EVAL, len(rows))), rows.select(range(min(NUM_EVAL, len(rows))))
+
+
+def format_example(row):
+    """A the_cauldron row (two images) -> (conversation, images)."""
+    turns = [{"user": t["user"], "assistant": t["assistant"]} for t in row["texts"]]
+    turns[0]["images"] = row["images"]  # the images belong to the first question
+    return turns, row["images"]
+
+
+def main(argv=None):
+    args = training.parse_args(argv=argv)
+    train_rows, eval_rows = load_data(args)
+    model, processor = training.load_model_and_processor(args)
+    if not args.skip_eval_before:
+        training.evaluate(model, processor, eval_rows, format_example, METRIC, args, "before")
+    trainer = training.train(model, processor, train_rows, format_example, args)
+    training.save(trainer, processor, args)
+    training.evaluate(trainer.model, processor, eval_rows, format_example, METRIC, args, "after")
+    training.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Training batches: conversations + images -> padded input_ids, labels and pixel values.
+
+A task script describes a sample with `format_example(row) -> (conversation, images)`, where
+`conversation` is a list of turns `{"user": str, "assistant": str}` (the converted-data format)
+and `images` a list of PIL images referenced in order by the turns. Everything below is shared.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .processing import Phi3VProcessor
+
+FormatExample = Callable[[Any], tuple[list[dict], list[Image.Image]]]
+
+
+def count_tokens(processor: Phi3VProcessor, conversation: list[dict], image_sizes: Sequence[tuple[int, int]], num_crops: int) -> int:
+    """Tokens of one training sample (prompt, image tokens and answer) from image sizes alone.
+
+    `image_sizes` are (width, height) pairs; no pixel work is done, so this is cheap enough to
+    run over a whole dataset before training.
+    """
+    image_tokens = [processor.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
+    input_ids, _ = processor.encode_conversation(conversation, image_tokens)
+    return len(input_ids)
+
+
+class Phi3VDataCollator:
+    """Encodes and right-pads a list of dataset rows for training.
+
+    Labels are -100 over the prompt, the image tokens and the padding, so only answer tokens
+    are learned. Rows without images can share a batch with rows that have them.
+    """
+
+    def __init__(self, processor: Phi3VProcessor, format_example: FormatExample, num_crops: int):
+        self.processor = processor
+        self.format_example = format_example
+        self.num_crops = num_crops
+
+    def encode(self, row: Any) -> dict[str, Any]:
+        """One row -> input_ids, labels (lists) and its images' pixel values (or None)."""
+        conversation, images = self.format_example(row)
+        pixel_values = image_sizes = None
+        image_tokens: list[int] = []
+        if images:
+            processed = self.processor.image_processor.preprocess(images, num_crops=self.num_crops, return_tensors="pt")
+            pixel_values, image_sizes = processed["pixel_values"], processed["image_sizes"]
+            image_tokens = list(processed["num_img_tokens"])
+        input_ids, labels = self.processor.encode_conversation(conversation, image_tokens)
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "image_sizes": image_sizes}
+
+    def __call__(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return pad_batch([self.encode(row) for row in rows], self.processor.tokenizer.pad_token_id)
+
+
+def pad_batch(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads encoded samples into one batch; images of all samples in sample order."""
+    length = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        input_ids[i, :n] = torch.tensor(sample["input_ids"])
+        labels[i, :n] = torch.tensor(sample["labels"])
+        attention_mask[i, :n] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    with_images = [s for s in samples if s["pixel_values"] is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+        batch["image_sizes"] = torch.cat([s["image_sizes"] for s in with_images])
+    return batch
