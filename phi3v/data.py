@@ -312,11 +312,15 @@ def load_jsonl_dataset(data_dir: str | Path, split: str, *, check_images: bool =
 
 # ----------------------------------------------------------------------------- Hub datasets and local copies
 
+SPLIT_FILE = re.compile(r"^(train|test|val|validation|dev)[-_.]")
+
+
 def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: str = "train"):
     """One split of a Hub dataset, or of a local copy with the same schema.
 
-    A local copy is a directory written by `DatasetDict.save_to_disk` (or `Dataset.save_to_disk`),
-    or a folder of parquet files (`{split}-*.parquet`, or any *.parquet for a single split).
+    A local copy is a directory written by `DatasetDict.save_to_disk` (a single `Dataset` there
+    counts as its train split), or a folder of parquet files named by split (`train-*.parquet`,
+    `test-*.parquet`...); parquet files named after no split are all the train split.
     """
     import datasets
 
@@ -325,20 +329,22 @@ def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: st
         return datasets.load_dataset(name_or_path, config_name, split=split)
     if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
         loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}")
-            return loaded[split]
-        return loaded
-    parquet = sorted(path.rglob(f"{split}-*.parquet")) or sorted(path.rglob(f"{split}*.parquet"))
-    if not parquet and split == "train":
-        parquet = sorted(path.rglob("*.parquet"))
+        if not isinstance(loaded, datasets.DatasetDict):
+            loaded = datasets.DatasetDict({"train": loaded})
+        if split not in loaded:
+            raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}")
+        return loaded[split]
+    files = sorted(path.rglob("*.parquet"))
+    parquet = [p for p in files if p.name.startswith((f"{split}-", f"{split}_", f"{split}."))]
+    if not parquet and split == "train" and not any(SPLIT_FILE.match(p.name) for p in files):
+        parquet = files  # unnamed files: one split
     if not parquet:
+        found = sorted({m.group(1) for p in files if (m := SPLIT_FILE.match(p.name))})
         raise FileNotFoundError(
             f"{path}: no saved dataset (dataset_dict.json) and no parquet files for split {split!r}"
+            + (f" (parquet splits found: {found})" if found else "")
         )
     return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
-
 
 
 # ----------------------------------------------------------------------------- the validate command

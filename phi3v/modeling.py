@@ -160,7 +160,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
         image_positions = (input_ids < 0).nonzero(as_tuple=True)
         if image_positions[0].numel() == 0:
-            return inputs_embeds
+            return inputs_embeds + self.unused_vision_term(inputs_embeds)
         if pixel_values is None or image_sizes is None:
             raise ValueError(
                 "input_ids contain image positions (negative ids) but no pixel_values/image_sizes were given; "
@@ -173,6 +173,20 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
                 f"{features.shape[0]} tokens: were the prompts and images processed with the same num_crops?"
             )
         return inputs_embeds.index_put(image_positions, features.to(inputs_embeds.dtype))
+
+    def unused_vision_term(self, inputs_embeds: torch.Tensor) -> torch.Tensor | float:
+        """Zero that still depends on every trainable image-embedding weight, for text-only batches.
+
+        Under DDP and DeepSpeed ZeRO every rank must produce gradients for the same parameters in
+        each step; a rank whose batch has no image would otherwise leave the vision weights out
+        and hang or break the gradient reduction. One blank crop pair costs little.
+        """
+        embedding = self.vision_embed_tokens
+        if not (self.training and torch.is_grad_enabled() and any(p.requires_grad for p in embedding.parameters())):
+            return 0.0
+        blank = torch.zeros(1, 2, 3, CROP_SIZE, CROP_SIZE, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        sizes = torch.tensor([[CROP_SIZE, CROP_SIZE]], device=inputs_embeds.device)
+        return 0.0 * embedding(blank, sizes).sum().to(inputs_embeds.dtype)
 
     def forward(
         self,

@@ -1,6 +1,6 @@
 """A generated visual task for the demo and the tests: "What colour is the shape?".
 
-    python -m phi3v.synthetic OUT_DIR [--num_train 300 --num_eval 500 --images_per_row 1]
+    python -m phi3v.synthetic OUT_DIR [--num_train 300 --num_eval 500 --images_per_row 1 --text_only_every 0]
 
 Writes a `DatasetDict.save_to_disk` directory in the_cauldron's schema (`images`: list of PIL
 images, `texts`: list of {user, assistant, source}), so any the_cauldron recipe reads it through
@@ -28,11 +28,18 @@ def shape_image(colour: str, rng: random.Random) -> Image.Image:
     return image
 
 
-def shapes_rows(num_rows: int, images_per_row: int = 1, seed: int = 0) -> list[dict]:
-    """Rows in the_cauldron schema; the answer is the colour of the last image's shape."""
+def shapes_rows(num_rows: int, images_per_row: int = 1, seed: int = 0, text_only_every: int = 0) -> list[dict]:
+    """Rows in the_cauldron schema; the answer is the colour of the last image's shape.
+
+    With `text_only_every` k > 0, every k-th row has no image ("Say the word blue.").
+    """
     rng = random.Random(seed)
     rows = []
-    for _ in range(num_rows):
+    for index in range(num_rows):
+        if text_only_every and index % text_only_every == text_only_every - 1:
+            colour = rng.choice(sorted(COLOURS))
+            rows.append({"images": [], "texts": [{"user": f"Say the word {colour}.", "assistant": colour, "source": "shapes"}]})
+            continue
         colours = [rng.choice(sorted(COLOURS)) for _ in range(images_per_row)]
         question = "What colour is the shape?" if images_per_row == 1 else "What colour is the shape in the second image?"
         rows.append({
@@ -43,11 +50,11 @@ def shapes_rows(num_rows: int, images_per_row: int = 1, seed: int = 0) -> list[d
 
 
 def make_shapes_dataset(out_dir: str | Path, num_train: int = 300, num_eval: int = 500, images_per_row: int = 1,
-                        seed: int = 0) -> Path:
+                        seed: int = 0, text_only_every: int = 0) -> Path:
     """Saves num_eval + num_train rows (eval first) as a DatasetDict with one "train" split."""
     import datasets
 
-    rows = shapes_rows(num_eval + num_train, images_per_row, seed)
+    rows = shapes_rows(num_eval + num_train, images_per_row, seed, text_only_every)
     features = datasets.Features({
         "images": datasets.Sequence(datasets.Image()),
         "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string"),
@@ -65,9 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_train", type=int, default=300, help="Training rows (after the eval rows).")
     parser.add_argument("--num_eval", type=int, default=500, help="Held-out rows, first in the split.")
     parser.add_argument("--images_per_row", type=int, default=1, help="Images per row (2 for an NLVR2-like task).")
+    parser.add_argument("--text_only_every", type=int, default=0, help="Make every k-th row text-only (0: none).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed.")
     args = parser.parse_args(argv)
-    path = make_shapes_dataset(args.out_dir, args.num_train, args.num_eval, args.images_per_row, args.seed)
+    path = make_shapes_dataset(args.out_dir, args.num_train, args.num_eval, args.images_per_row, args.seed,
+                               args.text_only_every)
     print(f"Wrote {args.num_eval} eval + {args.num_train} train rows to {path}")
 
 

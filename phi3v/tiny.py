@@ -150,11 +150,12 @@ def tiny_config(vocab_size: int = 412, **overrides) -> Phi3VConfig:
         eos_token_id=2,
         pad_token_id=400,  # <|endoftext|> of the tiny tokenizer
         img_processor={
-            "image_dim_out": 32,
+            "image_dim_out": 64,
             "model_name": "openai/clip-vit-large-patch14-336",
             "name": "clip_vision_model",
             "num_img_tokens": 144,
-            "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2},
+            # Widths of at least 64 keep every Linear quantisable by bitsandbytes (4-bit blocks of 64).
+            "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 2},
         },
     )
     settings.update(overrides)

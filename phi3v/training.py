@@ -172,11 +172,12 @@ def training_arguments(args: FinetuneArguments) -> TrainingArguments:
         bf16=args.bf16,
         fp16=fp16,
         use_cpu=use_cpu,
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        activation_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         deepspeed=deepspeed_config(args),
-        # LoRA on vision modules gets no gradient on a step whose batch has no image.
-        ddp_find_unused_parameters=args.use_lora and not args.freeze_vision_model,
+        # Every trainable parameter gets a gradient in every step (text-only batches included, see
+        # Phi3VModel.unused_vision_term), so DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
         logging_steps=args.logging_steps,
         save_strategy="steps",
         save_steps=args.save_steps,

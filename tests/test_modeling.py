@@ -265,3 +265,17 @@ def test_answer_only_loss_equals_full_logits_cross_entropy(model):
         logits = model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
     expected = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
     torch.testing.assert_close(loss, expected)
+
+
+def test_text_only_training_batch_still_gives_every_vision_weight_a_gradient():
+    """DDP/ZeRO need the same parameters to get gradients on every rank, images or not."""
+    model = Phi3VForCausalLM(tiny_config()).train()
+    model.model.vision_embed_tokens.img_processor.freeze_unused()
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    output = model(input_ids=ids, labels=ids)
+    output.loss.backward()
+    vision = {n: p for n, p in model.model.vision_embed_tokens.named_parameters() if p.requires_grad}
+    assert vision and all(p.grad is not None and not p.grad.any() for p in vision.values())
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, model.train()(input_ids=ids).logits)
