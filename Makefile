@@ -17,9 +17,17 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 venv: $(VENV)/.installed
 
+# The hateful-memes recipe end to end on CPU: full fine-tuning under DeepSpeed ZeRO-2 with two
+# processes, on a tiny random checkpoint and a generated "what colour is the shape?" dataset.
 demo: venv
-	$(PY) -m phi3v.tiny demo_output/tiny-phi3v
-	$(PY) -m phi3v.demo demo_output/tiny-phi3v
+	$(PY) -m phi3v.tiny demo_output/tiny-phi3v --num_crops 1
+	$(PY) -m phi3v.synthetic demo_output/shapes --num_train 256 --text_only_every 8
+	rm -rf demo_output/run
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 finetune_hf_trainer_hateful_memes.py \
+		--model_name_or_path demo_output/tiny-phi3v --dataset_name_or_path demo_output/shapes \
+		--output_dir demo_output/run --batch_size 8 --batch_size_per_gpu 4 --num_crops 1 \
+		--num_train_epochs 3 --learning_rate 3e-3 --warmup_steps 5 --max_eval_samples 48 \
+		--gradient_checkpointing false --dataloader_num_workers 0 --save_steps 1000
 
 test: venv
 	$(PY) -m pytest -q tests

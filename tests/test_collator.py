@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import image_runs
 import torch
 from PIL import Image
 
@@ -51,17 +52,6 @@ def _unpadded(batch, i: int, key: str) -> list[int]:
     return batch[key][i, :n].tolist()
 
 
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
-    """(value, length) of each run of image ids (< 0)."""
-    runs = []
-    for i in ids:
-        if i < 0 and runs and runs[-1][0] == i:
-            runs[-1] = (i, runs[-1][1] + 1)
-        elif i < 0:
-            runs.append((i, 1))
-    return runs
-
-
 # ----------------------------------------------------------------------------- the collator
 
 
@@ -76,7 +66,7 @@ def test_single_turn_labels_only_the_answer(tiny_processor):
     assert ids == prompt + answer_ids
     assert ids[0] == tiny_processor.tokenizer.bos_token_id
     assert ids[-1] == tiny_processor.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    assert _runs(ids) == [(-1, n_img)]
+    assert image_runs(ids) == [(-1, n_img)]
     # Prompt and image positions masked, the answer (with <|end|>\n<|endoftext|>) learned as is.
     assert labels == [IGNORE_INDEX] * len(prompt) + answer_ids
     assert all(label == IGNORE_INDEX for i, label in zip(ids, labels) if i < 0)
@@ -125,7 +115,7 @@ def test_multi_image_turn(tiny_processor):
     counts = [_num_tokens(tiny_processor, im, 4) for im in images]
     prompt = tiny_processor.encode_prompt(PROMPT.format("<|image_1|>\n<|image_2|>\n" + question), counts)
     assert ids == prompt + _tokens(tiny_processor, answer + FINAL)
-    assert _runs(ids) == [(-1, counts[0]), (-2, counts[1])]
+    assert image_runs(ids) == [(-1, counts[0]), (-2, counts[1])]
     assert labels == [IGNORE_INDEX] * len(prompt) + _tokens(tiny_processor, answer + FINAL)
 
     expected = tiny_processor.image_processor.preprocess(images, num_crops=4)
@@ -153,7 +143,7 @@ def test_multi_turn_labels_both_answers_and_numbers_images_across_turns(tiny_pro
 
     assert ids == prompt1 + answer1 + prompt2 + answer2
     assert ids[0] == bos and ids[len(prompt1) + len(answer1)] != bos
-    assert _runs(ids) == [(-1, n1), (-2, n2), (-3, n3)]
+    assert image_runs(ids) == [(-1, n1), (-2, n2), (-3, n3)]
     assert labels == (
         [IGNORE_INDEX] * len(prompt1) + answer1 + [IGNORE_INDEX] * len(prompt2) + answer2
     )
@@ -189,9 +179,9 @@ def test_mixed_batch_of_text_only_and_image_samples(tiny_processor):
     assert batch["image_sizes"].tolist() == [[672, 672], [672, 672], [672, 672]]
     assert int((batch["input_ids"] < 0).sum()) == sum(expected["num_img_tokens"])
     # Image ids are numbered within each row; the text-only row has none.
-    assert _runs(batch["input_ids"][0].tolist()) == [(-1, expected["num_img_tokens"][0])]
-    assert _runs(_unpadded(batch, 1, "input_ids")) == []
-    assert _runs(batch["input_ids"][2].tolist()) == [(-1, expected["num_img_tokens"][1]),
+    assert image_runs(batch["input_ids"][0].tolist()) == [(-1, expected["num_img_tokens"][0])]
+    assert image_runs(_unpadded(batch, 1, "input_ids")) == []
+    assert image_runs(batch["input_ids"][2].tolist()) == [(-1, expected["num_img_tokens"][1]),
                                                        (-2, expected["num_img_tokens"][2])]
     assert _unpadded(batch, 1, "input_ids") == tiny_processor.encode_conversation(samples[1][0], [])[0]
 
@@ -200,7 +190,7 @@ def test_mixed_batch_of_text_only_and_image_samples(tiny_processor):
     assert (text_only["input_ids"] >= 0).all()
 
 
-def test_num_crops_changes_only_the_image_runs(tiny_processor):
+def test_num_crops_changes_only_the_imageimage_runs(tiny_processor):
     samples = [
         _sample("Compare the two images.", "The first one is brighter.", LARGE, TALL),
         _sample("What is shown in this image?", "A small dog.", SMALL),
@@ -216,14 +206,14 @@ def test_num_crops_changes_only_the_image_runs(tiny_processor):
         labels4, labels1 = _unpadded(four, i, "labels"), _unpadded(one, i, "labels")
         assert [t for t in ids4 if t >= 0] == [t for t in ids1 if t >= 0]
         assert [lab for t, lab in zip(ids4, labels4) if t >= 0] == [lab for t, lab in zip(ids1, labels1) if t >= 0]
-        assert [v for v, _ in _runs(ids4)] == [v for v, _ in _runs(ids1)]
-    runs4, runs1 = _runs(_unpadded(four, 0, "input_ids")), _runs(_unpadded(one, 0, "input_ids"))
+        assert [v for v, _ in image_runs(ids4)] == [v for v, _ in image_runs(ids1)]
+    runs4, runs1 = image_runs(_unpadded(four, 0, "input_ids")), image_runs(_unpadded(one, 0, "input_ids"))
     # 400x300 / 300x400: 2x2 crops at num_crops 4, 1x1 at num_crops 1.
     assert [n for _, n in runs4] == [5 * 144 + 1 + 3 * 12] * 2
     assert [n for _, n in runs1] == [2 * 144 + 1 + 2 * 12] * 2
     # Even the 40x30 image is upscaled to 2x2 crops at num_crops 4.
-    assert _runs(_unpadded(four, 1, "input_ids")) == [(-1, 757)]
-    assert _runs(_unpadded(one, 1, "input_ids")) == [(-1, 313)]
+    assert image_runs(_unpadded(four, 1, "input_ids")) == [(-1, 757)]
+    assert image_runs(_unpadded(one, 1, "input_ids")) == [(-1, 313)]
 
 
 # ----------------------------------------------------------------------------- count_tokens

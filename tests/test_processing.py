@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import image_runs
 import torch
 from PIL import Image
 from transformers import AutoTokenizer
@@ -15,17 +16,6 @@ PROMPT = "<|user|>\n{}<|end|>\n<|assistant|>\n"
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
-    """(value, length) of each run of image ids (< 0)."""
-    runs = []
-    for i in ids:
-        if i < 0 and runs and runs[-1][0] == i:
-            runs[-1] = (i, runs[-1][1] + 1)
-        elif i < 0:
-            runs.append((i, 1))
-    return runs
 
 
 # ----- the real tokenizer and the golden outputs of the original processor -----
@@ -85,7 +75,7 @@ def test_each_piece_is_tokenised_with_bos(tiny_processor):
     assert ids == expected
     assert ids.count(tokenizer.bos_token_id) == 3
     out = tiny_processor(text, [_image(50, 40), _image(40, 50)])
-    assert _runs(out["input_ids"][0].tolist()) == [(-1, 757), (-2, 757)]
+    assert image_runs(out["input_ids"][0].tolist()) == [(-1, 757), (-2, 757)]
 
 
 def test_empty_piece_still_gets_bos(tiny_processor):
@@ -146,7 +136,7 @@ def test_batch_padding(tiny_processor, padding_side):
     assert torch.equal(out["pixel_values"], expected)
     assert out["image_sizes"].tolist() == [[672, 672], [672, 672], [336, 1344]]
     # each prompt numbers its images from 1
-    assert [r[0] for r in _runs(out["input_ids"][2].tolist())] == [-1, -2]
+    assert [r[0] for r in image_runs(out["input_ids"][2].tolist())] == [-1, -2]
 
 
 def test_batch_text_only_and_input_forms(tiny_processor):
@@ -207,7 +197,7 @@ def test_encode_conversation_multi_turn(tiny_processor):
     ]
     assert ids == [i for p, a in zip(prompts, answers) for i in p + a]
     assert labels == [i for p, a in zip(prompts, answers) for i in [IGNORE_INDEX] * len(p) + a]
-    assert _runs(ids) == [(-1, 4), (-2, 5), (-3, 6)]
+    assert image_runs(ids) == [(-1, 4), (-2, 5), (-3, 6)]
     assert all(label == IGNORE_INDEX for i, label in zip(ids, labels) if i < 0)
     end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert ids.count(end_of_text) == 1 and ids[-1] == end_of_text
