@@ -28,16 +28,18 @@ def count_tokens(processor: Phi3VProcessor, conversation: list[dict], image_size
 
 
 class Phi3VDataCollator:
-    """Encodes and right-pads a list of dataset rows for training.
+    """Encodes a list of dataset rows into a training batch: right-padded, or packed.
 
     Labels are -100 over the prompt, the image tokens and the padding, so only answer tokens
-    are learned. Rows without images can share a batch with rows that have them.
+    are learned. Rows without images can share a batch with rows that have them. With
+    `packing`, the rows are concatenated into one sequence with no padding at all.
     """
 
-    def __init__(self, processor: Phi3VProcessor, format_example: FormatExample, num_crops: int):
+    def __init__(self, processor: Phi3VProcessor, format_example: FormatExample, num_crops: int, packing: bool = False):
         self.processor = processor
         self.format_example = format_example
         self.num_crops = num_crops
+        self.packing = packing
 
     def encode(self, row: Any) -> dict[str, Any]:
         """One row -> input_ids, labels (lists) and its images' pixel values (or None)."""
@@ -52,7 +54,21 @@ class Phi3VDataCollator:
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "image_sizes": image_sizes}
 
     def __call__(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
-        return pad_batch([self.encode(row) for row in rows], self.processor.tokenizer.pad_token_id)
+        samples = [self.encode(row) for row in rows]
+        if self.packing:
+            return pack_batch(samples)
+        return pad_batch(samples, self.processor.tokenizer.pad_token_id)
+
+
+def batch_images(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """pixel_values and image_sizes of all samples' images, in sample order (empty when none)."""
+    with_images = [s for s in samples if s["pixel_values"] is not None]
+    if not with_images:
+        return {}
+    return {
+        "pixel_values": torch.cat([s["pixel_values"] for s in with_images]),
+        "image_sizes": torch.cat([s["image_sizes"] for s in with_images]),
+    }
 
 
 def pad_batch(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -66,9 +82,18 @@ def pad_batch(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
         input_ids[i, :n] = torch.tensor(sample["input_ids"])
         labels[i, :n] = torch.tensor(sample["labels"])
         attention_mask[i, :n] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    with_images = [s for s in samples if s["pixel_values"] is not None]
-    if with_images:
-        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
-        batch["image_sizes"] = torch.cat([s["image_sizes"] for s in with_images])
-    return batch
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **batch_images(samples)}
+
+
+def pack_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Concatenates encoded samples into one row of shape [1, total tokens], with no padding.
+
+    Position ids restart at 0 for every sample and no attention mask is passed: transformers
+    then keeps the samples apart (block-diagonal causal masks with SDPA/eager, variable-length
+    kernels with flash attention). Each sample starts with a prompt token (label -100), so no
+    sample learns to predict the next one.
+    """
+    input_ids = torch.tensor([[t for s in samples for t in s["input_ids"]]])
+    labels = torch.tensor([[t for s in samples for t in s["labels"]]])
+    position_ids = torch.cat([torch.arange(len(s["input_ids"])) for s in samples]).unsqueeze(0)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, **batch_images(samples)}

@@ -231,6 +231,8 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if labels is not None and use_cache is None:
+            use_cache = False  # training needs no cache, and a cache would hide packed sequences from the mask
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from transformers import BitsAndBytesConfig, HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
@@ -27,6 +28,7 @@ logger = logging.get_logger(__name__)
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parent.parent / "ds_config_zero2.json"
 LANGUAGE_LORA_TARGETS = ["qkv_proj", "o_proj", "down_proj", "gate_up_proj"]
 VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+LENGTH_BUCKET = 64  # tokens; granularity of length-grouped batching
 
 
 @dataclass
@@ -95,6 +97,14 @@ class FinetuneArguments:
                   "without DeepSpeed). LoRA/QLoRA always run plain DDP."},
     )
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Concatenate each per-GPU batch into one sequence (no padding; samples stay independent)."},
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch samples of similar token counts together (less padding); ignored with --packing."},
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log the loss every N steps."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per GPU."})
     seed: int = field(default=42, metadata={"help": "Random seed (data order, LoRA init)."})
@@ -184,6 +194,7 @@ def training_arguments(args: FinetuneArguments) -> TrainingArguments:
         save_total_limit=args.save_total_limit,
         save_only_model=False,
         dataloader_num_workers=args.dataloader_num_workers,
+        train_sampling_strategy="group_by_length" if args.group_by_length and not args.packing else "random",
         remove_unused_columns=False,
         disable_tqdm=args.no_tqdm,
         seed=args.seed,
@@ -303,16 +314,35 @@ def filter_by_length(
 
 
 class RowsDataset(torch.utils.data.Dataset):
-    """The rows the Trainer iterates over (a view of a subset of the task's rows)."""
+    """The rows the Trainer iterates over (a view of a subset of the task's rows), with their token counts."""
 
-    def __init__(self, rows: Sequence[Any], indices: list[int]):
-        self.rows, self.indices = rows, indices
+    def __init__(self, rows: Sequence[Any], indices: list[int], lengths: list[int] | None = None):
+        self.rows, self.indices, self.lengths = rows, indices, lengths
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Any:
         return self.rows[self.indices[i]]
+
+
+class Phi3VTrainer(Trainer):
+    """Trainer whose length grouping uses the token counts measured at start (image tokens included).
+
+    transformers' own grouping would read `len(row["input_ids"])`, which our raw rows don't have.
+    """
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
+            # Lengths rounded up to LENGTH_BUCKET tokens: samples that differ by a few tokens stay in
+            # random order. Exact lengths would sort by answer length, i.e. often by the answer
+            # itself ("no" < "yes"), and fill whole batches with one class.
+            buckets = [-(-n // LENGTH_BUCKET) * LENGTH_BUCKET for n in lengths]
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=buckets)
+        return super()._get_train_sampler(train_dataset)
 
 
 def train(
@@ -325,12 +355,12 @@ def train(
     """Trains on `rows` (resuming from the newest checkpoint when there is one) and returns the Trainer."""
     if args.max_train_samples is not None:
         rows = [rows[i] for i in range(min(args.max_train_samples, len(rows)))]
-    kept, _ = filter_by_length(rows, format_example, processor, args.num_crops, args.max_seq_length, args.no_tqdm)
-    trainer = Trainer(
+    kept, lengths = filter_by_length(rows, format_example, processor, args.num_crops, args.max_seq_length, args.no_tqdm)
+    trainer = Phi3VTrainer(
         model=model,
         args=args.training_args,
-        train_dataset=RowsDataset(rows, kept),
-        data_collator=Phi3VDataCollator(processor, format_example, args.num_crops),
+        train_dataset=RowsDataset(rows, kept, lengths),
+        data_collator=Phi3VDataCollator(processor, format_example, args.num_crops, packing=args.packing),
     )
     resume = args.resume_from_checkpoint
     if resume is None and not args.no_auto_resume and Path(args.output_dir).is_dir():

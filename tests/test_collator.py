@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-from helpers import image_runs
 import torch
+from helpers import image_runs
 from PIL import Image
 
 from phi3v import training
-from phi3v.collator import Phi3VDataCollator, count_tokens
+from phi3v.collator import Phi3VDataCollator, count_tokens, pack_batch
 from phi3v.data import load_hf_dataset
 from phi3v.processing import IGNORE_INDEX
 
@@ -190,7 +190,7 @@ def test_mixed_batch_of_text_only_and_image_samples(tiny_processor):
     assert (text_only["input_ids"] >= 0).all()
 
 
-def test_num_crops_changes_only_the_imageimage_runs(tiny_processor):
+def test_num_crops_changes_only_the_image_runs(tiny_processor):
     samples = [
         _sample("Compare the two images.", "The first one is brighter.", LARGE, TALL),
         _sample("What is shown in this image?", "A small dog.", SMALL),
@@ -481,3 +481,49 @@ def test_load_hf_dataset_never_passes_another_split_off_as_train(tmp_path, datas
     assert list(load_hf_dataset(str(single))["x"]) == [3]  # a lone Dataset is the train split...
     with pytest.raises(ValueError, match="not 'test'"):  # ...and has no other split
         load_hf_dataset(str(single), split="test")
+
+
+def test_packing_concatenates_samples_with_restarting_positions_and_no_padding(tiny_processor):
+    rows = [_sample("What is it?", "A cat.", _image(40, 30)), _sample("Say hi.", "hi"),
+            _sample("Compare.", "Same.", _image(30, 40, 1), _image(50, 20, 2))]
+    padded = Phi3VDataCollator(tiny_processor, _identity, num_crops=1)(rows)
+    packed = Phi3VDataCollator(tiny_processor, _identity, num_crops=1, packing=True)(rows)
+    assert "attention_mask" not in packed
+    lengths = padded["attention_mask"].sum(1).tolist()
+    assert packed["input_ids"].shape == (1, sum(lengths))
+    assert packed["input_ids"][0].tolist() == [t for i in range(3) for t in _unpadded(padded, i, "input_ids")]
+    assert packed["labels"][0].tolist() == [t for i in range(3) for t in _unpadded(padded, i, "labels")]
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert torch.equal(packed["pixel_values"], padded["pixel_values"])
+    assert torch.equal(packed["image_sizes"], padded["image_sizes"])
+    starts = [sum(lengths[:i]) for i in range(3)]
+    assert all(packed["labels"][0, s] == IGNORE_INDEX for s in starts)  # no sample learns to predict the next one
+    assert pack_batch([Phi3VDataCollator(tiny_processor, _identity, 1).encode(rows[1])]).keys() == {
+        "input_ids", "position_ids", "labels"}
+
+
+def test_length_grouped_batches_have_little_padding(tiny_processor, tmp_path, single_process):
+    """The default sampler batches samples of similar token counts (measured at start)."""
+    import random
+
+    from phi3v import Phi3VForCausalLM
+    from phi3v.tiny import tiny_config
+
+    rng = random.Random(0)
+    rows = [_sample(" ".join(["word"] * rng.randint(300, 2400)), "yes" if i % 2 else "no") for i in range(800)]
+    kept, lengths = training.filter_by_length(rows, _identity, tiny_processor, 1, None, disable_tqdm=True)
+
+    def padding_fraction(group_by_length: bool) -> float:
+        argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
+                "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}"]
+        args = training.parse_args(argv=argv)
+        trainer = training.Phi3VTrainer(
+            model=Phi3VForCausalLM(tiny_config()), args=args.training_args,
+            train_dataset=training.RowsDataset(rows, kept, lengths),
+            data_collator=Phi3VDataCollator(tiny_processor, _identity, num_crops=1),
+        )
+        masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
+        return sum(int((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    grouped, random_order = padding_fraction(True), padding_fraction(False)
+    assert grouped < 0.05 < random_order

@@ -279,3 +279,48 @@ def test_text_only_training_batch_still_gives_every_vision_weight_a_gradient():
     with torch.no_grad():
         model.eval()
         torch.testing.assert_close(model(input_ids=ids).logits, model.train()(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_samples_give_the_same_losses_and_gradients_as_separate_samples(attn):
+    """Samples concatenated into one row (position ids restarting, no mask) stay independent."""
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM(tiny_config(attn_implementation=attn)).train()
+    model.model.vision_embed_tokens.img_processor.freeze_unused()
+    crops = [[(1, 1)], [], [(2, 1), (1, 1)]]
+    samples = []
+    for i, c in enumerate(crops):
+        ids = torch.tensor([prompt_ids(c, text=(5 + i, 6, 7, 8 + i))])
+        labels = ids.clone()
+        labels[:, : -(3 + i)] = -100
+        images = image_inputs(c, max_crops=5, seed=i) if c else (None, None)
+        samples.append((ids, labels, *images))
+    pixel_values = torch.cat([s[2] for s in samples if s[2] is not None])
+    image_sizes = torch.cat([s[3] for s in samples if s[3] is not None])
+    packed_ids = torch.cat([s[0] for s in samples], dim=1)
+    packed_labels = torch.cat([s[1] for s in samples], dim=1)
+    position_ids = torch.cat([torch.arange(s[0].shape[1]) for s in samples]).unsqueeze(0)
+
+    # Per-sample losses from the packed logits equal each sample's own loss.
+    with torch.no_grad():
+        logits = model(input_ids=packed_ids, position_ids=position_ids, pixel_values=pixel_values,
+                       image_sizes=image_sizes, use_cache=False).logits[0]
+        start = 0
+        for ids, labels, pv, sizes in samples:
+            n = ids.shape[1]
+            packed_loss = torch.nn.functional.cross_entropy(logits[start : start + n - 1], labels[0, 1:])
+            alone = model(input_ids=ids, pixel_values=pv, image_sizes=sizes, labels=labels).loss
+            torch.testing.assert_close(packed_loss, alone, atol=1e-5, rtol=1e-5)
+            start += n
+
+    # The gradients of the token-mean loss equal those of the same tokens run sample by sample.
+    model.zero_grad()
+    model(input_ids=packed_ids, position_ids=position_ids, pixel_values=pixel_values, image_sizes=image_sizes,
+          labels=packed_labels).loss.backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = sum(int((s[1][:, 1:] != -100).sum()) for s in samples)
+    for ids, labels, pv, sizes in samples:
+        model(input_ids=ids, pixel_values=pv, image_sizes=sizes, labels=labels, num_items_in_batch=total).loss.backward()
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-5, rtol=1e-4, msg=name)

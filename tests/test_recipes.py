@@ -95,13 +95,13 @@ def test_hateful_memes_full_finetuning_zero2_bf16_torchrun(tiny, shapes, tmp_pat
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_nlvr2_lora_two_images_torchrun(tiny, tmp_path):
+def test_nlvr2_lora_packed_two_images_torchrun(tiny, tmp_path):
     data = make_shapes_dataset(tmp_path / "pairs", num_train=16, images_per_row=2)
     out = tmp_path / "out"
     torchrun_recipe(
         "finetune_hf_trainer_nlvr2.py", "--model_name_or_path", str(tiny), "--dataset_name_or_path", str(data),
         "--output_dir", str(out), "--use_lora", "--lora_rank", "4", "--batch_size", "4", "--batch_size_per_gpu", "2",
-        "--max_steps", "2", "--max_eval_samples", "4", "--skip_eval_before",
+        "--max_steps", "2", "--max_eval_samples", "4", "--skip_eval_before", "--packing",
     )
     assert not (out / "eval_before.json").exists()
     check_eval_file(out / "eval_after.json", "accuracy", 4)
