@@ -98,14 +98,21 @@ class Phi3VImageEmbedding(nn.Module):
         pixel_values: [images, max_crops, 3, 336, 336], crop slot 0 the global view, then the
         h x w sub-crops in raster order, then zero padding. image_sizes: [images, 2] (H, W).
         """
-        crops_hw = [(int(h) // CROP_SIZE, int(w) // CROP_SIZE) for h, w in image_sizes.tolist()]
+        crops_hw = self.crop_grids(image_sizes)
         # CLIP runs on the real crops only: the zero padding slots contribute nothing.
         real_crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(crops_hw)])
         dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
-        features = self.img_processor(real_crops.to(dtype))[:, 1:]  # drop CLS
-        merged = self.merge_patches(features)
-        side = merged.shape[1]
+        return self.image_tokens(self.img_processor(real_crops.to(dtype)), crops_hw)
 
+    @staticmethod
+    def crop_grids(image_sizes: torch.Tensor) -> list[tuple[int, int]]:
+        """(rows, columns) of 336-px sub-crops of each image."""
+        return [(int(h) // CROP_SIZE, int(w) // CROP_SIZE) for h, w in image_sizes.tolist()]
+
+    def image_tokens(self, crop_features: torch.Tensor, crops_hw: list[tuple[int, int]]) -> torch.Tensor:
+        """CLIP features of the real crops (CLS first), image after image -> projected image tokens."""
+        merged = self.merge_patches(crop_features[:, 1:])  # drop CLS
+        side = merged.shape[1]
         tokens, start = [], 0
         for h, w in crops_hw:
             global_view, sub_crops = merged[start], merged[start + 1 : start + 1 + h * w]
@@ -118,6 +125,7 @@ class Phi3VImageEmbedding(nn.Module):
                 self.with_row_separators(global_view),
             ]
         return self.img_projection(torch.cat(tokens))
+
 
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     config: Phi3VConfig

@@ -1,0 +1,324 @@
+"""Training-efficiency benchmark: how much of the compute goes to padding, padded crops and unused logits.
+
+    python -m phi3v.bench                      # CPU: small model, DocVQA-like, full + LoRA (a few minutes)
+    python -m phi3v.bench --size full --device cuda --distribution all --modes full frozen lora qlora --steps 10
+
+Trains for a fixed number of steps on generated inputs (random weights, no download) and prints one
+row per configuration: samples/s, tokens/s (real tokens), peak GPU memory, padding fraction (padding
+tokens / all tokens in the batches), executed/useful FLOPs (torch.utils.flop_counter; useful = the
+same samples one by one: no padding, real crops only, logits only where labels are not -100), bytes
+of the logits the loss reads, and MFU on GPU. `--baseline` behaves like the reference recipe: batch
+1, eager attention, every crop slot through CLIP, full-sequence logits; its row is measured in the
+same run and every other row prints its speed-up over it.
+
+Length distributions (`--distribution`): docvqa (one document image, num_crops 16, about 2,400
+tokens), memes (one photo, num_crops 16), nlvr2 (two photos, num_crops 4).
+"""
+
+import argparse
+import json
+import random
+import tempfile
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from .collator import pack_batch, pad_batch
+from .configuration import Phi3VConfig
+from .image_processing import hd_image_size, num_image_tokens
+from .modeling import Phi3VForCausalLM
+from .training import LENGTH_BUCKET, lora_target_modules
+
+# name: (images per sample, num_crops, (width range), (height range), prompt tokens, answer tokens)
+DISTRIBUTIONS = {
+    "docvqa": (1, 16, (1000, 2500), (1200, 3300), (15, 40), (2, 10)),
+    "memes": (1, 16, (300, 900), (300, 900), (20, 40), (1, 2)),
+    "nlvr2": (2, 4, (300, 800), (200, 600), (15, 35), (1, 2)),
+}
+# Model sizes: "small" keeps the real vocabulary (so logits cost what they do) with narrow layers.
+SIZES = {
+    "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)),
+    "tiny": None,  # phi3v.tiny's config with the real vocabulary: for smoke tests
+    "full": None,
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+
+
+# torch's flop counter knows the GPU attention kernels but not the CPU one: count it the same way
+# (the full q x k product, mask or not: what the kernel executes).
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+@register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor
+    image_sizes: torch.Tensor
+
+    def as_dict(self) -> dict:
+        return vars(self)
+
+
+def make_config(size: str) -> Phi3VConfig:
+    if size == "tiny":
+        from .tiny import tiny_config
+
+        return tiny_config(vocab_size=32064, pad_token_id=32000)
+    if size == "full":
+        hub = Path(__file__).resolve().parents[2] / "shared" / "reference" / "phi35v_hub_files" / "config.json"
+        return Phi3VConfig(**json.loads(hub.read_text())) if hub.exists() else Phi3VConfig()
+    settings = dict(SIZES[size])
+    vision = settings.pop("vision")
+    head_dim = settings["hidden_size"] // settings["num_attention_heads"]
+    return Phi3VConfig(
+        **settings, vocab_size=32064, pad_token_id=32000, max_position_embeddings=131072,
+        original_max_position_embeddings=4096,
+        rope_scaling={"type": "su", "short_factor": [1.0] * (head_dim // 2), "long_factor": [4.0] * (head_dim // 2)},
+        img_processor={"image_dim_out": vision["hidden_size"], "vision_config": vision},
+    )
+
+
+def make_samples(distribution: str, count: int, seed: int = 0) -> list[Sample]:
+    """Token ids laid out as the processor lays them out, with random text and random pixels."""
+    images, num_crops, widths, heights, prompt, answer = DISTRIBUTIONS[distribution]
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(count):
+        ids, pixels, sizes = [1, 32010], [], []
+        for k in range(1, images + 1):
+            width, height = rng.randint(*widths), rng.randint(*heights)
+            h, w = hd_image_size(width, height, num_crops)
+            crops = torch.zeros(num_crops + 1, 3, 336, 336)
+            crops[: 1 + (h // 336) * (w // 336)] = torch.randn(1 + (h // 336) * (w // 336), 3, 336, 336)
+            pixels.append(crops)
+            sizes.append([h, w])
+            ids += [-k] * num_image_tokens(width, height, num_crops) + [1]
+        ids += [rng.randint(100, 31000) for _ in range(rng.randint(*prompt))] + [32007, 32001]
+        answer_ids = [rng.randint(100, 31000) for _ in range(rng.randint(*answer))] + [32007, 32000]
+        samples.append(Sample(ids + answer_ids, [-100] * len(ids) + answer_ids, torch.stack(pixels), torch.tensor(sizes)))
+    return samples
+
+
+def batches(samples: list[Sample], batch_size: int, grouped: bool, seed: int = 0) -> list[list[Sample]]:
+    """Consecutive batches in random order, or length-grouped as the recipes do (64-token buckets)."""
+    if grouped:
+        torch.manual_seed(seed)
+        lengths = [-(-len(s.input_ids) // LENGTH_BUCKET) * LENGTH_BUCKET for s in samples]
+        order = list(LengthGroupedSampler(batch_size, lengths=lengths))
+    else:
+        order = random.Random(seed).sample(range(len(samples)), len(samples))
+    return [[samples[i] for i in order[j : j + batch_size]] for j in range(0, len(order) - batch_size + 1, batch_size)]
+
+
+def padding_fraction(groups: list[list[Sample]]) -> float:
+    """Padding tokens / all tokens when each group is right-padded to its longest sample."""
+    real = sum(len(s.input_ids) for g in groups for s in g)
+    total = sum(len(g) * max(len(s.input_ids) for s in g) for g in groups)
+    return 1 - real / total
+
+
+def collate(group: list[Sample], packing: bool, device: torch.device) -> dict:
+    samples = [s.as_dict() for s in group]
+    batch = pack_batch(samples) if packing else pad_batch(samples, pad_token_id=32000)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def all_crops_embedding(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    """The reference's image embedding: CLIP over every crop slot, padding included."""
+    crops_hw = self.crop_grids(image_sizes)
+    dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
+    features = self.img_processor(pixel_values.flatten(0, 1).to(dtype))
+    slots = pixel_values.shape[1]
+    real = torch.cat([features[i * slots : i * slots + 1 + h * w] for i, (h, w) in enumerate(crops_hw)])
+    return self.image_tokens(real, crops_hw)
+
+
+def loss_of(model, batch: dict, full_logits: bool) -> tuple[torch.Tensor, int]:
+    """(loss, bytes of the logits it read)."""
+    if not full_logits:
+        loss = model(**batch).loss
+        return loss, int((batch["labels"][:, 1:] != -100).sum()) * model.config.vocab_size * 4
+    labels = batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits.float()  # the reference: HF's loss upcasts all logits
+    batch["labels"] = labels
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return loss, logits.numel() * 4
+
+
+def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device, dtype: torch.dtype, workdir: Path):
+    """A random model set up as the recipes set up each mode."""
+    config._attn_implementation = attn
+    if mode == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        path = workdir / "random-checkpoint"
+        if not path.exists():
+            Phi3VForCausalLM(config).save_pretrained(path)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+        model = Phi3VForCausalLM.from_pretrained(path, quantization_config=quant, attn_implementation=attn,
+                                                 dtype=dtype, device_map={"": device})
+    else:
+        with torch.device(device):
+            model = Phi3VForCausalLM(config).to(dtype if mode in ("lora",) else torch.float32)
+    model.model.vision_embed_tokens.img_processor.freeze_unused()
+    if mode == "frozen":
+        model.model.vision_embed_tokens.requires_grad_(False)
+    if mode in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_target_modules(model, include_vision=True)
+        model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, target_modules=targets, init_lora_weights="gaussian"))
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def run_config(name, model, groups, packing, full_logits, steps, device, amp_dtype, peak_tflops) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+    def step(group):
+        batch = collate(group, packing, device)
+        with autocast:
+            loss, logit_bytes = loss_of(model, batch, full_logits)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return logit_bytes
+
+    def useful_step(group):  # each sample alone: no padding, real crops, answer-only logits
+        for sample in group:
+            batch = collate([sample], False, device)
+            with autocast:
+                loss = model(**batch).loss
+            loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    executed = count_flops(lambda: step(groups[0]))
+    baseline_embedding = model.get_submodule("model.vision_embed_tokens") if full_logits else None
+    if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
+        del baseline_embedding.forward
+    useful = count_flops(lambda: useful_step(groups[0]))
+    if baseline_embedding is not None:
+        baseline_embedding.forward = types.MethodType(all_crops_embedding, baseline_embedding)
+
+    step(groups[0])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    timed = [groups[1 + i % (len(groups) - 1)] for i in range(steps)]
+    start = time.perf_counter()
+    logit_bytes = max(step(group) for group in timed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    samples = sum(len(g) for g in timed)
+    tokens = sum(len(s.input_ids) for g in timed for s in g)
+    executed_per_sample = executed / len(groups[0])
+    row = {
+        "config": name,
+        "samples/s": samples / elapsed,
+        "tokens/s": tokens / elapsed,
+        "peak GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"),
+        "padding": 0.0 if packing else padding_fraction(timed),
+        "exec/useful": executed / useful,
+        "logits MB": logit_bytes / 1e6,
+    }
+    if device.type == "cuda" and peak_tflops:
+        row["MFU"] = executed_per_sample * samples / elapsed / (peak_tflops * 1e12)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=list(SIZES), default="small", help="Model size (random weights).")
+    parser.add_argument("--distribution", choices=[*DISTRIBUTIONS, "all"], default="docvqa", help="Sample lengths.")
+    parser.add_argument("--modes", nargs="+", default=["full", "lora"],
+                        choices=["full", "frozen", "lora", "qlora"], help="Training modes to measure.")
+    parser.add_argument("--batch_size", type=int, default=4, help="Per-device batch of the non-baseline rows.")
+    parser.add_argument("--steps", type=int, default=3, help="Timed optimizer steps per configuration.")
+    parser.add_argument("--num_samples", type=int, default=400, help="Generated samples (padding statistics).")
+    parser.add_argument("--no_baseline", action="store_true", help="Skip the reference-like baseline rows.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
+    parser.add_argument("--attn", default="sdpa", help="Attention of the non-baseline rows (sdpa, flash_attention_2).")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak for MFU (default: by GPU name).")
+    parser.add_argument("--json", help="Also write the rows to this JSON file.")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = args.peak_tflops
+    if device.type == "cuda" and peak is None:
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+    config = make_config(args.size)
+    distributions = list(DISTRIBUTIONS) if args.distribution == "all" else [args.distribution]
+    rows = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for distribution in distributions:
+            samples = make_samples(distribution, args.num_samples)
+            grouped = batches(samples, args.batch_size, grouped=True)
+            random_order = batches(samples, args.batch_size, grouped=False)
+            print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f} "
+                  f"tokens; padding at batch {args.batch_size}: {padding_fraction(random_order):.1%} in random order, "
+                  f"{padding_fraction(grouped):.1%} length-grouped", flush=True)
+            configs = []
+            if not args.no_baseline:
+                configs.append(("baseline (reference)", "full", "eager", batches(samples, 1, False), False, True))
+            for mode in args.modes:
+                configs.append((f"{mode} b1", mode, args.attn, batches(samples, 1, False), False, False))
+                configs.append((f"{mode} b{args.batch_size} padded+grouped", mode, args.attn, grouped, False, False))
+                configs.append((f"{mode} b{args.batch_size} packed", mode, args.attn, random_order, True, False))
+            base_speed = {}
+            for name, mode, attn, groups, packing, full_logits in configs:
+                torch.manual_seed(0)
+                model = build_model(config, mode, attn, device, amp_dtype if mode != "full" else torch.float32,
+                                    Path(workdir))
+                if full_logits:
+                    embedding = model.get_submodule("model.vision_embed_tokens")
+                    embedding.forward = types.MethodType(all_crops_embedding, embedding)
+                row = run_config(name, model, groups, packing, full_logits, args.steps, device, amp_dtype, peak)
+                row["distribution"] = distribution
+                if full_logits:
+                    base_speed[distribution] = row["samples/s"]
+                if distribution in base_speed:
+                    row["vs baseline"] = row["samples/s"] / base_speed[distribution]
+                rows.append(row)
+                print(format_row(row), flush=True)
+                del model
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def format_row(row: dict) -> str:
+    extra = f"  MFU {row['MFU']:.1%}" if "MFU" in row else ""
+    versus = f"  x{row['vs baseline']:.2f} vs baseline" if "vs baseline" in row else ""
+    return (f"  {row['config']:<28} {row['samples/s']:7.2f} samples/s {row['tokens/s']:9.0f} tok/s  "
+            f"peak {row['peak GB']:5.1f} GB  padding {row['padding']:5.1%}  exec/useful {row['exec/useful']:.3f}  "
+            f"logits {row['logits MB']:8.1f} MB{extra}{versus}")
+
+
+if __name__ == "__main__":
+    main()
