@@ -36,6 +36,7 @@ def main(argv=None):
     trainer = training.train(model, processor, train_rows, format_example, args)
     training.save(trainer, processor, args)
     training.evaluate(trainer.model, processor, eval_rows, format_example, METRIC, args, "after")
+    training.print_try_command(args)
     training.finish()
 
 

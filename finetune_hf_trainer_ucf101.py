@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from phi3v import training
-from phi3v.data import ValidationError, load_jsonl_dataset
+from phi3v.data import ValidationError, load_jsonl_dataset, record_images
 
 METRIC = "accuracy"
 
@@ -47,6 +47,8 @@ def main(argv=None):
     trainer = training.train(model, processor, train_rows, format_row, args)
     training.save(trainer, processor, args)
     training.evaluate(trainer.model, processor, eval_rows, format_row, METRIC, args, "after")
+    example = next((path for row in eval_rows for path in record_images(row)), None)
+    training.print_try_command(args, str(image_root / example) if example else None)
     training.finish()
 
 

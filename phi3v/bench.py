@@ -67,11 +67,19 @@ def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None,
 class Sample:
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor
-    image_sizes: torch.Tensor
+    image_sizes: torch.Tensor  # [images, 2] (H, W) of the HD images
+    num_crops: int
+    seed: int
 
     def as_dict(self) -> dict:
-        return vars(self)
+        """The collator's input; pixels are drawn here, so hundreds of samples don't hold GBs of crops."""
+        generator = torch.Generator().manual_seed(self.seed)
+        pixels = torch.zeros(len(self.image_sizes), self.num_crops + 1, 3, 336, 336)
+        for i, (h, w) in enumerate(self.image_sizes.tolist()):
+            real = 1 + (h // 336) * (w // 336)
+            pixels[i, :real] = torch.randn(real, 3, 336, 336, generator=generator)
+        return {"input_ids": self.input_ids, "labels": self.labels, "pixel_values": pixels,
+                "image_sizes": self.image_sizes}
 
 
 def make_config(size: str) -> Phi3VConfig:
@@ -98,19 +106,16 @@ def make_samples(distribution: str, count: int, seed: int = 0) -> list[Sample]:
     images, num_crops, widths, heights, prompt, answer = DISTRIBUTIONS[distribution]
     rng = random.Random(seed)
     samples = []
-    for _ in range(count):
-        ids, pixels, sizes = [1, 32010], [], []
+    for index in range(count):
+        ids, sizes = [1, 32010], []
         for k in range(1, images + 1):
             width, height = rng.randint(*widths), rng.randint(*heights)
-            h, w = hd_image_size(width, height, num_crops)
-            crops = torch.zeros(num_crops + 1, 3, 336, 336)
-            crops[: 1 + (h // 336) * (w // 336)] = torch.randn(1 + (h // 336) * (w // 336), 3, 336, 336)
-            pixels.append(crops)
-            sizes.append([h, w])
+            sizes.append(list(hd_image_size(width, height, num_crops)))
             ids += [-k] * num_image_tokens(width, height, num_crops) + [1]
         ids += [rng.randint(100, 31000) for _ in range(rng.randint(*prompt))] + [32007, 32001]
         answer_ids = [rng.randint(100, 31000) for _ in range(rng.randint(*answer))] + [32007, 32000]
-        samples.append(Sample(ids + answer_ids, [-100] * len(ids) + answer_ids, torch.stack(pixels), torch.tensor(sizes)))
+        labels = [-100] * len(ids) + answer_ids
+        samples.append(Sample(ids + answer_ids, labels, torch.tensor(sizes), num_crops, seed + index))
     return samples
 
 

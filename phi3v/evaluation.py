@@ -257,13 +257,10 @@ def evaluate(
         raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from .generate import generate_answers  # here: phi3v.generate imports this module
+
     score_fn = METRICS[metric]
     rank, world_size = _distributed()
-    tokenizer = getattr(processor, "tokenizer", processor)
-    decode = getattr(processor, "batch_decode", None) or tokenizer.batch_decode
-    stop_ids = _stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[-1]
-    device = _model_device(model)
 
     # This rank's share, formatted up front; sorted by (images, prompt length) so batches pad less.
     shard = []
@@ -297,33 +294,17 @@ def evaluate(
         with torch.no_grad():
             for start in range(0, len(shard), batch_size):
                 batch = shard[start : start + batch_size]
-                images = [item["images"] for item in batch]
-                processor_kwargs = {"padding_side": "left", "return_tensors": "pt"}
-                if num_crops is not None:
-                    processor_kwargs["num_crops"] = num_crops
-                inputs = processor(
-                    text=[item["prompt"] for item in batch],
-                    images=images if any(images) else None,
-                    **processor_kwargs,
-                )
-                inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-                output = model.generate(
-                    **inputs,
+                predictions = generate_answers(
+                    model,
+                    processor,
+                    [item["prompt"] for item in batch],
+                    [item["images"] for item in batch],
+                    num_crops=num_crops,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     num_beams=1,
-                    eos_token_id=stop_ids,
-                    pad_token_id=pad_id,
-                    use_cache=True,
                 )
-                new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
-                # Cut at the first stop token: what generate puts after it is padding.
-                for j, ids in enumerate(new_tokens):
-                    cut = next((k for k, token in enumerate(ids) if token in stop_ids), len(ids))
-                    new_tokens[j] = ids[:cut]
-                predictions = decode(new_tokens, skip_special_tokens=True)
                 for item, prediction in zip(batch, predictions):
-                    prediction = prediction.strip()
                     records.append(
                         {
                             "index": item["index"],

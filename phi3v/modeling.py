@@ -289,6 +289,28 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         loss = F.cross_entropy(logits, targets[keep], reduction="sum")
         return loss / torch.as_tensor(num_items_in_batch, device=loss.device)
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """Beam search / num_return_sequences: every copy of a prompt gets that prompt's images, in order.
+
+        generate() repeats each tensor along dim 0, which repeats images one by one ([a, b] -> [a, a, b, b]);
+        a prompt with images a and b repeated twice needs [a, b, a, b]. Image k of a prompt is id -k, so
+        the prompt's smallest id gives its number of images.
+        """
+        pixel_values, image_sizes = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_sizes", None)
+        if pixel_values is not None and input_ids is not None and expand_size > 1:
+            counts = (-input_ids.min(dim=1).values).clamp(min=0).tolist()  # images per prompt
+            first = [sum(counts[:row]) for row in range(len(counts))]  # index of each prompt's first image
+            order = [first[row] + k for row, n in enumerate(counts) for _ in range(expand_size) for k in range(n)]
+            pixel_values = pixel_values[torch.tensor(order, device=pixel_values.device)]
+            image_sizes = image_sizes[torch.tensor(order, device=image_sizes.device)]
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs.update(pixel_values=pixel_values, image_sizes=image_sizes)
+        return input_ids, model_kwargs
+
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, stopping on `<|end|>` and `<|endoftext|>` by default.
 

@@ -8,8 +8,10 @@ stood for by `num_img_tokens` copies of -N. On top of the original this processo
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +82,13 @@ class Phi3VProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
         """Write tokenizer files, processor_config.json, chat_template.jinja and preprocessor_config.json."""
         files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        # transformers 5 writes its own class name, "TokenizersBackend", which older transformers and
+        # the serving runtimes that read the Hub layout don't know; the Hub file says "LlamaTokenizer"
+        # (loaded as the fast tokenizer from tokenizer.json there, and by our from_pretrained here).
+        config_file = Path(save_directory) / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config["tokenizer_class"] = "LlamaTokenizer"
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return files + self.image_processor.save_pretrained(save_directory)
 
     # ----- text -> ids -----

@@ -5,6 +5,7 @@ A task script supplies its data (rows, `format_example`, metric) and calls, in o
 """
 
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -375,13 +376,23 @@ def save(trainer: Trainer, processor: Phi3VProcessor, args: FinetuneArguments) -
     """Final model (full weights in the Hub layout, or the LoRA adapter) and processor in output_dir."""
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
+        processor.image_processor.num_crops = args.num_crops  # what the model was trained with: generate's default
         processor.save_pretrained(args.output_dir)
         if args.use_lora:
-            print(f"Saved the LoRA adapter to {args.output_dir}. Load it with:\n"
-                  f"  PeftModel.from_pretrained(Phi3VForCausalLM.from_pretrained({args.model_name_or_path!r}), "
-                  f"{args.output_dir!r})")
+            merge = shlex.join(["python", "-m", "phi3v.merge_lora", "--base", args.model_name_or_path,
+                                "--adapter", args.output_dir, "--out", "MERGED_DIR"])
+            print(f"Saved the LoRA adapter to {args.output_dir}. Merge it into a full model with:\n  {merge}")
         else:
             print(f"Saved the fine-tuned model to {args.output_dir}: Phi3VForCausalLM.from_pretrained({args.output_dir!r})")
+
+
+def print_try_command(args: FinetuneArguments, example_image: str | None = None) -> None:
+    """The run's last words: the command that tries the result (call after the evaluation after training)."""
+    from .generate import try_command
+
+    if is_main_process():
+        command = try_command(args.output_dir, args.model_name_or_path, args.use_lora, example_image)
+        print(f"Try it with:\n  {command}")
 
 
 def is_main_process() -> bool:

@@ -11,7 +11,7 @@ def test_padding_statistics_of_the_length_distributions():
     assert 1900 < mean < 2700  # DocVQA-like: about 2,400 tokens at num_crops 16
     grouped = bench.padding_fraction(bench.batches(samples, 4, grouped=True))
     assert grouped <= 0.05 < bench.padding_fraction(bench.batches(samples, 4, grouped=False))
-    assert all(len(s.pixel_values) == 2 for s in bench.make_samples("nlvr2", 3))
+    assert all(s.as_dict()["pixel_values"].shape[:2] == (2, 5) for s in bench.make_samples("nlvr2", 3))
 
 
 def test_bench_rows_count_flops_against_the_useful_work(tmp_path, capsys):

@@ -1,15 +1,15 @@
 """The native model: checkpoint layout, config round-trip, image embedding, attention, generation, training."""
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM
-from phi3v.tiny import tiny_config
+from phi3v.tiny import build_tiny_processor, tiny_config
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 HUB_FILES = REFERENCE / "phi35v_hub_files"
@@ -324,3 +324,28 @@ def test_packed_samples_give_the_same_losses_and_gradients_as_separate_samples(a
         model(input_ids=ids, pixel_values=pv, image_sizes=sizes, labels=labels, num_items_in_batch=total).loss.backward()
     for name, grad in packed_grads.items():
         torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_generate_expands_each_prompts_images_with_it():
+    processor = build_tiny_processor(num_crops=1)
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM(tiny_config(vocab_size=len(processor.tokenizer))).eval()
+    colours = ["red", "blue", "green", "white"]
+    images = [Image.new("RGB", (400 + 50 * i, 300), c) for i, c in enumerate(colours)]
+    prompts = ["<|user|>\n<|image_1|>\n<|image_2|>\nA?<|end|>\n<|assistant|>\n", "<|user|>\nB?<|end|>\n<|assistant|>\n",
+               "<|user|>\n<|image_1|>\n<|image_2|>\nC?<|end|>\n<|assistant|>\n"]
+    inputs = processor(prompts, [images[:2], None, images[2:]], num_crops=1)
+    seen = []
+    embedding = model.model.vision_embed_tokens
+    original = embedding.forward
+    embedding.forward = lambda pixel_values, image_sizes: (seen.append(pixel_values.clone()), original(pixel_values, image_sizes))[1]
+    model.generate(**inputs, max_new_tokens=2, num_beams=3, do_sample=False)
+    one = inputs["pixel_values"]
+    assert torch.equal(seen[0], torch.cat([one[0:2]] * 3 + [one[2:4]] * 3))
+    # The expanded batch gives every copy the first-step logits of its prompt.
+    ids, kwargs = model._expand_inputs_for_generation(3, False, inputs["input_ids"], **{k: v for k, v in inputs.items() if k != "input_ids"})
+    embedding.forward = original
+    with torch.no_grad():
+        expanded = model(input_ids=ids, **kwargs).logits[:, -1]
+        single = model(**inputs).logits[:, -1]
+    torch.testing.assert_close(expanded, single.repeat_interleave(3, dim=0), atol=1e-5, rtol=0)

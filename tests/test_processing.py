@@ -275,7 +275,9 @@ def test_processor_save_load_round_trip(tiny_processor, tmp_path):
 
 def test_hub_processor_save_load(hub_processor, tmp_path):
     hub_processor.save_pretrained(tmp_path)
-    assert "auto_map" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert "auto_map" not in tokenizer_config
+    assert tokenizer_config["tokenizer_class"] == "LlamaTokenizer"  # as on the Hub, for runtimes that read it
     assert "auto_map" not in json.loads((tmp_path / "preprocessor_config.json").read_text())
     loaded = Phi3VProcessor.from_pretrained(tmp_path)
     text = PROMPT.format("<|image_1|>\nWhat is shown in this image?")

@@ -1,0 +1,198 @@
+"""Merge a LoRA or QLoRA adapter into its base model: a full checkpoint in the Hub layout.
+
+    python -m phi3v.merge_lora --base microsoft/Phi-3.5-vision-instruct --adapter OUTPUT_DIR --out MERGED_DIR \\
+        [--dtype bf16|fp16|fp32] [--max_shard_size 5GB]
+
+The base is loaded in `--dtype` (bf16 by default), never in 4 bits, also for adapters trained with
+QLoRA: their LoRA weights are added to the original bf16/fp16 weights (peft's `merge_and_unload`),
+which is what a runtime without bitsandbytes needs. The output holds exactly the base's parameter names
+and shapes (checked before writing: no `base_layer`, no `lora_` keys; `lm_head` merged too when it was
+a target) as `model-0000k-of-0000n.safetensors` shards with `model.safetensors.index.json` (one
+`model.safetensors` when it fits in one shard), the Hub `config.json` (`architectures`
+["Phi3VForCausalLM"]), `generation_config.json` (stopping on `<|end|>` / `<|endoftext|>`), and the processor
+files (tokenizer, preprocessor config), copied from the adapter folder when it has them, else from the
+base. The base's remote-code `*.py` files are copied too when available, for `trust_remote_code` readers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+
+
+def state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor `save_pretrained` writes (parameters and persistent buffers)."""
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def checkpoint_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a saved checkpoint (one safetensors file, or the shards of its index)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    shapes = {}
+    for name in files:
+        with safe_open(directory / name, framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    return shapes
+
+
+def shape_differences(expected: dict[str, tuple[int, ...]], actual: dict[str, tuple[int, ...]]) -> list[str]:
+    """What differs between two name -> shape maps, as readable lines (empty when they are equal)."""
+    problems = [f"missing: {k}" for k in sorted(expected.keys() - actual.keys())]
+    problems += [f"unexpected: {k}" for k in sorted(actual.keys() - expected.keys())]
+    problems += [f"shape of {k}: {actual[k]} instead of {expected[k]}"
+                 for k in sorted(expected.keys() & actual.keys()) if expected[k] != actual[k]]
+    return problems
+
+
+def merge_adapter(peft_model, expected: dict[str, tuple[int, ...]], safe_merge: bool = True) -> torch.nn.Module:
+    """`merge_and_unload` the adapter and check the result has exactly the `expected` names and shapes.
+
+    `expected` is `state_shapes(base)` taken before the adapter was applied. `safe_merge` checks the
+    merged weights for NaN/inf (needs real tensors: pass False on the meta device).
+    """
+    merged = peft_model.merge_and_unload(safe_merge=safe_merge)
+    problems = shape_differences(expected, state_shapes(merged))
+    if problems:
+        raise RuntimeError("the merged model's parameters differ from the base's:\n  " + "\n  ".join(problems[:20]))
+    return merged
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The adapter's adapter_config.json (an error naming the folder when it is missing)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--adapter {adapter_dir}: no adapter_config.json in it (is it a LoRA output folder?)")
+    return json.loads(path.read_text())
+
+
+def _fetch(source: str, name: str) -> str | None:
+    """Local path of file `name` of a directory or Hub repo (None when it has no such file)."""
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        return None
+
+
+def copy_processor(source: str, out_dir: Path) -> list[str]:
+    """Copies the processor files (tokenizer, preprocessor and processor configs) of `source`; returns their names."""
+    copied = []
+    for name in PROCESSOR_FILES:
+        path = _fetch(source, name)
+        if path is not None:
+            shutil.copy(path, out_dir / name)
+            copied.append(name)
+    if "preprocessor_config.json" not in copied or not {"tokenizer.json", "tokenizer.model"} & set(copied):
+        raise FileNotFoundError(f"{source}: no processor files (preprocessor_config.json and tokenizer.json)")
+    return copied
+
+
+def copy_remote_code(base: str, out_dir: Path) -> list[str]:
+    """Copies the base's `*.py` files (the Hub's remote code, named in its `auto_map`), when it has them."""
+    if Path(base).is_dir():
+        folder = Path(base)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(base, allow_patterns=["*.py"]))
+        except Exception:  # noqa: BLE001 - offline, no such repo...: the weights need no code
+            return []
+    copied = []
+    for path in sorted(folder.glob("*.py")):
+        shutil.copy(path, out_dir / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
+    """Merges `adapter` into `base` and writes the full checkpoint to `out`; returns `out`."""
+    from peft import PeftModel
+
+    from .modeling import Phi3VForCausalLM
+    from .processing import Phi3VProcessor
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    read_adapter_config(adapter)
+    out_dir = Path(out)
+    if out_dir.resolve() in (Path(adapter).resolve(), Path(base).resolve()):
+        raise ValueError(f"--out {out}: write the merged model to a new folder, not over the base or the adapter")
+    if out_dir.exists() and any(out_dir.glob("*.safetensors")):
+        raise FileExistsError(f"--out {out}: already holds safetensors files; choose an empty folder")
+
+    model = Phi3VForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
+    expected = state_shapes(model)
+    merged = merge_adapter(PeftModel.from_pretrained(model, adapter), expected)
+
+    processor_source = adapter if (Path(adapter) / "preprocessor_config.json").is_file() else base
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy_processor(processor_source, out_dir)
+    tokenizer = Phi3VProcessor.from_pretrained(out_dir).tokenizer  # also checks the copied processor loads
+    merged.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    copy_remote_code(base, out_dir)
+
+    problems = shape_differences(expected, checkpoint_shapes(out_dir))
+    if problems:
+        raise RuntimeError(f"{out_dir}: the written checkpoint differs from the base:\n  " + "\n  ".join(problems[:20]))
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m phi3v.merge_lora",
+        description="Merge a LoRA/QLoRA adapter into its base and write a full checkpoint in the Hub layout.",
+    )
+    parser.add_argument("--base", default=None,
+                        help="Hub id or local folder of the base model (default: base_model_name_or_path "
+                             "recorded in the adapter's adapter_config.json).")
+    parser.add_argument("--adapter", required=True,
+                        help="Folder with adapter_config.json and adapter_model.safetensors (a LoRA/QLoRA run's "
+                             "--output_dir or one of its checkpoint-N folders).")
+    parser.add_argument("--out", required=True, help="Folder to write the merged checkpoint to (new or empty).")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                        help="Precision of the base while merging and of the written weights (default bf16, the "
+                             "Hub checkpoint's; QLoRA adapters too are merged into this, not into 4-bit weights).")
+    parser.add_argument("--max_shard_size", default="5GB",
+                        help='Largest safetensors shard, e.g. "5GB" (default) or "500MB".')
+    args = parser.parse_args(argv)
+    try:
+        base = args.base or read_adapter_config(args.adapter).get("base_model_name_or_path")
+        if not base:
+            parser.error(f"--adapter {args.adapter}: its adapter_config.json names no base model; pass --base")
+        print(f"Merging {args.adapter} into {base} ({args.dtype}) ...", file=sys.stderr)
+        out = merge_lora(base, args.adapter, args.out, args.dtype, args.max_shard_size)
+    except (OSError, ValueError) as e:  # missing or bad files and folders, a base that cannot be found
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    from .generate import try_command
+
+    print(f"Wrote the merged model to {out}. Try it with:\n  {try_command(str(out), None, is_adapter=False)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
