@@ -36,7 +36,6 @@ __all__ = [
     "normalize_answer",
 ]
 
-STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 _IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 
 
@@ -163,27 +162,6 @@ def _row_id(row: Any, index: int) -> Any:
     except Exception:  # noqa: BLE001 - exotic row types: fall back to the index
         value = None
     return index if value is None else value
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
-def _stop_token_ids(tokenizer) -> list[int]:
-    ids = []
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for token in STOP_TOKENS:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != unk and token_id not in ids:
-            ids.append(token_id)
-    if not ids and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def _distributed() -> tuple[int, int]:

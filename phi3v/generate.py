@@ -30,10 +30,34 @@ from PIL import Image
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 from transformers.generation.utils import GenerationMixin
 
-from .evaluation import _model_device, _stop_token_ids, conversation_prompt, generation_prompt
+from .evaluation import conversation_prompt, generation_prompt
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_PROMPT = "Describe the image."
+STOP_TOKENS = ("<|end|>", "<|endoftext|>")  # chat answers end with <|end|>; <|endoftext|> ends a sample
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's inputs go (a peft wrapper or a device-mapped 4-bit model included)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids of <|end|> and <|endoftext|> in this tokenizer (its EOS if it has neither)."""
+    ids = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for token in STOP_TOKENS:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != unk and token_id not in ids:
+            ids.append(token_id)
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
 
 
 class ImageSafeRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
@@ -88,7 +112,7 @@ def generate_answers(
             `repetition_penalty` goes through `ImageSafeRepetitionPenalty`.
     """
     tokenizer = processor.tokenizer
-    stop_ids = _stop_token_ids(tokenizer)
+    stop_ids = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[-1]
     _check_expansion(model, images, generate_kwargs)
     penalty = generate_kwargs.pop("repetition_penalty", None)
@@ -103,7 +127,7 @@ def generate_answers(
     else:
         text, images_arg = list(prompts), [list(i) for i in images] if any(images) else None
     inputs = processor(text=text, images=images_arg, padding_side="left", return_tensors="pt", **processor_kwargs)
-    device = _model_device(model)
+    device = model_device(model)
     inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
                             use_cache=True, streamer=streamer, **generate_kwargs)

@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .collator import FormatExample, Phi3VDataCollator, count_tokens
+from .generate import stop_token_ids, try_command
 from .modeling import Phi3VForCausalLM
 from .processing import Phi3VProcessor
 
@@ -249,8 +250,7 @@ def load_model_and_processor(args: FinetuneArguments) -> tuple[torch.nn.Module, 
         if on_gpu:
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = Phi3VForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
-    stop_ids = processor.tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])
-    model.generation_config.eos_token_id = stop_ids
+    model.generation_config.eos_token_id = stop_token_ids(processor.tokenizer)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.model.vision_embed_tokens.img_processor.freeze_unused()
 
@@ -388,8 +388,6 @@ def save(trainer: Trainer, processor: Phi3VProcessor, args: FinetuneArguments) -
 
 def print_try_command(args: FinetuneArguments, example_image: str | None = None) -> None:
     """The run's last words: the command that tries the result (call after the evaluation after training)."""
-    from .generate import try_command
-
     if is_main_process():
         command = try_command(args.output_dir, args.model_name_or_path, args.use_lora, example_image)
         print(f"Try it with:\n  {command}")
