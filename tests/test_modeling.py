@@ -349,3 +349,22 @@ def test_generate_expands_each_prompts_images_with_it():
         expanded = model(input_ids=ids, **kwargs).logits[:, -1]
         single = model(**inputs).logits[:, -1]
     torch.testing.assert_close(expanded, single.repeat_interleave(3, dim=0), atol=1e-5, rtol=0)
+
+
+def test_generate_replaces_the_hubs_stale_eos_by_the_chat_stop_tokens():
+    """The Hub's generation_config.json says EOS = 2 (</s>), which chat answers never produce."""
+    model = Phi3VForCausalLM(tiny_config(vocab_size=32064, pad_token_id=32000)).eval()
+    model.generation_config.eos_token_id = 2
+    end = 32007  # <|end|>
+
+    def answer_end(module, inputs, logits):
+        forced = torch.full_like(logits, -1e4)
+        forced[..., end] = 0
+        return forced
+
+    hook = model.lm_head.register_forward_hook(answer_end)
+    try:
+        out = model.generate(input_ids=torch.tensor([[1, 5, 6]]), max_new_tokens=5, do_sample=False)
+    finally:
+        hook.remove()
+    assert out[0, 3:].tolist() == [end]
