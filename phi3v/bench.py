@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.modes:
                 configs.append((f"{mode} b1", mode, args.attn, batches(samples, 1, False), False, False))
                 configs.append((f"{mode} b{args.batch_size} padded+grouped", mode, args.attn, grouped, False, False))
-                configs.append((f"{mode} b{args.batch_size} packed", mode, args.attn, random_order, True, False))
+                packed_attn = "sdpa_packed" if args.attn == "sdpa" else args.attn  # as the recipes choose
+                configs.append((f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order, True, False))
             base_speed = {}
             for name, mode, attn, groups, packing, full_logits in configs:
                 torch.manual_seed(0)

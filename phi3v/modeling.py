@@ -19,7 +19,9 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import AttentionInterface, CLIPVisionConfig, CLIPVisionModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 from transformers.utils import logging
@@ -29,6 +31,31 @@ from .configuration import Phi3VConfig
 logger = logging.get_logger(__name__)
 
 CROP_SIZE = 336
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs):
+    """SDPA that runs each sample of a packed row on its own ("sdpa_packed").
+
+    A packed row (batch 1, position ids restarting at 0 per sample) through plain SDPA computes
+    attention over the whole row and masks the cross-sample part away; here each sample's causal
+    attention runs alone, so only the useful work is done. Anything else goes to plain SDPA.
+    """
+    starts = [] if position_ids is None or query.shape[0] != 1 else (position_ids[0] == 0).nonzero().flatten().tolist()
+    if len(starts) < 2 or query.shape[2] != key.shape[2] or starts[0] != 0:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    bounds = [*starts, query.shape[2]]
+    outputs = [
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                       dropout_p=dropout if module.training else 0.0, scale=scaling)
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("sdpa_packed", packed_sdpa_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_packed", sdpa_mask)
+
 
 class Phi3VVisionTower(nn.Module):
     """CLIP under `.vision_model`, the checkpoint's layout (transformers 5 dropped that level)."""

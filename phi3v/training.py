@@ -235,7 +235,8 @@ def load_model_and_processor(args: FinetuneArguments) -> tuple[torch.nn.Module, 
     on_gpu = torch.cuda.is_available()
     half = torch.bfloat16 if args.bf16 else (torch.float16 if on_gpu else torch.float32)
     kwargs: dict[str, Any] = {
-        "attn_implementation": "flash_attention_2" if args.use_flash_attention else "sdpa",
+        # Packed rows without flash-attn: SDPA per sample ("sdpa_packed", phi3v.modeling), not over the whole row.
+        "attn_implementation": "flash_attention_2" if args.use_flash_attention else "sdpa_packed" if args.packing else "sdpa",
         # Full fine-tuning keeps fp32 master weights (DeepSpeed/AMP run the half precision);
         # LoRA's frozen base can live in half precision.
         "dtype": half if args.use_lora else torch.float32,

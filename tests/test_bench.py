@@ -23,4 +23,5 @@ def test_bench_rows_count_flops_against_the_useful_work(tmp_path, capsys):
     assert rows["baseline (reference)"]["exec/useful"] > 1.05  # padded crops + full logits
     assert rows["baseline (reference)"]["logits MB"] > 10 * rows["full b1"]["logits MB"]
     assert rows["full b2 packed"]["padding"] == 0.0
+    assert rows["full b2 packed"]["exec/useful"] < 1.02  # per-sample attention: no cross-sample work
     assert "vs baseline" in rows["full b1"] and "baseline (reference)" in capsys.readouterr().out

@@ -281,7 +281,7 @@ def test_text_only_training_batch_still_gives_every_vision_weight_a_gradient():
         torch.testing.assert_close(model(input_ids=ids).logits, model.train()(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_packed"])
 def test_packed_samples_give_the_same_losses_and_gradients_as_separate_samples(attn):
     """Samples concatenated into one row (position ids restarting, no mask) stay independent."""
     torch.manual_seed(0)
