@@ -19,6 +19,7 @@ FILE:LINE and what is wrong.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import sys
@@ -345,6 +346,40 @@ def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: st
             + (f" (parquet splits found: {found})" if found else "")
         )
     return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
+
+
+def sizes_only(rows):
+    """`rows` as seen for counting tokens: a datasets.Dataset's images opened, not decoded.
+
+    datasets decodes every image it returns; token counts need only the sizes, which PIL reads
+    from the file header. Other sequences (lists of records) are returned as they are.
+    """
+    import datasets
+
+    return _HeaderOnlyRows(rows) if isinstance(rows, datasets.Dataset) else rows
+
+
+class _HeaderOnlyRows(Sequence):
+    """Rows of a datasets.Dataset read as Arrow, with every image struct opened lazily by PIL."""
+
+    def __init__(self, dataset):
+        self.arrow = dataset.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    def __getitem__(self, index: int) -> dict:
+        return _open_images(self.arrow[index].to_pylist()[0])
+
+
+def _open_images(value):
+    if isinstance(value, dict):
+        if value.keys() == {"bytes", "path"}:  # how datasets stores an image
+            return Image.open(io.BytesIO(value["bytes"]) if value["bytes"] is not None else value["path"])
+        return {key: _open_images(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_open_images(item) for item in value]
+    return value
 
 
 # ----------------------------------------------------------------------------- the validate command

@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .collator import FormatExample, Phi3VDataCollator, count_tokens
+from .data import sizes_only
 from .generate import stop_token_ids, try_command
 from .modeling import Phi3VForCausalLM
 from .processing import Phi3VProcessor
@@ -299,8 +300,9 @@ def filter_by_length(
     from tqdm.auto import tqdm
 
     kept, lengths = [], []
+    headers = sizes_only(rows)  # image sizes from file headers: no pixel decoding for a whole dataset
     for index in tqdm(range(len(rows)), desc="Counting tokens", disable=disable_tqdm or not is_main_process()):
-        conversation, images = format_example(rows[index])
+        conversation, images = format_example(headers[index])
         n = count_tokens(processor, conversation, [image.size for image in images], num_crops)
         if max_seq_length is None or n <= max_seq_length:
             kept.append(index)

@@ -527,3 +527,26 @@ def test_length_grouped_batches_have_little_padding(tiny_processor, tmp_path, si
 
     grouped, random_order = padding_fraction(True), padding_fraction(False)
     assert grouped < 0.05 < random_order
+
+
+def test_filter_by_length_reads_image_sizes_without_decoding_pixels(tiny_processor, tmp_path, monkeypatch):
+    """Counting tokens over a datasets.Dataset opens image headers only (documents are big PNGs)."""
+    import datasets
+
+    from phi3v.synthetic import make_shapes_dataset
+
+    rows = load_hf_dataset(str(make_shapes_dataset(tmp_path / "shapes", num_train=6, num_eval=0)))
+
+    def cauldron(row):
+        turns = [{"user": t["user"], "assistant": t["assistant"], "images": row["images"]} for t in row["texts"]]
+        return turns, row["images"]
+
+    expected = [count_tokens(tiny_processor, *cauldron(rows[i])[:1], [im.size for im in rows[i]["images"]], 4)
+                for i in range(len(rows))]
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(datasets.features.Image, "decode_example", no_decoding)
+    kept, lengths = training.filter_by_length(rows, cauldron, tiny_processor, 4, None, disable_tqdm=True)
+    assert kept == list(range(len(rows))) and lengths == expected
