@@ -11,7 +11,7 @@ Data: nielsr/docvqa_1200_examples (train 1000 / test 200; --dataset_name_or_path
 from dataclasses import dataclass, field
 
 from phi3v import training
-from phi3v.data import load_hf_dataset
+from phi3v.data import cauldron_example, load_hf_dataset
 
 MINI_DATASET, CAULDRON, METRIC = "nielsr/docvqa_1200_examples", "HuggingFaceM4/the_cauldron", "anls"
 
@@ -29,7 +29,7 @@ def load_data(args, task):
     mini = args.dataset_name_or_path or MINI_DATASET
     eval_rows = load_hf_dataset(mini, split="test")
     if task.full_train:
-        return load_hf_dataset(task.cauldron_name_or_path, "docvqa", split="train"), format_cauldron, eval_rows
+        return load_hf_dataset(task.cauldron_name_or_path, "docvqa", split="train"), cauldron_example, eval_rows
     return load_hf_dataset(mini, split="train"), format_example, eval_rows
 
 
@@ -38,13 +38,6 @@ def format_example(row):
     question = row["query"]["en"] + "\nAnswer briefly."
     turn = {"user": question, "assistant": row["answers"][0], "answers": row["answers"], "images": [row["image"]]}
     return [turn], [row["image"]]
-
-
-def format_cauldron(row):
-    """A the_cauldron docvqa row -> (conversation, images)."""
-    turns = [{"user": t["user"], "assistant": t["assistant"]} for t in row["texts"]]
-    turns[0]["images"] = row["images"]
-    return turns, row["images"]
 
 
 def main(argv=None):

@@ -9,7 +9,7 @@ The first 500 rows are held out for evaluation; the metric is exact-match accura
 """
 
 from phi3v import training
-from phi3v.data import load_hf_dataset
+from phi3v.data import cauldron_example, load_hf_dataset
 
 DATASET, CONFIG, NUM_EVAL, METRIC = "HuggingFaceM4/the_cauldron", "hateful_memes", 500, "accuracy"
 
@@ -22,9 +22,7 @@ def load_data(args):
 
 def format_example(row):
     """A the_cauldron row -> (conversation, images)."""
-    turns = [{"user": t["user"], "assistant": t["assistant"]} for t in row["texts"]]
-    turns[0]["images"] = row["images"]  # the images belong to the first question
-    return turns, row["images"]
+    return cauldron_example(row)
 
 
 def main(argv=None):

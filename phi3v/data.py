@@ -348,6 +348,16 @@ def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: st
     return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
 
 
+def cauldron_example(row: dict) -> tuple[list[dict], list]:
+    """A HuggingFaceM4/the_cauldron row (`images`, `texts` [{user, assistant}]) -> (conversation, images).
+
+    The row's images belong to its first question, as the_cauldron lays them out.
+    """
+    turns = [{"user": t["user"], "assistant": t["assistant"]} for t in row["texts"]]
+    turns[0]["images"] = row["images"]
+    return turns, row["images"]
+
+
 def sizes_only(rows):
     """`rows` as seen for counting tokens: a datasets.Dataset's images opened, not decoded.
 
