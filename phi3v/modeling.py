@@ -32,6 +32,7 @@ logger = logging.get_logger(__name__)
 
 CROP_SIZE = 336
 
+
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs):
     """SDPA that runs each sample of a packed row on its own ("sdpa_packed").
 
@@ -47,7 +48,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     bounds = [*starts, query.shape[2]]
     outputs = [
         F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                       dropout_p=dropout if module.training else 0.0, scale=scaling)
+                                       dropout_p=dropout, scale=scaling)
         for a, b in zip(bounds, bounds[1:])
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
