@@ -88,6 +88,7 @@ class Phi3VVisionTower(nn.Module):
             hidden = layer(hidden, None)
         return hidden
 
+
 class Phi3VImageEmbedding(nn.Module):
     """Turns HD crops into image tokens: CLIP patches, 2x2 merge, separators, MLP projection."""
 
@@ -178,6 +179,21 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             self.config._attn_implementation = attn_implementation  # the setter reaches the CLIP sub-config
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
 
+    def enable_input_require_grads(self) -> None:
+        """Make the token embeddings' output require grad (adapters with checkpointing), and nothing else.
+
+        transformers hooks the input embeddings of every sub-model, CLIP's patch embedding included:
+        the vision tower would then run its whole backward pass even when it is frozen (frozen-vision
+        and language-only LoRA runs). Trainable vision weights get their gradients without the hook.
+        """
+
+        def make_output_require_grad(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hooks = [self.get_input_embeddings().register_forward_hook(make_output_require_grad)]
+        self._require_grads_hook = self._require_grads_hooks[0]
+
+
 class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     """Phi3Model whose input embeddings carry the image features at the image positions."""
 
@@ -235,6 +251,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
         return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)
+
 
 class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     """Phi-3(.5)-vision for generation and fine-tuning.
@@ -349,5 +366,6 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         if "eos_token_id" not in kwargs and stale_eos and self.config.vocab_size == 32064:
             kwargs["eos_token_id"] = [32007, 32000]  # <|end|>, <|endoftext|>
         return super().generate(*args, **kwargs)
+
 
 __all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel", "Phi3VImageEmbedding"]

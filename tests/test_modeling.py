@@ -254,6 +254,29 @@ def test_forward_backward_with_gradient_checkpointing_gives_finite_gradients(dty
     assert frozen and all("post_layernorm" in n or ".layers.2." in n for n in frozen)
 
 
+@pytest.mark.parametrize("adapter", [False, True])
+def test_checkpointing_with_frozen_vision_runs_no_vision_backward(adapter):
+    """transformers' checkpointing hooks every sub-model's input embeddings; CLIP's must stay out."""
+    from peft import LoraConfig, get_peft_model
+
+    from phi3v.training import lora_target_modules
+
+    model = Phi3VForCausalLM(tiny_config()).train()
+    model.model.vision_embed_tokens.requires_grad_(False)
+    if adapter:  # language-only LoRA, as --use_lora --freeze_vision_model sets it up
+        model = get_peft_model(model, LoraConfig(target_modules=lora_target_modules(model, include_vision=False)))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    inner = model.get_base_model() if adapter else model
+    pixel_values, image_sizes = image_inputs([(1, 1)], max_crops=2)
+    ids = torch.tensor([prompt_ids([(1, 1)])])
+    assert not inner.model.vision_embed_tokens(pixel_values, image_sizes).requires_grad
+    assert inner.model.embed_tokens(ids.clamp(min=0)).requires_grad  # what adapters + checkpointing need
+    labels = ids.masked_fill(ids < 0, -100)
+    model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=labels).loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None for p in trainable)
+
+
 def test_answer_only_loss_equals_full_logits_cross_entropy(model):
     crops = [(1, 1)]
     ids = torch.tensor([prompt_ids(crops)])
