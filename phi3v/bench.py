@@ -1,15 +1,17 @@
 """Training-efficiency benchmark: how much of the compute goes to padding, padded crops and unused logits.
 
-    python -m phi3v.bench                      # CPU: small model, DocVQA-like, full + LoRA (a few minutes)
+    python -m phi3v.bench                      # CPU: small model, DocVQA-like, full + LoRA (1-2 minutes)
     python -m phi3v.bench --size full --device cuda --distribution all --modes full frozen lora qlora --steps 10
 
 Trains for a fixed number of steps on generated inputs (random weights, no download) and prints one
-row per configuration: samples/s, tokens/s (real tokens), peak GPU memory, padding fraction (padding
-tokens / all tokens in the batches), executed/useful FLOPs (torch.utils.flop_counter; useful = the
+row per configuration: samples/s, tokens/s (real tokens), peak memory of a training step (GPU: the
+allocator's peak; CPU: live tensor bytes, see PeakTensorMemory), padding fraction (padding tokens /
+all tokens in the batches), executed/useful FLOPs (torch.utils.flop_counter; useful = the
 same samples one by one: no padding, real crops only, logits only where labels are not -100), bytes
-of the logits the loss reads, and MFU on GPU. `--baseline` behaves like the reference recipe: batch
-1, eager attention, every crop slot through CLIP, full-sequence logits; its row is measured in the
-same run and every other row prints its speed-up over it.
+of the logits the loss reads, and MFU (on GPU, or anywhere with --peak_tflops). The baseline row
+behaves like the reference recipe: batch 1, eager attention, every crop slot through CLIP,
+full-sequence logits; it is measured in the same run (--no_baseline skips it) and every other row
+prints its speed-up over it.
 
 Length distributions (`--distribution`): docvqa (one document image, num_crops 16, about 2,400
 tokens), memes (one photo, num_crops 16), nlvr2 (two photos, num_crops 4).
@@ -26,6 +28,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -61,6 +66,56 @@ def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
 @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
 def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensors while the block runs, on any device (CPU has no allocator statistics).
+
+    Starts from the given tensors (weights, gradients, optimizer states) and adds every storage an
+    op creates, each once however many views share it, until it is freed. A GPU allocator adds its
+    rounding and cached blocks on top of this; `torch.cuda.max_memory_allocated` includes them.
+    """
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # storage -> (weak reference, bytes)
+        self.total = 0  # bytes of `live`, freed storages included until the next sweep
+        for tensor in tensors:
+            self._add(tensor)
+        self.peak = self._sweep()
+
+    def _add(self, tensor) -> None:
+        if not isinstance(tensor, torch.Tensor):
+            return
+        storage = tensor.untyped_storage()
+        ref = StorageWeakRef(storage)
+        known = self.live.get(ref.cdata)
+        if known is not None and not known[0].expired():
+            return
+        if known is not None:  # a freed storage's address taken by a new one
+            self.total -= known[1]
+        self.live[ref.cdata] = (ref, storage.nbytes())
+        self.total += storage.nbytes()
+
+    def _sweep(self) -> int:
+        for key in [key for key, (ref, _) in self.live.items() if ref.expired()]:
+            self.total -= self.live.pop(key)[1]
+        return self.total
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            self._add(tensor)
+        if self.total > self.peak:  # only an upper bound: count what is really still alive
+            self.peak = max(self.peak, self._sweep())
+        return out
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Weights, buffers, gradients and optimizer states: what a step holds before it starts."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    return tensors + [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
 
 @dataclass
@@ -140,7 +195,7 @@ def padding_fraction(groups: list[list[Sample]]) -> float:
 def collate(group: list[Sample], packing: bool, device: torch.device) -> dict:
     samples = [s.as_dict() for s in group]
     batch = pack_batch(samples) if packing else pad_batch(samples, pad_token_id=32000)
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def all_crops_embedding(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
@@ -190,7 +245,7 @@ def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device,
         targets = lora_target_modules(model, include_vision=True)
         model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, target_modules=targets, init_lora_weights="gaussian"))
     model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -230,7 +285,8 @@ def run_config(name, model, groups, packing, full_logits, steps, device, amp_dty
     if baseline_embedding is not None:
         baseline_embedding.forward = types.MethodType(all_crops_embedding, baseline_embedding)
 
-    step(groups[0])  # warm-up
+    with PeakTensorMemory(training_state(model, optimizer)) as memory:  # warm-up, optimizer states now exist
+        step(groups[0])
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -247,12 +303,12 @@ def run_config(name, model, groups, packing, full_logits, steps, device, amp_dty
         "config": name,
         "samples/s": samples / elapsed,
         "tokens/s": tokens / elapsed,
-        "peak GB": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan"),
+        "peak GB": (torch.cuda.max_memory_allocated() if device.type == "cuda" else memory.peak) / 1e9,
         "padding": 0.0 if packing else padding_fraction(timed),
         "exec/useful": executed / useful,
         "logits MB": logit_bytes / 1e6,
     }
-    if device.type == "cuda" and peak_tflops:
+    if peak_tflops:
         row["MFU"] = executed_per_sample * samples / elapsed / (peak_tflops * 1e12)
     return row
 
@@ -269,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no_baseline", action="store_true", help="Skip the reference-like baseline rows.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
     parser.add_argument("--attn", default="sdpa", help="Attention of the non-baseline rows (sdpa, flash_attention_2).")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak for MFU (default: by GPU name).")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak dense TFLOPS for MFU (default: by GPU name; none on CPU).")
     parser.add_argument("--json", help="Also write the rows to this JSON file.")
     args = parser.parse_args(argv)
 
@@ -322,7 +378,7 @@ def format_row(row: dict) -> str:
     extra = f"  MFU {row['MFU']:.1%}" if "MFU" in row else ""
     versus = f"  x{row['vs baseline']:.2f} vs baseline" if "vs baseline" in row else ""
     return (f"  {row['config']:<28} {row['samples/s']:7.2f} samples/s {row['tokens/s']:9.0f} tok/s  "
-            f"peak {row['peak GB']:5.1f} GB  padding {row['padding']:5.1%}  exec/useful {row['exec/useful']:.3f}  "
+            f"peak {row['peak GB']:6.2f} GB  padding {row['padding']:5.1%}  exec/useful {row['exec/useful']:.3f}  "
             f"logits {row['logits MB']:8.1f} MB{extra}{versus}")
 
 

@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from phi3v import bench
 
 
@@ -25,3 +28,35 @@ def test_bench_rows_count_flops_against_the_useful_work(tmp_path, capsys):
     assert rows["full b2 packed"]["padding"] == 0.0
     assert rows["full b2 packed"]["exec/useful"] < 1.02  # per-sample attention: no cross-sample work
     assert "vs baseline" in rows["full b1"] and "baseline (reference)" in capsys.readouterr().out
+    assert rows["baseline (reference)"]["peak GB"] > rows["full b1"]["peak GB"] > 0  # full logits held at once
+
+
+def test_peak_tensor_memory_counts_each_live_storage_once():
+    weights = torch.zeros(250_000)  # 1 MB, there before the block
+    with bench.PeakTensorMemory([weights, weights[10:]]) as memory:
+        assert memory.peak == 1_000_000
+        a = torch.ones(500_000)  # +2 MB
+        b = a * 2  # +2 MB: 5 MB live
+        view = b[1:]  # no new storage
+        del a, b, view
+        c = torch.ones(750_000)  # +3 MB after 4 MB were freed: 4 MB live
+        del c
+        total = weights.requires_grad_().exp().sum()  # exp's output: no name, kept alive by autograd
+        d = torch.ones(1_250_000)  # +5 MB: 7 MB live
+        del d
+        total.backward()  # gradients: 3 MB at most
+    assert memory.peak == pytest.approx(7_000_000, abs=64)
+
+
+@pytest.mark.parametrize("distribution", ["memes"])
+def test_bench_runs_every_training_mode_with_mfu(tmp_path, distribution):
+    """The modes the GPU table needs, QLoRA's 4-bit load included (bitsandbytes runs on CPU too)."""
+    out = tmp_path / "rows.json"
+    bench.main(["--size", "tiny", "--distribution", distribution, "--modes", "frozen", "lora", "qlora",
+                "--no_baseline", "--batch_size", "2", "--steps", "1", "--num_samples", "4",
+                "--peak_tflops", "1", "--json", str(out)])
+    rows = {row["config"]: row for row in json.loads(out.read_text())}
+    assert len(rows) == 9
+    for mode in ["frozen", "lora", "qlora"]:
+        assert rows[f"{mode} b1"]["exec/useful"] == 1.0
+        assert 0 < rows[f"{mode} b1"]["MFU"] < 1 and rows[f"{mode} b1"]["peak GB"] > 0
