@@ -5,6 +5,7 @@ A task script describes a sample with `format_example(row) -> (conversation, ima
 and `images` a list of PIL images referenced in order by the turns. Everything below is shared.
 """
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,15 +86,25 @@ def pad_batch(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **batch_images(samples)}
 
 
-def pack_batch(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def pack_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Concatenates encoded samples into one row of shape [1, total tokens], with no padding.
 
     Position ids restart at 0 for every sample and no attention mask is passed: transformers
     then keeps the samples apart (block-diagonal causal masks with SDPA/eager, variable-length
-    kernels with flash attention). Each sample starts with a prompt token (label -100), so no
-    sample learns to predict the next one.
+    kernels with flash attention). The sample boundaries go along as `cu_seq_lens_q/k` and
+    `max_length_q/k`, so flash attention and "sdpa_packed" read them instead of deriving them
+    from the position ids in every layer (a GPU-to-host sync per layer). Each sample starts
+    with a prompt token (label -100), so no sample learns to predict the next one.
     """
-    input_ids = torch.tensor([[t for s in samples for t in s["input_ids"]]])
-    labels = torch.tensor([[t for s in samples for t in s["labels"]]])
-    position_ids = torch.cat([torch.arange(len(s["input_ids"])) for s in samples]).unsqueeze(0)
-    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, **batch_images(samples)}
+    lengths = [len(s["input_ids"]) for s in samples]
+    cu_seq_lens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return {
+        "input_ids": torch.tensor([[t for s in samples for t in s["input_ids"]]]),
+        "position_ids": torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0),
+        "labels": torch.tensor([[t for s in samples for t in s["labels"]]]),
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+        **batch_images(samples),
+    }

@@ -33,19 +33,26 @@ logger = logging.get_logger(__name__)
 CROP_SIZE = 336
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None, **kwargs):
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
+                          cu_seq_lens_q=None, **kwargs):
     """SDPA that runs each sample of a packed row on its own ("sdpa_packed").
 
     A packed row (batch 1, position ids restarting at 0 per sample) through plain SDPA computes
     attention over the whole row and masks the cross-sample part away; here each sample's causal
-    attention runs alone, so only the useful work is done. Anything else goes to plain SDPA.
+    attention runs alone, so only the useful work is done. The boundaries come from
+    `cu_seq_lens_q` (phi3v.collator.pack_batch) or else from the position ids. Anything else goes
+    to plain SDPA.
     """
-    starts = [] if position_ids is None or query.shape[0] != 1 else (position_ids[0] == 0).nonzero().flatten().tolist()
-    if len(starts) < 2 or query.shape[2] != key.shape[2] or starts[0] != 0:
+    bounds = []
+    if query.shape[0] == 1 and query.shape[2] == key.shape[2]:  # one row, no cache
+        if cu_seq_lens_q is not None:
+            bounds = cu_seq_lens_q.tolist()
+        elif position_ids is not None:
+            bounds = [*(position_ids[0] == 0).nonzero().flatten().tolist(), query.shape[2]]
+    if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    bounds = [*starts, query.shape[2]]
     outputs = [
         F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
                                        dropout_p=dropout, scale=scaling)

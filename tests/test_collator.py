@@ -1,5 +1,7 @@
 """Training batches (collator, token counting, length filter) and the shared recipe helpers of phi3v.training."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -498,8 +500,10 @@ def test_packing_concatenates_samples_with_restarting_positions_and_no_padding(t
     assert torch.equal(packed["image_sizes"], padded["image_sizes"])
     starts = [sum(lengths[:i]) for i in range(3)]
     assert all(packed["labels"][0, s] == IGNORE_INDEX for s in starts)  # no sample learns to predict the next one
+    assert packed["cu_seq_lens_q"].tolist() == packed["cu_seq_lens_k"].tolist() == [0, *itertools.accumulate(lengths)]
+    assert packed["max_length_q"] == packed["max_length_k"] == max(lengths)
     assert pack_batch([Phi3VDataCollator(tiny_processor, _identity, 1).encode(rows[1])]).keys() == {
-        "input_ids", "position_ids", "labels"}
+        "input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
 
 
 def test_length_grouped_batches_have_little_padding(tiny_processor, tmp_path, single_process):
@@ -550,3 +554,4 @@ def test_filter_by_length_reads_image_sizes_without_decoding_pixels(tiny_process
     monkeypatch.setattr(datasets.features.Image, "decode_example", no_decoding)
     kept, lengths = training.filter_by_length(rows, cauldron, tiny_processor, 4, None, disable_tqdm=True)
     assert kept == list(range(len(rows))) and lengths == expected
+

@@ -304,9 +304,13 @@ def test_text_only_training_batch_still_gives_every_vision_weight_a_gradient():
         torch.testing.assert_close(model(input_ids=ids).logits, model.train()(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_packed"])
-def test_packed_samples_give_the_same_losses_and_gradients_as_separate_samples(attn):
-    """Samples concatenated into one row (position ids restarting, no mask) stay independent."""
+@pytest.mark.parametrize("attn, boundaries", [("sdpa", True), ("eager", True), ("sdpa_packed", True),
+                                              ("sdpa_packed", False)])
+def test_packed_samples_give_the_same_losses_and_gradients_as_separate_samples(attn, boundaries):
+    """Samples concatenated into one row (position ids restarting, no mask) stay independent.
+
+    `boundaries`: cu_seq_lens/max_length passed along as pack_batch does, or position ids alone.
+    """
     torch.manual_seed(0)
     model = Phi3VForCausalLM(tiny_config(attn_implementation=attn)).train()
     model.model.vision_embed_tokens.img_processor.freeze_unused()
@@ -323,11 +327,17 @@ def test_packed_samples_give_the_same_losses_and_gradients_as_separate_samples(a
     packed_ids = torch.cat([s[0] for s in samples], dim=1)
     packed_labels = torch.cat([s[1] for s in samples], dim=1)
     position_ids = torch.cat([torch.arange(s[0].shape[1]) for s in samples]).unsqueeze(0)
+    lengths = [s[0].shape[1] for s in samples]
+    cu_seq_lens = torch.tensor([0, lengths[0], sum(lengths[:2]), sum(lengths)], dtype=torch.int32)
+    packing = {"position_ids": position_ids}
+    if boundaries:
+        packing.update(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=max(lengths),
+                       max_length_k=max(lengths))
 
     # Per-sample losses from the packed logits equal each sample's own loss.
     with torch.no_grad():
-        logits = model(input_ids=packed_ids, position_ids=position_ids, pixel_values=pixel_values,
-                       image_sizes=image_sizes, use_cache=False).logits[0]
+        logits = model(input_ids=packed_ids, **packing, pixel_values=pixel_values, image_sizes=image_sizes,
+                       use_cache=False).logits[0]
         start = 0
         for ids, labels, pv, sizes in samples:
             n = ids.shape[1]
@@ -338,7 +348,7 @@ def test_packed_samples_give_the_same_losses_and_gradients_as_separate_samples(a
 
     # The gradients of the token-mean loss equal those of the same tokens run sample by sample.
     model.zero_grad()
-    model(input_ids=packed_ids, position_ids=position_ids, pixel_values=pixel_values, image_sizes=image_sizes,
+    model(input_ids=packed_ids, **packing, pixel_values=pixel_values, image_sizes=image_sizes,
           labels=packed_labels).loss.backward()
     packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
