@@ -24,9 +24,12 @@ class UCF101Arguments:
 
 
 def format_example(row, image_root: Path):
-    """A converted record -> (conversation, frames)."""
-    paths = [p for turn in row["conversations"] for p in turn.get("images", [])]
-    return row["conversations"], [Image.open(image_root / p).convert("RGB") for p in paths]
+    """A converted record -> (conversation, frames).
+
+    Frames are opened, not decoded: counting tokens at start reads only their sizes, and the
+    processor decodes (and converts to RGB) the ones it trains on.
+    """
+    return row["conversations"], [Image.open(image_root / path) for path in record_images(row)]
 
 
 def main(argv=None):

@@ -555,3 +555,40 @@ def test_filter_by_length_reads_image_sizes_without_decoding_pixels(tiny_process
     kept, lengths = training.filter_by_length(rows, cauldron, tiny_processor, 4, None, disable_tqdm=True)
     assert kept == list(range(len(rows))) and lengths == expected
 
+
+def test_filter_by_length_on_converted_data_reads_frame_headers_only(tiny_processor, tmp_path, monkeypatch):
+    """The ucf101 recipe opens frames lazily: counting tokens over thousands of 8-frame clips decodes nothing."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from PIL import ImageFile
+
+    from phi3v.data import load_jsonl_dataset
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.new("RGB", (320, 240), (80 * i, 0, 0)).save(tmp_path / "images" / f"f{i}.jpg")
+    records = [{"id": f"train-{i}", "conversations": [
+        {"images": [f"f{j}.jpg" for j in range(i + 1)], "user": "Which action?", "assistant": "Running."}]}
+        for i in range(3)]
+    (tmp_path / "ucf101_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    script = Path(__file__).resolve().parents[1] / "finetune_hf_trainer_ucf101.py"
+    spec = importlib.util.spec_from_file_location("finetune_hf_trainer_ucf101", script)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    rows = load_jsonl_dataset(tmp_path, "train")
+
+    def format_row(row):
+        return recipe.format_example(row, tmp_path / "images")
+
+    expected = [count_tokens(tiny_processor, r["conversations"], [(320, 240)] * (i + 1), 4) for i, r in enumerate(rows)]
+    batch = Phi3VDataCollator(tiny_processor, format_row, num_crops=4)(rows)  # the frames decode for training
+    assert batch["pixel_values"].shape[0] == 6 and batch["attention_mask"].sum(1).tolist() == expected
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    kept, lengths = training.filter_by_length(rows, format_row, tiny_processor, 4, None, disable_tqdm=True)
+    assert kept == [0, 1, 2] and lengths == expected
