@@ -363,6 +363,20 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             model_kwargs.update(pixel_values=pixel_values, image_sizes=image_sizes)
         return input_ids, model_kwargs
 
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_sizes=None, **kwargs):
+        """Images go in at prefill, and again when Phi-3 drops the cache at LongRoPE's switch.
+
+        Once a sequence grows past `original_max_position_embeddings` (4,096), Phi-3 recomputes it
+        whole with the long factors instead of reusing keys cached with the short ones; that pass
+        reads the image positions again, so it needs the pixels too.
+        """
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, pixel_values=pixel_values, image_sizes=image_sizes, **kwargs
+        )
+        if pixel_values is not None and "pixel_values" not in inputs and inputs.get("past_key_values") is None:
+            inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)
+        return inputs
+
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, stopping on `<|end|>` and `<|endoftext|>` by default.
 

@@ -220,6 +220,27 @@ def test_generate_with_and_without_cache_agree_and_images_only_in_prefill(model)
     assert torch.equal(cached, uncached)
 
 
+def test_generate_across_the_longrope_switch_gives_the_images_again():
+    """Past original_max_position_embeddings Phi-3 drops its cache and recomputes the whole sequence."""
+    crops = [(1, 1)]
+    ids = torch.tensor([prompt_ids(crops)])
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM(tiny_config(original_max_position_embeddings=ids.shape[1] + 2)).eval()
+    pixel_values, image_sizes = image_inputs(crops, max_crops=2)
+    vision_calls = []
+    hook = model.model.vision_embed_tokens.register_forward_hook(lambda *a: vision_calls.append(1))
+    common = dict(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=6, do_sample=False,
+                  eos_token_id=None)
+    try:
+        cached = model.generate(**common)
+        assert len(vision_calls) == 2  # prefill, then the recomputation at the switch
+        uncached = model.generate(**common, use_cache=False)
+    finally:
+        hook.remove()
+    assert cached.shape[1] == ids.shape[1] + 6
+    assert torch.equal(cached, uncached)
+
+
 def test_generate_stops_on_end_token(model):
     crops = [(1, 1)]
     ids = torch.tensor([prompt_ids(crops)])
