@@ -183,6 +183,41 @@ def _write_json_atomically(data: dict, path: Path) -> None:
         raise
 
 
+def prompt_length(processor, prompt: str, images: Sequence[Any], num_crops: int | None) -> int:
+    """Tokens of a generation prompt, image tokens included, from the image sizes alone."""
+    crops = num_crops or processor.image_processor.num_crops
+    counts = [processor.image_processor.num_image_tokens(*image.size, crops) for image in images]
+    return len(processor.encode_prompt(prompt, counts))
+
+
+def longrope_limit(model: torch.nn.Module) -> int | None:
+    """Length past which LongRoPE switches to its long factors (4,096 for Phi-3.5-vision), or None."""
+    rope = getattr(getattr(model, "config", None), "rope_parameters", None) or {}
+    return rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, limit: int | None, max_new_tokens: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive batches over prompts sorted by length, keeping LongRoPE exact.
+
+    LongRoPE picks its short or long factors from the longest sequence of the whole batch, so a
+    short prompt batched with one past `limit` would be answered differently than alone. Prompts
+    that stay within `limit` through the whole generation batch together, prompts already past it
+    batch together, and the few that cross it while generating run alone.
+    """
+
+    def regime(length: int) -> int:
+        return 0 if limit is None or length + max_new_tokens <= limit else 2 if length > limit else 1
+
+    batches: list[tuple[int, int]] = []
+    for index, length in enumerate(lengths):
+        start, end = batches[-1] if batches else (0, 0)
+        if batches and end - start < batch_size and regime(length) == regime(lengths[start]) != 1:
+            batches[-1] = (start, index + 1)
+        else:
+            batches.append((index, index + 1))
+    return batches
+
+
 def evaluate(
     model: torch.nn.Module,
     processor,
@@ -240,7 +275,7 @@ def evaluate(
     score_fn = METRICS[metric]
     rank, world_size = _distributed()
 
-    # This rank's share, formatted up front; sorted by (images, prompt length) so batches pad less.
+    # This rank's share, formatted up front; sorted by token count so batches pad less.
     shard = []
     for index in range(rank, len(rows), world_size):
         row = rows[index]
@@ -260,7 +295,9 @@ def evaluate(
                 "images": images,
             }
         )
-    shard.sort(key=lambda item: (len(item["images"]), len(item["prompt"]), item["index"]))
+        shard[-1]["length"] = prompt_length(processor, shard[-1]["prompt"], images, num_crops)
+    shard.sort(key=lambda item: (item["length"], item["index"]))
+    batches = length_batches([item["length"] for item in shard], batch_size, longrope_limit(model), max_new_tokens)
 
     records = []
     was_training = model.training
@@ -270,8 +307,8 @@ def evaluate(
     )
     try:
         with torch.no_grad():
-            for start in range(0, len(shard), batch_size):
-                batch = shard[start : start + batch_size]
+            for start, end in batches:
+                batch = shard[start:end]
                 predictions = generate_answers(
                     model,
                     processor,

@@ -18,8 +18,11 @@ from phi3v.evaluation import (
     evaluate,
     exact_match,
     generation_prompt,
+    length_batches,
     levenshtein,
+    longrope_limit,
     normalize_answer,
+    prompt_length,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,6 +279,41 @@ def test_evaluate_tiny_model_records_and_batching(processor, tmp_path):
     assert [e["prediction"] for e in single["examples"]] == [e["prediction"] for e in examples], (
         "left padding changed the greedy outputs"
     )
+
+
+def test_length_batches_never_mix_longrope_regimes():
+    lengths = [10, 20, 30, 40, 95, 99, 150, 160, 170]
+    # limit 100, 8 new tokens: up to 92 stays short, 93..100 crosses while generating, above starts long
+    assert length_batches(lengths, 3, 100, 8) == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 9)]
+    assert length_batches(lengths, 4, None, 8) == [(0, 4), (4, 8), (8, 9)]
+    assert length_batches([], 4, 100, 8) == []
+
+
+def test_evaluate_batches_give_single_prompt_answers_across_the_longrope_switch(processor):
+    """Prompts on both sides of LongRoPE's switch: batching must not move any of them to the other side."""
+    from phi3v import Phi3VForCausalLM
+    from phi3v.generate import generate_answers
+    from phi3v.tiny import tiny_config
+
+    rows = make_rows()
+    items = [format_example(row) for row in rows]
+    prompts = [conversation_prompt(conversation, len(images)) for conversation, images in items]
+    lengths = [prompt_length(processor, prompt, images, None) for prompt, (_, images) in zip(prompts, items)]
+    assert lengths == [19, 784, 1548, 776, 65, 1541]
+    torch.manual_seed(0)  # switch at 780: 19 and 65 stay short, 776 crosses it while generating, the rest start long
+    model = Phi3VForCausalLM(tiny_config(vocab_size=len(processor.tokenizer), original_max_position_embeddings=780))
+    model.eval()
+    with torch.no_grad():  # sharper attention than at init, so that the positions (and rope factors) matter
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight.mul_(20)
+    assert longrope_limit(model) == 780
+    alone = [generate_answers(model, processor, [prompt], [images], max_new_tokens=8)[0]
+             for prompt, (_, images) in zip(prompts, items)]
+    mixed = generate_answers(model, processor, prompts, [images for _, images in items], max_new_tokens=8)
+    assert mixed != alone, "one batch over the switch changes answers (what evaluate must avoid)"
+    batched = evaluate(model, processor, rows, format_example, "accuracy", batch_size=8, max_new_tokens=8,
+                       disable_tqdm=True)
+    assert [e["prediction"] for e in batched["examples"]] == alone
 
 
 def test_evaluate_bf16_model_restores_training_mode(processor):
