@@ -37,7 +37,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
 from .image_processing import hd_image_size, num_image_tokens
-from .modeling import Phi3VForCausalLM
+from .modeling import Phi3VForCausalLM, training_attention
 from .training import LENGTH_BUCKET, lora_target_modules
 
 # name: (images per sample, num_crops, (width range), (height range), prompt tokens, answer tokens)
@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_samples", type=int, default=400, help="Generated samples (padding statistics).")
     parser.add_argument("--no_baseline", action="store_true", help="Skip the reference-like baseline rows.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
-    parser.add_argument("--attn", default="sdpa", help="Attention of the non-baseline rows (sdpa, flash_attention_2).")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"],
+                        help="Attention of the non-baseline rows (packed rows without flash-attn: SDPA per sample).")
     parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak dense TFLOPS for MFU (default: by GPU name; none on CPU).")
     parser.add_argument("--json", help="Also write the rows to this JSON file.")
     args = parser.parse_args(argv)
@@ -348,10 +349,11 @@ def main(argv: list[str] | None = None) -> None:
             configs = []
             if not args.no_baseline:
                 configs.append(("baseline (reference)", "full", "eager", batches(samples, 1, False), False, True))
+            flash = args.attn == "flash_attention_2"
+            attn, packed_attn = training_attention(flash, packing=False), training_attention(flash, packing=True)
             for mode in args.modes:
-                configs.append((f"{mode} b1", mode, args.attn, batches(samples, 1, False), False, False))
-                configs.append((f"{mode} b{args.batch_size} padded+grouped", mode, args.attn, grouped, False, False))
-                packed_attn = "sdpa_packed" if args.attn == "sdpa" else args.attn  # as the recipes choose
+                configs.append((f"{mode} b1", mode, attn, batches(samples, 1, False), False, False))
+                configs.append((f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped, False, False))
                 configs.append((f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order, True, False))
             base_speed = {}
             for name, mode, attn, groups, packing, full_logits in configs:

@@ -33,22 +33,18 @@ logger = logging.get_logger(__name__)
 CROP_SIZE = 336
 
 
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
-                          cu_seq_lens_q=None, **kwargs):
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
+                          **kwargs):
     """SDPA that runs each sample of a packed row on its own ("sdpa_packed").
 
     A packed row (batch 1, position ids restarting at 0 per sample) through plain SDPA computes
     attention over the whole row and masks the cross-sample part away; here each sample's causal
     attention runs alone, so only the useful work is done. The boundaries come from
-    `cu_seq_lens_q` (phi3v.collator.pack_batch) or else from the position ids. Anything else goes
-    to plain SDPA.
+    `cu_seq_lens_q` (phi3v.collator.pack_batch). Anything else goes to plain SDPA, which keeps
+    packed rows given by position ids alone apart with a block-diagonal mask.
     """
-    bounds = []
-    if query.shape[0] == 1 and query.shape[2] == key.shape[2]:  # one row, no cache
-        if cu_seq_lens_q is not None:
-            bounds = cu_seq_lens_q.tolist()
-        elif position_ids is not None:
-            bounds = [*(position_ids[0] == 0).nonzero().flatten().tolist(), query.shape[2]]
+    one_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]  # and no cache
+    bounds = cu_seq_lens_q.tolist() if one_row and cu_seq_lens_q is not None else []
     if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
@@ -63,6 +59,22 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 
 AttentionInterface.register("sdpa_packed", packed_sdpa_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_packed", sdpa_mask)
+
+FLASH_ATTN_MISSING = ("flash_attention_2 was requested but flash-attn is not installed: using SDPA attention. "
+                      "Install flash-attn (GPU only) to use it.")
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def training_attention(flash_attention: bool, packing: bool) -> str:
+    """flash_attention_2 when asked for and installed; else SDPA, per sample on packed rows."""
+    if flash_attention and flash_attn_installed():
+        return "flash_attention_2"
+    if flash_attention:
+        logger.warning_once(FLASH_ATTN_MISSING)
+    return "sdpa_packed" if packing else "sdpa"
 
 
 class Phi3VVisionTower(nn.Module):
@@ -177,11 +189,8 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         # The Hub config.json asks for flash_attention_2; without flash-attn installed we run SDPA
         # instead of refusing to load.
-        if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            logger.warning_once(
-                "flash_attention_2 was requested but flash-attn is not installed: using SDPA attention. "
-                "Install flash-attn (GPU only) to use it."
-            )
+        if attn_implementation == "flash_attention_2" and not flash_attn_installed():
+            logger.warning_once(FLASH_ATTN_MISSING)
             attn_implementation = "sdpa"
             self.config._attn_implementation = attn_implementation  # the setter reaches the CLIP sub-config
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)

@@ -23,7 +23,7 @@ from transformers.utils import logging
 from .collator import FormatExample, Phi3VDataCollator, count_tokens
 from .data import sizes_only
 from .generate import stop_token_ids, try_command
-from .modeling import Phi3VForCausalLM
+from .modeling import Phi3VForCausalLM, training_attention
 from .processing import Phi3VProcessor
 
 logger = logging.get_logger(__name__)
@@ -236,8 +236,7 @@ def load_model_and_processor(args: FinetuneArguments) -> tuple[torch.nn.Module, 
     on_gpu = torch.cuda.is_available()
     half = torch.bfloat16 if args.bf16 else (torch.float16 if on_gpu else torch.float32)
     kwargs: dict[str, Any] = {
-        # Packed rows without flash-attn: SDPA per sample ("sdpa_packed", phi3v.modeling), not over the whole row.
-        "attn_implementation": "flash_attention_2" if args.use_flash_attention else "sdpa_packed" if args.packing else "sdpa",
+        "attn_implementation": training_attention(args.use_flash_attention, args.packing),
         # Full fine-tuning keeps fp32 master weights (DeepSpeed/AMP run the half precision);
         # LoRA's frozen base can live in half precision.
         "dtype": half if args.use_lora else torch.float32,

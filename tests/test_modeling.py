@@ -86,6 +86,18 @@ def test_requesting_flash_attention_without_flash_attn_falls_back_to_sdpa(caplog
     assert model.config.vision_config._attn_implementation == "sdpa"
 
 
+def test_training_attention_packs_per_sample_without_flash_attn(monkeypatch, caplog):
+    from phi3v import modeling
+
+    monkeypatch.setattr(modeling, "flash_attn_installed", lambda: True)
+    assert modeling.training_attention(True, packing=True) == "flash_attention_2"
+    assert modeling.training_attention(False, packing=True) == "sdpa_packed"
+    assert modeling.training_attention(False, packing=False) == "sdpa"
+    monkeypatch.setattr(modeling, "flash_attn_installed", lambda: False)
+    assert modeling.training_attention(True, packing=True) == "sdpa_packed"  # not SDPA over the whole packed row
+    assert modeling.training_attention(True, packing=False) == "sdpa"
+
+
 def test_save_load_round_trip_gives_identical_logits_and_files(model, tmp_path):
     model.save_pretrained(tmp_path / "a")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
