@@ -38,7 +38,7 @@ from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
 from .image_processing import hd_image_size, num_image_tokens
 from .modeling import Phi3VForCausalLM, training_attention
-from .training import LENGTH_BUCKET, lora_target_modules
+from .training import length_buckets, lora_target_modules
 
 # name: (images per sample, num_crops, (width range), (height range), prompt tokens, answer tokens)
 DISTRIBUTIONS = {
@@ -178,8 +178,7 @@ def batches(samples: list[Sample], batch_size: int, grouped: bool, seed: int = 0
     """Consecutive batches in random order, or length-grouped as the recipes do (64-token buckets)."""
     if grouped:
         torch.manual_seed(seed)
-        lengths = [-(-len(s.input_ids) // LENGTH_BUCKET) * LENGTH_BUCKET for s in samples]
-        order = list(LengthGroupedSampler(batch_size, lengths=lengths))
+        order = list(LengthGroupedSampler(batch_size, lengths=length_buckets([len(s.input_ids) for s in samples])))
     else:
         order = random.Random(seed).sample(range(len(samples)), len(samples))
     return [[samples[i] for i in order[j : j + batch_size]] for j in range(0, len(order) - batch_size + 1, batch_size)]

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .modeling import longrope_limit
+
 __all__ = [
     "METRICS",
     "anls",
@@ -188,12 +190,6 @@ def prompt_length(processor, prompt: str, images: Sequence[Any], num_crops: int 
     crops = num_crops or processor.image_processor.num_crops
     counts = [processor.image_processor.num_image_tokens(*image.size, crops) for image in images]
     return len(processor.encode_prompt(prompt, counts))
-
-
-def longrope_limit(model: torch.nn.Module) -> int | None:
-    """Length past which LongRoPE switches to its long factors (4,096 for Phi-3.5-vision), or None."""
-    rope = getattr(getattr(model, "config", None), "rope_parameters", None) or {}
-    return rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, limit: int | None, max_new_tokens: int) -> list[tuple[int, int]]:

@@ -60,6 +60,16 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 AttentionInterface.register("sdpa_packed", packed_sdpa_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_packed", sdpa_mask)
 
+def longrope_limit(model: nn.Module) -> int | None:
+    """Length past which LongRoPE switches to its long factors (4,096 for Phi-3.5-vision), or None.
+
+    transformers picks the factors for a whole batch from its longest sequence (padded or packed),
+    so batches that mix both sides give some sequences other factors than they get alone.
+    """
+    rope = getattr(getattr(model, "config", None), "rope_parameters", None) or {}
+    return rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+
+
 FLASH_ATTN_MISSING = ("flash_attention_2 was requested but flash-attn is not installed: using SDPA attention. "
                       "Install flash-attn (GPU only) to use it.")
 

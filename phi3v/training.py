@@ -23,7 +23,7 @@ from transformers.utils import logging
 from .collator import FormatExample, Phi3VDataCollator, count_tokens
 from .data import sizes_only
 from .generate import stop_token_ids, try_command
-from .modeling import Phi3VForCausalLM, training_attention
+from .modeling import Phi3VForCausalLM, longrope_limit, training_attention
 from .processing import Phi3VProcessor
 
 logger = logging.get_logger(__name__)
@@ -329,22 +329,71 @@ class RowsDataset(torch.utils.data.Dataset):
         return self.rows[self.indices[i]]
 
 
-class Phi3VTrainer(Trainer):
-    """Trainer whose length grouping uses the token counts measured at start (image tokens included).
+def length_buckets(lengths: list[int]) -> list[int]:
+    """Token counts rounded up to LENGTH_BUCKET, the lengths that length grouping sorts by.
 
-    transformers' own grouping would read `len(row["input_ids"])`, which our raw rows don't have.
+    Samples that differ by a few tokens stay in random order: exact lengths would sort by answer
+    length, i.e. often by the answer itself ("no" < "yes"), and fill whole batches with one class.
+    """
+    return [-(-n // LENGTH_BUCKET) * LENGTH_BUCKET for n in lengths]
+
+
+class LongRopeSidesSampler(torch.utils.data.Sampler):
+    """Batches that stay on one side of LongRoPE's switch, for data with samples on both sides.
+
+    LongRoPE gives a whole batch its long factors when its longest sample passes `limit` tokens
+    (padded or packed alike), so a shorter sample batched with it would train with other factors
+    than it gets at inference. Each side is ordered on its own (length-grouped or random) and cut
+    into batches of `batch_size` (per device, as the DataLoader cuts them); the batches are then
+    shuffled together, the one with the longest sample first so that running out of memory shows
+    at once. Only the last batch of an epoch can mix the two sides' leftovers.
+    """
+
+    def __init__(self, lengths: list[int], limit: int, batch_size: int, grouped: bool, group_size: int):
+        self.lengths, self.limit, self.batch_size, self.grouped, self.group_size = lengths, limit, batch_size, grouped, group_size
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _order(self, pool: list[int]) -> list[int]:
+        if not self.grouped:
+            return [pool[i] for i in torch.randperm(len(pool)).tolist()]
+        buckets = length_buckets([self.lengths[i] for i in pool])
+        return [pool[i] for i in LengthGroupedSampler(self.group_size, lengths=buckets)]
+
+    def __iter__(self):
+        batches, leftovers = [], []
+        for long in (False, True):
+            order = self._order([i for i, n in enumerate(self.lengths) if (n > self.limit) == long])
+            full = len(order) - len(order) % self.batch_size
+            batches += [order[k : k + self.batch_size] for k in range(0, full, self.batch_size)]
+            leftovers += order[full:]
+        batches = [batches[i] for i in torch.randperm(len(batches)).tolist()]
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: max(self.lengths[i] for i in batches[b]))
+            batches.insert(0, batches.pop(longest))
+        return iter([i for batch in batches for i in batch] + leftovers)
+
+
+class Phi3VTrainer(Trainer):
+    """Trainer whose sample order uses the token counts measured at start (image tokens included).
+
+    transformers' own grouping would read `len(row["input_ids"])`, which our raw rows don't have,
+    and knows nothing of LongRoPE's switch (see LongRopeSidesSampler).
     """
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         lengths = getattr(dataset, "lengths", None)
-        if self.args.train_sampling_strategy == "group_by_length" and lengths is not None:
-            # Lengths rounded up to LENGTH_BUCKET tokens: samples that differ by a few tokens stay in
-            # random order. Exact lengths would sort by answer length, i.e. often by the answer
-            # itself ("no" < "yes"), and fill whole batches with one class.
-            buckets = [-(-n // LENGTH_BUCKET) * LENGTH_BUCKET for n in lengths]
-            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return LengthGroupedSampler(batch, lengths=buckets)
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        grouped = self.args.train_sampling_strategy == "group_by_length"
+        group_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        limit = longrope_limit(self.model)
+        if limit is not None and min(lengths) <= limit < max(lengths):
+            return LongRopeSidesSampler(lengths, limit, self._train_batch_size, grouped, group_size)
+        if grouped:
+            return LengthGroupedSampler(group_size, lengths=length_buckets(lengths))
         return super()._get_train_sampler(train_dataset)
 
 

@@ -592,3 +592,34 @@ def test_filter_by_length_on_converted_data_reads_frame_headers_only(tiny_proces
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     kept, lengths = training.filter_by_length(rows, format_row, tiny_processor, 4, None, disable_tqdm=True)
     assert kept == [0, 1, 2] and lengths == expected
+
+
+@pytest.mark.parametrize("group_by_length, packing", [(True, False), (False, False), (False, True)])
+def test_training_batches_stay_on_one_side_of_the_longrope_switch(tiny_processor, tmp_path, single_process,
+                                                                   group_by_length, packing):
+    """A batch whose longest sample passes LongRoPE's switch gives all its samples the long factors."""
+    import random
+
+    from phi3v import Phi3VForCausalLM
+    from phi3v.tiny import tiny_config
+
+    rng = random.Random(0)
+    rows = [_sample(" ".join(["word"] * rng.randint(300, 1700)), "yes") for _ in range(103)]
+    kept, lengths = training.filter_by_length(rows, _identity, tiny_processor, 1, None, disable_tqdm=True)
+    limit = sorted(lengths)[40]  # 62 samples past the switch
+    argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
+            "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}", f"--packing={packing}"]
+    trainer = training.Phi3VTrainer(
+        model=Phi3VForCausalLM(tiny_config(original_max_position_embeddings=limit)),
+        args=training.parse_args(argv=argv).training_args,
+        train_dataset=training.RowsDataset(rows, kept, lengths),
+        data_collator=Phi3VDataCollator(tiny_processor, _identity, num_crops=1, packing=packing),
+    )
+    batches = []
+    for batch in trainer.get_train_dataloader():
+        sizes = batch["cu_seq_lens_q"].diff() if packing else batch["attention_mask"].sum(1)
+        batches.append(sizes.tolist())
+    assert sorted(n for sizes in batches for n in sizes) == sorted(lengths)  # every sample once
+    assert max(batches[0]) == max(lengths)  # the longest batch first
+    mixed = [sizes for sizes in batches if min(sizes) <= limit < max(sizes)]
+    assert mixed in ([], [batches[-1]])  # only the epoch's last batch may hold leftovers of both sides

@@ -20,7 +20,6 @@ from phi3v.evaluation import (
     generation_prompt,
     length_batches,
     levenshtein,
-    longrope_limit,
     normalize_answer,
     prompt_length,
 )
@@ -293,6 +292,7 @@ def test_evaluate_batches_give_single_prompt_answers_across_the_longrope_switch(
     """Prompts on both sides of LongRoPE's switch: batching must not move any of them to the other side."""
     from phi3v import Phi3VForCausalLM
     from phi3v.generate import generate_answers
+    from phi3v.modeling import longrope_limit
     from phi3v.tiny import tiny_config
 
     rows = make_rows()
