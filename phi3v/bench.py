@@ -360,12 +360,20 @@ def main(argv: list[str] | None = None) -> None:
             base_speed = {}
             for name, mode, attn, groups, packing, full_logits in configs:
                 torch.manual_seed(0)
-                model = build_model(config, mode, attn, device, amp_dtype if mode != "full" else torch.float32,
-                                    Path(workdir))
-                if full_logits:
-                    embedding = model.get_submodule("model.vision_embed_tokens")
-                    embedding.forward = types.MethodType(all_crops_embedding, embedding)
-                row = run_config(name, model, groups, packing, full_logits, args.steps, device, amp_dtype, peak)
+                try:
+                    model = build_model(config, mode, attn, device, amp_dtype if mode != "full" else torch.float32,
+                                        Path(workdir))
+                    if full_logits:
+                        embedding = model.get_submodule("model.vision_embed_tokens")
+                        embedding.forward = types.MethodType(all_crops_embedding, embedding)
+                    row = run_config(name, model, groups, packing, full_logits, args.steps, device, amp_dtype, peak)
+                except torch.OutOfMemoryError:  # a configuration too big for this GPU: report it, measure the rest
+                    model = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    rows.append({"config": name, "distribution": distribution, "error": "out of memory"})
+                    print(f"  {name:<28} out of memory on {device}", flush=True)
+                    continue
                 row["distribution"] = distribution
                 if full_logits:
                     base_speed[distribution] = row["samples/s"]

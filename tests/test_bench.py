@@ -60,3 +60,21 @@ def test_bench_runs_every_training_mode_with_mfu(tmp_path, distribution):
     for mode in ["frozen", "lora", "qlora"]:
         assert rows[f"{mode} b1"]["exec/useful"] == 1.0
         assert 0 < rows[f"{mode} b1"]["MFU"] < 1 and rows[f"{mode} b1"]["peak GB"] > 0
+
+
+def test_a_configuration_out_of_memory_is_reported_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    run_config = bench.run_config
+
+    def full_size_on_a_small_gpu(name, *args):
+        if "padded" in name:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return run_config(name, *args)
+
+    monkeypatch.setattr(bench, "run_config", full_size_on_a_small_gpu)
+    out = tmp_path / "rows.json"
+    bench.main(["--size", "tiny", "--distribution", "nlvr2", "--modes", "full", "--no_baseline", "--batch_size", "2",
+                "--steps", "1", "--num_samples", "4", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [row["config"] for row in rows] == ["full b1", "full b2 padded+grouped", "full b2 packed"]
+    assert rows[1] == {"config": "full b2 padded+grouped", "distribution": "nlvr2", "error": "out of memory"}
+    assert rows[0]["samples/s"] > 0 and rows[2]["samples/s"] > 0 and "out of memory on cpu" in capsys.readouterr().out
