@@ -185,14 +185,16 @@ def _write_json_atomically(data: dict, path: Path) -> None:
         raise
 
 
-def prompt_length(processor, prompt: str, images: Sequence[Any], num_crops: int | None) -> int:
-    """Tokens of a generation prompt, image tokens included, from the image sizes alone."""
+def prompt_length(processor, prompt: str, image_sizes: Sequence[tuple[int, int]], num_crops: int | None) -> int:
+    """Tokens of a generation prompt, image tokens included, from the images' (width, height) alone."""
     crops = num_crops or processor.image_processor.num_crops
-    counts = [processor.image_processor.num_image_tokens(*image.size, crops) for image in images]
+    counts = [processor.image_processor.num_image_tokens(width, height, crops) for width, height in image_sizes]
     return len(processor.encode_prompt(prompt, counts))
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, limit: int | None, max_new_tokens: int) -> list[tuple[int, int]]:
+def length_batches(
+    lengths: Sequence[int], batch_size: int, limit: int | None, max_new_tokens: int
+) -> list[tuple[int, int]]:
     """(start, end) of consecutive batches over prompts sorted by length, keeping LongRoPE exact.
 
     LongRoPE picks its short or long factors from the longest sequence of the whole batch, so a
@@ -291,7 +293,7 @@ def evaluate(
                 "images": images,
             }
         )
-        shard[-1]["length"] = prompt_length(processor, shard[-1]["prompt"], images, num_crops)
+        shard[-1]["length"] = prompt_length(processor, shard[-1]["prompt"], [image.size for image in images], num_crops)
     shard.sort(key=lambda item: (item["length"], item["index"]))
     batches = length_batches([item["length"] for item in shard], batch_size, longrope_limit(model), max_new_tokens)
 

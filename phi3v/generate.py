@@ -30,7 +30,8 @@ from PIL import Image
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 from transformers.generation.utils import GenerationMixin
 
-from .evaluation import conversation_prompt, generation_prompt
+from .evaluation import conversation_prompt, generation_prompt, length_batches, prompt_length
+from .modeling import longrope_limit
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_PROMPT = "Describe the image."
@@ -242,21 +243,25 @@ def answer_file(model, processor, input_file: str, output_file: str, images_dir:
                 progress: bool = True, **generate_kwargs: Any) -> list[dict]:
     """Answers the last turn of every record of `input_file`; writes them with "prediction" to `output_file`.
 
-    Prompts are batched by (number of images, length) to pad less; the output keeps the input order and is
-    written at the end, through a temporary file renamed into place.
+    Prompts are batched by token count to pad less, never across LongRoPE's switch (as `evaluate`
+    does); the output keeps the input order and is written at the end, through a temporary file
+    renamed into place.
     """
     from tqdm.auto import tqdm
 
-    from .data import record_images
+    from .data import image_size, record_images
 
     images_root = Path(images_dir) if images_dir is not None else Path(input_file).parent / "images"
     records = read_records(input_file, images_root)
     prompts = [conversation_prompt(r["conversations"], len(record_images(r))) for r in records]
-    order = sorted(range(len(records)), key=lambda i: (len(record_images(records[i])), len(prompts[i]), i))
+    sizes = [[image_size(images_root / path) for path in record_images(record)] for record in records]
+    lengths = [prompt_length(processor, prompt, image_sizes, num_crops) for prompt, image_sizes in zip(prompts, sizes)]
+    order = sorted(range(len(records)), key=lambda i: (lengths[i], i))
+    batches = length_batches([lengths[i] for i in order], batch_size, longrope_limit(model), max_new_tokens)
     predictions: list[str | None] = [None] * len(records)
     with tqdm(total=len(records), desc="generating", unit="prompt", disable=not progress, file=sys.stderr) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for start, end in batches:
+            batch = order[start:end]
             images = [[open_image(images_root / p, "--input") for p in record_images(records[i])] for i in batch]
             answers = generate_answers(model, processor, [prompts[i] for i in batch], images, num_crops=num_crops,
                                        max_new_tokens=max_new_tokens, **generate_kwargs)

@@ -298,7 +298,8 @@ def test_evaluate_batches_give_single_prompt_answers_across_the_longrope_switch(
     rows = make_rows()
     items = [format_example(row) for row in rows]
     prompts = [conversation_prompt(conversation, len(images)) for conversation, images in items]
-    lengths = [prompt_length(processor, prompt, images, None) for prompt, (_, images) in zip(prompts, items)]
+    lengths = [prompt_length(processor, prompt, [image.size for image in images], None)
+               for prompt, (_, images) in zip(prompts, items)]
     assert lengths == [19, 784, 1548, 776, 65, 1541]
     torch.manual_seed(0)  # switch at 780: 19 and 65 stay short, 776 crosses it while generating, the rest start long
     model = Phi3VForCausalLM(tiny_config(vocab_size=len(processor.tokenizer), original_max_position_embeddings=780))

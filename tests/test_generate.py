@@ -166,6 +166,39 @@ def test_jsonl_batches_keep_the_order(tiny, images, tmp_path, capsys):
     assert not (tmp_path / "q.jsonl").exists()
 
 
+def test_jsonl_batches_never_straddle_the_longrope_switch(tiny, images, tmp_path, monkeypatch):
+    from phi3v import generate
+    from phi3v.evaluation import conversation_prompt, prompt_length
+    from phi3v.tiny import tiny_config
+
+    (tmp_path / "images").mkdir()
+    for image in images:
+        (tmp_path / "images" / image.name).write_bytes(image.read_bytes())
+    records = [{"id": str(i), "conversations": [{"images": ["red.png"] * (i % 3), "user": "Colour? " * (5 * i)}]}
+               for i in range(12)]
+    write_jsonl(tmp_path / "test.jsonl", records)
+    processor = Phi3VProcessor.from_pretrained(tiny)
+    lengths = {}
+    for record in records:
+        prompt = conversation_prompt(record["conversations"], len(record["conversations"][0]["images"]))
+        sizes = [Image.open(tmp_path / "images" / name).size for name in record["conversations"][0]["images"]]
+        lengths[prompt] = prompt_length(processor, prompt, sizes, None)
+    limit = sorted(lengths.values())[5]
+    model = Phi3VForCausalLM(tiny_config(vocab_size=len(processor.tokenizer), original_max_position_embeddings=limit))
+    batches = []
+
+    def answers(model, processor, prompts, images, **kwargs):
+        batches.append([lengths[prompt] for prompt in prompts])
+        return ["x"] * len(prompts)
+
+    monkeypatch.setattr(generate, "generate_answers", answers)
+    generate.answer_file(model, processor, tmp_path / "test.jsonl", tmp_path / "out.jsonl", batch_size=4,
+                         max_new_tokens=4, progress=False)
+    assert sorted(n for batch in batches for n in batch) == sorted(lengths.values())
+    assert all(max(batch) <= limit - 4 or min(batch) > limit or len(batch) == 1 for batch in batches)
+    assert len(batches) > 3  # 12 prompts at 4 per batch, cut at the switch
+
+
 def test_repetition_penalty_skips_image_ids():
     scores = torch.tensor([[1.0, -2.0, 3.0, 4.0, 0.5]])
     with_images = torch.tensor([[1, -1, -1, -1, 2, 2, -2, 4]])
