@@ -230,7 +230,7 @@ def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device,
 
         path = workdir / "random-checkpoint"
         if not path.exists():
-            Phi3VForCausalLM(config).save_pretrained(path)
+            Phi3VForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # as on the Hub: 8 GB at full size
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=dtype)
         model = Phi3VForCausalLM.from_pretrained(path, quantization_config=quant, attn_implementation=attn,
