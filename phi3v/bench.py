@@ -373,12 +373,14 @@ def main(argv: list[str] | None = None) -> None:
                         embedding = model.get_submodule("model.vision_embed_tokens")
                         embedding.forward = types.MethodType(all_crops_embedding, embedding)
                     row = run_config(name, model, groups, packing, full_logits, args.steps, device, amp_dtype, peak)
-                except torch.OutOfMemoryError:  # a configuration too big for this GPU: report it, measure the rest
+                except (torch.OutOfMemoryError, ImportError) as error:  # report it, measure the rest
                     model = None
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                    rows.append({"config": name, "distribution": distribution, "error": "out of memory"})
-                    print(f"  {name:<28} out of memory on {device}", flush=True)
+                    reason = (f"out of memory on {device}" if isinstance(error, torch.OutOfMemoryError)
+                              else f"skipped: {str(error).splitlines()[0]}")  # e.g. QLoRA without bitsandbytes
+                    rows.append({"config": name, "distribution": distribution, "error": reason})
+                    print(f"  {name:<28} {reason}", flush=True)
                     continue
                 row["distribution"] = distribution
                 if full_logits:

@@ -76,5 +76,5 @@ def test_a_configuration_out_of_memory_is_reported_and_the_rest_still_run(tmp_pa
                 "--steps", "1", "--num_samples", "4", "--json", str(out)])
     rows = json.loads(out.read_text())
     assert [row["config"] for row in rows] == ["full b1", "full b2 padded+grouped", "full b2 packed"]
-    assert rows[1] == {"config": "full b2 padded+grouped", "distribution": "nlvr2", "error": "out of memory"}
+    assert rows[1] == {"config": "full b2 padded+grouped", "distribution": "nlvr2", "error": "out of memory on cpu"}
     assert rows[0]["samples/s"] > 0 and rows[2]["samples/s"] > 0 and "out of memory on cpu" in capsys.readouterr().out
