@@ -283,17 +283,18 @@ def evaluate(
         images = list(images)
         last = conversation[-1]
         answers = list(last.get("answers") or [last["assistant"]])
+        prompt = conversation_prompt(conversation, len(images))
         shard.append(
             {
                 "index": index,
                 "id": _row_id(row, index),
                 "question": last["user"],
                 "answers": answers,
-                "prompt": conversation_prompt(conversation, len(images)),
+                "prompt": prompt,
                 "images": images,
+                "length": prompt_length(processor, prompt, [image.size for image in images], num_crops),
             }
         )
-        shard[-1]["length"] = prompt_length(processor, shard[-1]["prompt"], [image.size for image in images], num_crops)
     shard.sort(key=lambda item: (item["length"], item["index"]))
     batches = length_batches([item["length"] for item in shard], batch_size, longrope_limit(model), max_new_tokens)
 

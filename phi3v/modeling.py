@@ -60,6 +60,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 AttentionInterface.register("sdpa_packed", packed_sdpa_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_packed", sdpa_mask)
 
+
 def longrope_limit(model: nn.Module) -> int | None:
     """Length past which LongRoPE switches to its long factors (4,096 for Phi-3.5-vision), or None.
 
