@@ -10,8 +10,8 @@ Data: nielsr/docvqa_1200_examples (train 1000 / test 200; --dataset_name_or_path
 
 from dataclasses import dataclass, field
 
-from phi3v import training
 from phi3v.data import cauldron_example, load_hf_dataset
+from phi3v.training import parse_args, run
 
 MINI_DATASET, CAULDRON, METRIC = "nielsr/docvqa_1200_examples", "HuggingFaceM4/the_cauldron", "anls"
 
@@ -24,12 +24,12 @@ class DocVQAArguments:
     )
 
 
-def load_data(args, task):
+def load_data(args):
     """(train rows, their format function, eval rows)."""
-    mini = args.dataset_name_or_path or MINI_DATASET
+    mini = args.data.dataset_name_or_path or MINI_DATASET
     eval_rows = load_hf_dataset(mini, split="test")
-    if task.full_train:
-        return load_hf_dataset(task.cauldron_name_or_path, "docvqa", split="train"), cauldron_example, eval_rows
+    if args.task.full_train:
+        return load_hf_dataset(args.task.cauldron_name_or_path, "docvqa", split="train"), cauldron_example, eval_rows
     return load_hf_dataset(mini, split="train"), format_example, eval_rows
 
 
@@ -41,16 +41,9 @@ def format_example(row):
 
 
 def main(argv=None):
-    args, task = training.parse_args(DocVQAArguments, argv=argv)
-    train_rows, format_train, eval_rows = load_data(args, task)
-    model, processor = training.load_model_and_processor(args)
-    if not args.skip_eval_before:
-        training.evaluate(model, processor, eval_rows, format_example, METRIC, args, "before")
-    trainer = training.train(model, processor, train_rows, format_train, args)
-    training.save(trainer, processor, args)
-    training.evaluate(trainer.model, processor, eval_rows, format_example, METRIC, args, "after")
-    training.print_try_command(args)
-    training.finish()
+    args = parse_args(DocVQAArguments, argv=argv)
+    train_rows, format_train, eval_rows = load_data(args)
+    run(args, train_rows, eval_rows, format_example, METRIC, format_train=format_train)
 
 
 if __name__ == "__main__":

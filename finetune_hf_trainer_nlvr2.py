@@ -7,15 +7,15 @@ Data: HuggingFaceM4/the_cauldron, config "nlvr2" (or a local copy: --dataset_nam
 The first 500 rows are held out for evaluation; the metric is exact-match accuracy.
 """
 
-from phi3v import training
 from phi3v.data import cauldron_example, load_hf_dataset
+from phi3v.training import parse_args, run
 
 DATASET, CONFIG, NUM_EVAL, METRIC = "HuggingFaceM4/the_cauldron", "nlvr2", 500, "accuracy"
 
 
 def load_data(args):
     """(train rows, eval rows)."""
-    rows = load_hf_dataset(args.dataset_name_or_path or DATASET, CONFIG, split="train")
+    rows = load_hf_dataset(args.data.dataset_name_or_path or DATASET, CONFIG, split="train")
     return rows.select(range(NUM_EVAL, len(rows))), rows.select(range(min(NUM_EVAL, len(rows))))
 
 
@@ -25,16 +25,9 @@ def format_example(row):
 
 
 def main(argv=None):
-    args = training.parse_args(argv=argv)
+    args = parse_args(argv=argv)
     train_rows, eval_rows = load_data(args)
-    model, processor = training.load_model_and_processor(args)
-    if not args.skip_eval_before:
-        training.evaluate(model, processor, eval_rows, format_example, METRIC, args, "before")
-    trainer = training.train(model, processor, train_rows, format_example, args)
-    training.save(trainer, processor, args)
-    training.evaluate(trainer.model, processor, eval_rows, format_example, METRIC, args, "after")
-    training.print_try_command(args)
-    training.finish()
+    run(args, train_rows, eval_rows, format_example, METRIC)
 
 
 if __name__ == "__main__":

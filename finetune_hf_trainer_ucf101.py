@@ -8,12 +8,14 @@ for your own image, multi-image or video data (see README). Metric: exact-match 
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
 
-from phi3v import training
 from phi3v.data import ValidationError, load_jsonl_dataset, record_images
+from phi3v.distributed import stop
+from phi3v.training import parse_args, run
 
 METRIC = "accuracy"
 
@@ -33,26 +35,16 @@ def format_example(row, image_root: Path):
 
 
 def main(argv=None):
-    args, task = training.parse_args(UCF101Arguments, argv=argv, num_crops=4)
+    args = parse_args(UCF101Arguments, argv=argv, num_crops=4)
+    data_dir = args.task.data_dir
     try:
-        train_rows = load_jsonl_dataset(task.data_dir, "train")
-        eval_rows = load_jsonl_dataset(task.data_dir, "test")
+        train_rows, eval_rows = load_jsonl_dataset(data_dir, "train"), load_jsonl_dataset(data_dir, "test")
     except ValidationError as e:
-        training.stop(f"{e}\nCheck the whole folder with: python -m phi3v.data validate {task.data_dir}")
-    image_root = Path(task.data_dir) / "images"
-
-    def format_row(row):
-        return format_example(row, image_root)
-
-    model, processor = training.load_model_and_processor(args)
-    if not args.skip_eval_before:
-        training.evaluate(model, processor, eval_rows, format_row, METRIC, args, "before")
-    trainer = training.train(model, processor, train_rows, format_row, args)
-    training.save(trainer, processor, args)
-    training.evaluate(trainer.model, processor, eval_rows, format_row, METRIC, args, "after")
+        stop(f"{e}\nCheck the whole folder with: python -m phi3v.data validate {data_dir}")
+    image_root = Path(data_dir) / "images"
     example = next((path for row in eval_rows for path in record_images(row)), None)
-    training.print_try_command(args, str(image_root / example) if example else None)
-    training.finish()
+    run(args, train_rows, eval_rows, partial(format_example, image_root=image_root), METRIC,
+        example_image=str(image_root / example) if example else None)
 
 
 if __name__ == "__main__":

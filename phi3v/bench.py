@@ -34,11 +34,17 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from .attention import training_attention
 from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
-from .image_processing import hd_image_size, num_image_tokens
-from .modeling import Phi3VForCausalLM, training_attention
-from .training import length_buckets, lora_target_modules
+from .image_processing import CROP_SIZE, hd_image_size, num_image_tokens
+from .modeling import Phi3VForCausalLM
+from .training.arguments import LoraArguments, ModelArguments
+from .training.modes import quantization_config, setup_mode
+from .training.trainer import length_buckets
+
+# The Hub's config.json of Phi-3.5-vision-instruct, shipped for the full-size rows (no download).
+FULL_CONFIG = Path(__file__).resolve().parent / "configs" / "phi-3.5-vision-instruct.json"
 
 # name: (images per sample, num_crops, (width range), (height range), prompt tokens, answer tokens)
 DISTRIBUTIONS = {
@@ -129,10 +135,10 @@ class Sample:
     def as_dict(self) -> dict:
         """The collator's input; pixels are drawn here, so hundreds of samples don't hold GBs of crops."""
         generator = torch.Generator().manual_seed(self.seed)
-        pixels = torch.zeros(len(self.image_sizes), self.num_crops + 1, 3, 336, 336)
+        pixels = torch.zeros(len(self.image_sizes), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
         for i, (h, w) in enumerate(self.image_sizes.tolist()):
-            real = 1 + (h // 336) * (w // 336)
-            pixels[i, :real] = torch.randn(real, 3, 336, 336, generator=generator)
+            real = 1 + (h // CROP_SIZE) * (w // CROP_SIZE)
+            pixels[i, :real] = torch.randn(real, 3, CROP_SIZE, CROP_SIZE, generator=generator)
         return {"input_ids": self.input_ids, "labels": self.labels, "pixel_values": pixels,
                 "image_sizes": self.image_sizes}
 
@@ -143,8 +149,7 @@ def make_config(size: str) -> Phi3VConfig:
 
         return tiny_config(vocab_size=32064, pad_token_id=32000)
     if size == "full":
-        hub = Path(__file__).resolve().parents[2] / "shared" / "reference" / "phi35v_hub_files" / "config.json"
-        return Phi3VConfig(**json.loads(hub.read_text())) if hub.exists() else Phi3VConfig()
+        return Phi3VConfig(**json.loads(FULL_CONFIG.read_text()))
     settings = dict(SIZES[size])
     vision = settings.pop("vision")
     head_dim = settings["hidden_size"] // settings["num_attention_heads"]
@@ -226,26 +231,17 @@ def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device,
     """A random model set up as the recipes set up each mode."""
     config._attn_implementation = attn
     if mode == "qlora":
-        from transformers import BitsAndBytesConfig
-
         path = workdir / "random-checkpoint"
         if not path.exists():
             Phi3VForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # as on the Hub: 8 GB at full size
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
-        model = Phi3VForCausalLM.from_pretrained(path, quantization_config=quant, attn_implementation=attn,
-                                                 dtype=dtype, device_map={"": device})
+        model = Phi3VForCausalLM.from_pretrained(path, quantization_config=quantization_config(dtype),
+                                                 attn_implementation=attn, dtype=dtype, device_map={"": device})
     else:
         with torch.device(device):
-            model = Phi3VForCausalLM(config).to(dtype if mode in ("lora",) else torch.float32)
-    model.model.vision_embed_tokens.img_processor.freeze_unused()
-    if mode == "frozen":
-        model.model.vision_embed_tokens.requires_grad_(False)
-    if mode in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model
-
-        targets = lora_target_modules(model, include_vision=True)
-        model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, target_modules=targets, init_lora_weights="gaussian"))
+            model = Phi3VForCausalLM(config).to(dtype if mode == "lora" else torch.float32)
+    # The recipes' own set-up, with their default LoRA settings.
+    lora = LoraArguments(use_lora=mode in ("lora", "qlora"), use_qlora=mode == "qlora")
+    model = setup_mode(model, ModelArguments(freeze_vision_model=mode == "frozen"), lora)
     model.train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -1,31 +1,14 @@
-"""Training batches: conversations + images -> padded input_ids, labels and pixel values.
-
-A task script describes a sample with `format_example(row) -> (conversation, images)`, where
-`conversation` is a list of turns `{"user": str, "assistant": str}` (the converted-data format)
-and `images` a list of PIL images referenced in order by the turns. Everything below is shared.
-"""
+"""Training batches: rows -> (via the recipe's `format_example`, see `phi3v.chat`) padded or packed
+input_ids, labels and pixel values."""
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
+from .chat import FormatExample
 from .processing import Phi3VProcessor
-
-FormatExample = Callable[[Any], tuple[list[dict], list[Image.Image]]]
-
-
-def count_tokens(processor: Phi3VProcessor, conversation: list[dict], image_sizes: Sequence[tuple[int, int]], num_crops: int) -> int:
-    """Tokens of one training sample (prompt, image tokens and answer) from image sizes alone.
-
-    `image_sizes` are (width, height) pairs; no pixel work is done, so this is cheap enough to
-    run over a whole dataset before training.
-    """
-    image_tokens = [processor.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
-    input_ids, _ = processor.encode_conversation(conversation, image_tokens)
-    return len(input_ids)
 
 
 class Phi3VDataCollator:

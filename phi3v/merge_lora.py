@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .generation import DTYPES, processor_source, try_command, use_chat_stop_tokens
+
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
@@ -146,12 +147,9 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
     expected = state_shapes(model)
     merged = merge_adapter(PeftModel.from_pretrained(model, adapter), expected)
 
-    processor_source = adapter if (Path(adapter) / "preprocessor_config.json").is_file() else base
     out_dir.mkdir(parents=True, exist_ok=True)
-    copy_processor(processor_source, out_dir)
-    tokenizer = Phi3VProcessor.from_pretrained(out_dir).tokenizer  # also checks the copied processor loads
-    merged.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    copy_processor(processor_source(base, adapter), out_dir)
+    use_chat_stop_tokens(merged, Phi3VProcessor.from_pretrained(out_dir))  # also checks the copied processor loads
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
     copy_remote_code(base, out_dir)
 
@@ -188,8 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # missing or bad files and folders, a base that cannot be found
         print(f"error: {e}", file=sys.stderr)
         return 1
-    from .generate import try_command
-
     print(f"Wrote the merged model to {out}. Try it with:\n  {try_command(str(out), None, is_adapter=False)}")
     return 0
 

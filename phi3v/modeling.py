@@ -14,51 +14,18 @@ as runs of negative ids in `input_ids` (the processor writes -k for image k); th
 those positions is replaced, in row-major (batch, position) order, by the image features.
 """
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, CLIPVisionConfig, CLIPVisionModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 from transformers.utils import logging
 
+from .attention import FLASH_ATTN_MISSING, flash_attn_installed
 from .configuration import Phi3VConfig
 
 logger = logging.get_logger(__name__)
-
-CROP_SIZE = 336
-
-
-def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
-                          **kwargs):
-    """SDPA that runs each sample of a packed row on its own ("sdpa_packed").
-
-    A packed row (batch 1, position ids restarting at 0 per sample) through plain SDPA computes
-    attention over the whole row and masks the cross-sample part away; here each sample's causal
-    attention runs alone, so only the useful work is done. The boundaries come from
-    `cu_seq_lens_q` (phi3v.collator.pack_batch). Anything else goes to plain SDPA, which keeps
-    packed rows given by position ids alone apart with a block-diagonal mask.
-    """
-    one_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]  # and no cache
-    bounds = cu_seq_lens_q.tolist() if one_row and cu_seq_lens_q is not None else []
-    if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != query.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    outputs = [
-        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                       dropout_p=dropout, scale=scaling)
-        for a, b in zip(bounds, bounds[1:])
-    ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register("sdpa_packed", packed_sdpa_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_packed", sdpa_mask)
 
 
 def longrope_limit(model: nn.Module) -> int | None:
@@ -69,23 +36,6 @@ def longrope_limit(model: nn.Module) -> int | None:
     """
     rope = getattr(getattr(model, "config", None), "rope_parameters", None) or {}
     return rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
-
-
-FLASH_ATTN_MISSING = ("flash_attention_2 was requested but flash-attn is not installed: using SDPA attention. "
-                      "Install flash-attn (GPU only) to use it.")
-
-
-def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def training_attention(flash_attention: bool, packing: bool) -> str:
-    """flash_attention_2 when asked for and installed; else SDPA, per sample on packed rows."""
-    if flash_attention and flash_attn_installed():
-        return "flash_attention_2"
-    if flash_attention:
-        logger.warning_once(FLASH_ATTN_MISSING)
-    return "sdpa_packed" if packing else "sdpa"
 
 
 class Phi3VVisionTower(nn.Module):
@@ -126,6 +76,7 @@ class Phi3VImageEmbedding(nn.Module):
         super().__init__()
         vision_dim = config.vision_config.hidden_size
         self.img_processor = Phi3VVisionTower(config.vision_config, config.feature_layer)
+        self.crop_size = config.vision_config.image_size  # CLIP's input: the side of an HD crop
         # Separators: `sub_GN` ends every row of the token grid, `glb_GN` sits between the
         # sub-crop grid and the global view.
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, 4 * vision_dim))
@@ -163,10 +114,9 @@ class Phi3VImageEmbedding(nn.Module):
         dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
         return self.image_tokens(self.img_processor(real_crops.to(dtype)), crops_hw)
 
-    @staticmethod
-    def crop_grids(image_sizes: torch.Tensor) -> list[tuple[int, int]]:
-        """(rows, columns) of 336-px sub-crops of each image."""
-        return [(int(h) // CROP_SIZE, int(w) // CROP_SIZE) for h, w in image_sizes.tolist()]
+    def crop_grids(self, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
+        """(rows, columns) of the sub-crops of each image."""
+        return [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
 
     def image_tokens(self, crop_features: torch.Tensor, crops_hw: list[tuple[int, int]]) -> torch.Tensor:
         """CLIP features of the real crops (CLS first), image after image -> projected image tokens."""
@@ -263,8 +213,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         embedding = self.vision_embed_tokens
         if not (self.training and torch.is_grad_enabled() and any(p.requires_grad for p in embedding.parameters())):
             return 0.0
-        blank = torch.zeros(1, 2, 3, CROP_SIZE, CROP_SIZE, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-        sizes = torch.tensor([[CROP_SIZE, CROP_SIZE]], device=inputs_embeds.device)
+        crop = embedding.crop_size
+        blank = torch.zeros(1, 2, 3, crop, crop, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        sizes = torch.tensor([[crop, crop]], device=inputs_embeds.device)
         return 0.0 * embedding(blank, sizes).sum().to(inputs_embeds.dtype)
 
     def forward(
@@ -396,17 +347,6 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         if pixel_values is not None and "pixel_values" not in inputs and inputs.get("past_key_values") is None:
             inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)
         return inputs
-
-    def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, stopping on `<|end|>` and `<|endoftext|>` by default.
-
-        The Hub's generation_config.json still names `</s>` (2) as EOS, which chat answers never
-        produce; for the real vocabulary we replace that stale value.
-        """
-        stale_eos = self.generation_config.eos_token_id in (2, [2])
-        if "eos_token_id" not in kwargs and stale_eos and self.config.vocab_size == 32064:
-            kwargs["eos_token_id"] = [32007, 32000]  # <|end|>, <|endoftext|>
-        return super().generate(*args, **kwargs)
 
 
 __all__ = ["Phi3VForCausalLM", "Phi3VModel", "Phi3VPreTrainedModel", "Phi3VImageEmbedding"]

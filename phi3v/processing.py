@@ -9,7 +9,6 @@ stood for by `num_img_tokens` copies of -N. On top of the original this processo
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,10 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from .chat import (IMAGE_TAG, answer_turn, image_tag_problem, images_per_turn, stop_token_ids, user_turn,
+                   with_image_tags)
 from .image_processing import Phi3VImageProcessor
 
-IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 IGNORE_INDEX = -100
 
 
@@ -32,10 +32,6 @@ def _image_list(images: Any) -> list:
     if isinstance(images, (list, tuple)):
         return list(images)
     return [images]
-
-
-def _tags(numbers: Sequence[int]) -> str:
-    return ", ".join(f"<|image_{n}|>" for n in numbers) or "none"
 
 
 class Phi3VProcessor(ProcessorMixin):
@@ -95,22 +91,9 @@ class Phi3VProcessor(ProcessorMixin):
 
     def _split_at_tags(self, text: str, num_images: int, first_image: int = 1, where: str = "prompt") -> list[str]:
         """Text pieces between the image tags, after checking the tags are first_image, first_image+1, ..."""
-        numbers = [int(n) for n in IMAGE_TAG.findall(text)]
-        expected = list(range(first_image, first_image + num_images))
-        if numbers != expected:
-            repeated = sorted({n for n in numbers if numbers.count(n) > 1})
-            if repeated:
-                problem = f"tag {_tags(repeated)} appears more than once (use one tag per image)"
-            elif len(numbers) != num_images:
-                problem = f"it has {len(numbers)} image tag(s) ({_tags(numbers)}) but {num_images} image(s) were given"
-            else:
-                problem = f"its tags are {_tags(numbers)}"
-            wanted = (
-                f"the tags {_tags(expected)}, each once and in this order (the model fills image positions in order)"
-                if expected
-                else "no image tags"
-            )
-            raise ValueError(f"{where}: {problem}. Expected {wanted}. Text: {text[:200]!r}")
+        problem = image_tag_problem(text, num_images, first_image)
+        if problem:
+            raise ValueError(f"{where}: {problem}. Text: {text[:200]!r}")
         return IMAGE_TAG.split(text)[::2]
 
     def _join(self, piece_ids: list[list[int]], num_image_tokens: Sequence[int], first_image: int) -> list[int]:
@@ -134,26 +117,35 @@ class Phi3VProcessor(ProcessorMixin):
         pieces = self._split_at_tags(text, len(num_image_tokens))
         return self._encode([pieces], [num_image_tokens])[0]
 
+    def num_prompt_tokens(self, prompt: str, image_sizes: Sequence[tuple[int, int]], num_crops: int | None = None) -> int:
+        """Tokens of a prompt, image tokens included, from its images' (width, height) alone."""
+        counts = [self.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
+        return len(self.encode_prompt(prompt, counts))
+
+    def num_conversation_tokens(
+        self, turns: Sequence[dict[str, Any]], image_sizes: Sequence[tuple[int, int]], num_crops: int | None = None
+    ) -> int:
+        """Tokens of a training sample (prompts, image tokens and answers) from its images' (width, height)
+        alone: no pixel work, cheap enough to run over a whole dataset before training."""
+        counts = [self.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
+        return len(self.encode_conversation(turns, counts)[0])
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Where a chat answer ends: the ids of <|end|> and <|endoftext|>."""
+        return stop_token_ids(self.tokenizer)
+
     def encode_conversation(
         self, turns: Sequence[dict[str, Any]], num_image_tokens: Sequence[int]
     ) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of a training conversation.
 
-        `turns` are `{"user": str, "assistant": str, "images": [...]}` (images optional). Images are numbered
-        1..n across all turns and `num_image_tokens` has one count per image, in order. A user text without
-        tags gets tags for its turn's images prepended, each followed by "\\n"; a text with tags must name
-        exactly its turn's images. Each turn is `<|user|>\\n{user}<|end|>\\n<|assistant|>\\n` (encoded as a
-        prompt, labels -100; only the first turn starts with BOS) followed by `{assistant}<|end|>\\n` (tokenised without special tokens, labels =
-        ids); the last answer also ends with `<|endoftext|>`, as in the reference recipe.
+        `turns` is a conversation as `phi3v.chat` describes it; `num_image_tokens` has one count per image,
+        in order. Each turn is its `chat.user_turn` (encoded as a prompt, labels -100; only the first turn
+        starts with BOS) followed by its `chat.answer_turn` (tokenised without special tokens, labels = ids);
+        the last answer also ends with `<|endoftext|>`, as in the reference recipe.
         """
-        counts_per_turn = [len(_image_list(turn.get("images"))) for turn in turns]
-        if not turns:
-            raise ValueError("encode_conversation needs at least one turn")
-        if sum(counts_per_turn) != len(num_image_tokens):
-            raise ValueError(
-                f"the turns have {sum(counts_per_turn)} image(s) in all but num_image_tokens has "
-                f"{len(num_image_tokens)} count(s): give one count per image, in order"
-            )
+        counts_per_turn = images_per_turn(turns, len(num_image_tokens))
         end_of_text = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
         if end_of_text is None or end_of_text == self.tokenizer.unk_token_id:
             raise ValueError("the tokenizer has no <|endoftext|> token; use the Phi-3-V tokenizer")
@@ -164,17 +156,14 @@ class Phi3VProcessor(ProcessorMixin):
         for index, (turn, count) in enumerate(zip(turns, counts_per_turn)):
             if "user" not in turn or "assistant" not in turn:
                 raise ValueError(f"turn {index} needs 'user' and 'assistant' keys, got {sorted(turn)}")
-            user = turn["user"]
-            if count and not IMAGE_TAG.search(user):
-                user = "".join(f"<|image_{first_image + k}|>\n" for k in range(count)) + user
-            prompt = f"<|user|>\n{user}<|end|>\n<|assistant|>\n"
+            prompt = user_turn(with_image_tags(turn["user"], first_image, count))
             pieces = self._split_at_tags(prompt, count, first_image, where=f"turn {index}")
             counts = num_image_tokens[first_image - 1 : first_image - 1 + count]
             prompt_ids = self._encode([pieces], [counts], first_image)[0]
             if index > 0 and prompt_ids[:1] == [self.tokenizer.bos_token_id]:
                 # A follow-up turn continues the same text at inference (one BOS at the start), so no BOS here.
                 prompt_ids = prompt_ids[1:]
-            answer_ids = self.tokenizer(f"{turn['assistant']}<|end|>\n", add_special_tokens=False)["input_ids"]
+            answer_ids = self.tokenizer(answer_turn(turn["assistant"]), add_special_tokens=False)["input_ids"]
             if index == len(turns) - 1:
                 answer_ids = answer_ids + [end_of_text]
             input_ids += prompt_ids + answer_ids

@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import PreTrainedTokenizerFast
 
 from .configuration import Phi3VConfig
-from .generate import stop_token_ids
+from .generation import use_chat_stop_tokens
 from .image_processing import Phi3VImageProcessor
 from .modeling import Phi3VForCausalLM
 from .processing import Phi3VProcessor
@@ -175,8 +175,7 @@ def build_tiny_checkpoint(out_dir: str | Path, num_crops: int = 4, seed: int = 0
     )
     torch.manual_seed(seed)
     model = Phi3VForCausalLM(config)
-    model.generation_config.eos_token_id = stop_token_ids(tokenizer)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    use_chat_stop_tokens(model, processor)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)

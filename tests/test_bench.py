@@ -78,3 +78,20 @@ def test_a_configuration_out_of_memory_is_reported_and_the_rest_still_run(tmp_pa
     assert [row["config"] for row in rows] == ["full b1", "full b2 padded+grouped", "full b2 packed"]
     assert rows[1] == {"config": "full b2 padded+grouped", "distribution": "nlvr2", "error": "out of memory on cpu"}
     assert rows[0]["samples/s"] > 0 and rows[2]["samples/s"] > 0 and "out of memory on cpu" in capsys.readouterr().out
+
+
+def test_full_size_is_the_shipped_hub_config(reference_dir):
+    """The bench's full size needs no file outside the package, and is Phi-3.5-vision-instruct's config."""
+    import json
+
+    import torch
+
+    from phi3v.modeling import Phi3VForCausalLM
+
+    config = bench.make_config("full")
+    hub = json.loads((reference_dir / "phi35v_hub_files" / "config.json").read_text())
+    assert json.loads(bench.FULL_CONFIG.read_text()) == hub
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 4_146_621_440
+    assert config.rope_parameters["rope_type"] == "longrope"

@@ -1,4 +1,4 @@
-"""Evaluation: metrics against hand-computed values, prompts, and `evaluate` (fake model, tiny model, torchrun)."""
+"""phi3v.evaluation: `evaluate` with a fake model (exact metric), the tiny model, LongRoPE, peft and torchrun."""
 
 import json
 import os
@@ -11,144 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v.evaluation import (
-    METRICS,
-    anls,
-    conversation_prompt,
-    evaluate,
-    exact_match,
-    generation_prompt,
-    length_batches,
-    levenshtein,
-    normalize_answer,
-    prompt_length,
-)
+from phi3v.chat import conversation_prompt
+from phi3v.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-# ---------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize(
-    "a, b, distance",
-    [("kitten", "sitting", 3), ("flaw", "lawn", 2), ("", "abc", 3), ("abc", "", 3), ("", "", 0), ("same", "same", 0),
-     ("abcdefghij", "abcdefghix", 1), ("ab", "ba", 2)],
-)
-def test_levenshtein(a, b, distance):
-    assert levenshtein(a, b) == distance
-    assert levenshtein(b, a) == distance
-
-
-@pytest.mark.parametrize(
-    "prediction, answers, expected",
-    [
-        ("hello world", "hello world", 1.0),  # exact
-        ("  Hello   WORLD ", "hello world", 1.0),  # case and whitespace
-        ("hello\tworld\n", ["Hello World"], 1.0),
-        ("abcdefghix", "abcdefghij", 0.9),  # one substitution in 10 characters
-        ("abcdefghi", "abcdefghij", 0.9),  # one deletion
-        ("abc", "abcd", 0.75),  # NL = 1/4
-        ("abcdef", "abcxyz", 0.0),  # NL = 3/6 = 0.5 >= threshold -> 0 (standard ANLS)
-        ("abcde", "abxyz", 0.0),  # NL = 3/5 >= 0.5 -> 0
-        ("ab", "ax", 0.0),  # NL = 0.5 exactly -> 0
-        ("abcdefghix", ["zzzz", "abcdefghij", "abcdefgxyz"], 0.9),  # max over ground truths (0, 0.9, 0.7)
-        ("abcdefgxyz", ["abcdefghij", "abcdefgxyz"], 1.0),
-        ("", "", 1.0),  # both empty
-        ("   ", [" "], 1.0),
-        ("", "abc", 0.0),
-        ("abc", "", 0.0),
-        ("abc", [], 0.0),  # no ground truth
-    ],
-)
-def test_anls(prediction, answers, expected):
-    assert anls(prediction, answers) == pytest.approx(expected)
-
-
-def test_anls_threshold():
-    assert anls("abcde", "abxyz", threshold=0.7) == pytest.approx(0.4)  # NL 0.6 < 0.7
-    assert anls("abcdefghix", "abcdefghij", threshold=0.1) == 0.0  # NL 0.1 >= 0.1
-
-
-@pytest.mark.parametrize(
-    "text, normalized",
-    [("Yes.", "yes"), (" no ", "no"), ("  No.\n", "no"), ("..Yes..", "yes"), ("3.5", "3.5"), ("Yes Sir", "yes sir"),
-     ("", "")],
-)
-def test_normalize_answer(text, normalized):
-    assert normalize_answer(text) == normalized
-
-
-@pytest.mark.parametrize(
-    "prediction, answers, expected",
-    [
-        ("Yes.", "yes", 1.0),
-        ("yes", "Yes.", 1.0),
-        (" no ", "No", 1.0),
-        ("no", "yes", 0.0),
-        ("Yes", ["no", "YES"], 1.0),  # any ground truth
-        ("maybe", ["no", "yes"], 0.0),
-        ("3.5", "3.5", 1.0),
-        ("3.5", "35", 0.0),
-        ("yes sir", "yessir", 0.0),  # only the ends are stripped
-        ("yes, sir", "yes sir", 0.0),
-        ("", "", 1.0),
-        (".", "", 1.0),
-        ("yes", [], 0.0),
-    ],
-)
-def test_exact_match(prediction, answers, expected):
-    assert exact_match(prediction, answers) == expected
-
-
-def test_metrics_registry():
-    assert METRICS == {"anls": anls, "accuracy": exact_match}
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts
-# ---------------------------------------------------------------------------------------------
-
-def test_generation_prompt():
-    assert generation_prompt("What is it?", 0) == "<|user|>\nWhat is it?<|end|>\n<|assistant|>\n"
-    assert generation_prompt("Same?", 2) == "<|user|>\n<|image_1|>\n<|image_2|>\nSame?<|end|>\n<|assistant|>\n"
-    tagged = "Left <|image_1|> right <|image_2|>: same?"
-    assert generation_prompt(tagged, 2) == f"<|user|>\n{tagged}<|end|>\n<|assistant|>\n"
-
-
-def test_conversation_prompt_renders_history_and_ends_with_the_generation_prompt():
-    conversation = [{"user": "Q1", "assistant": "A1"}, {"user": "Q2", "assistant": "A2"}]
-    assert conversation_prompt(conversation, 1) == (
-        "<|user|>\n<|image_1|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nQ2<|end|>\n<|assistant|>\n"
-    )
-    assert conversation_prompt(conversation[1:], 1) == generation_prompt("Q2", 1)
-    tagged = [{"user": "Q1", "assistant": "A1"}, {"user": "<|image_1|>Q2", "assistant": "A2"}]
-    assert conversation_prompt(tagged, 1) == (
-        "<|user|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\n<|image_1|>Q2<|end|>\n<|assistant|>\n"
-    )
-    with pytest.raises(ValueError):
-        conversation_prompt([], 0)
-
-
-def test_conversation_prompt_with_images_per_turn_numbers_tags_across_turns():
-    conversation = [
-        {"user": "Q1", "assistant": "A1", "images": ["a", "b"]},
-        {"user": "Q2", "assistant": "A2", "images": []},
-        {"user": "Q3", "assistant": "A3", "images": ["c"]},
-    ]
-    assert conversation_prompt(conversation, 3) == (
-        "<|user|>\n<|image_1|>\n<|image_2|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n"
-        "<|user|>\nQ2<|end|>\n<|assistant|>\nA2<|end|>\n"
-        "<|user|>\n<|image_3|>\nQ3<|end|>\n<|assistant|>\n"
-    )
-    with pytest.raises(ValueError, match="image"):
-        conversation_prompt(conversation, 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# evaluate()
-# ---------------------------------------------------------------------------------------------
 
 def _image(width, height, seed):
     g = torch.Generator().manual_seed(seed)
@@ -280,25 +147,17 @@ def test_evaluate_tiny_model_records_and_batching(processor, tmp_path):
     )
 
 
-def test_length_batches_never_mix_longrope_regimes():
-    lengths = [10, 20, 30, 40, 95, 99, 150, 160, 170]
-    # limit 100, 8 new tokens: up to 92 stays short, 93..100 crosses while generating, above starts long
-    assert length_batches(lengths, 3, 100, 8) == [(0, 3), (3, 4), (4, 5), (5, 6), (6, 9)]
-    assert length_batches(lengths, 4, None, 8) == [(0, 4), (4, 8), (8, 9)]
-    assert length_batches([], 4, 100, 8) == []
-
-
 def test_evaluate_batches_give_single_prompt_answers_across_the_longrope_switch(processor):
     """Prompts on both sides of LongRoPE's switch: batching must not move any of them to the other side."""
     from phi3v import Phi3VForCausalLM
-    from phi3v.generate import generate_answers
+    from phi3v.generation import generate_answers
     from phi3v.modeling import longrope_limit
     from phi3v.tiny import tiny_config
 
     rows = make_rows()
     items = [format_example(row) for row in rows]
     prompts = [conversation_prompt(conversation, len(images)) for conversation, images in items]
-    lengths = [prompt_length(processor, prompt, [image.size for image in images], None)
+    lengths = [processor.num_prompt_tokens(prompt, [image.size for image in images])
                for prompt, (_, images) in zip(prompts, items)]
     assert lengths == [19, 784, 1548, 776, 65, 1541]
     torch.manual_seed(0)  # switch at 780: 19 and 65 stay short, 776 crosses it while generating, the rest start long

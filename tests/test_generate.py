@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import RepetitionPenaltyLogitsProcessor, TextStreamer
+from transformers import TextStreamer
 
-from phi3v.generate import ImageSafeRepetitionPenalty, build_parser, main, try_command
+from phi3v.generate import build_parser, main
+from phi3v.generation import try_command
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
 from phi3v.tiny import build_tiny_checkpoint
@@ -40,7 +41,7 @@ def adapter(tiny, tmp_path_factory) -> Path:
     """A LoRA adapter (non-zero, so it changes answers) saved with a processor of num_crops 2, as training saves."""
     from peft import LoraConfig, get_peft_model
 
-    from phi3v.training import lora_target_modules
+    from phi3v.training.modes import lora_target_modules
 
     model = Phi3VForCausalLM.from_pretrained(tiny)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
@@ -168,7 +169,7 @@ def test_jsonl_batches_keep_the_order(tiny, images, tmp_path, capsys):
 
 def test_jsonl_batches_never_straddle_the_longrope_switch(tiny, images, tmp_path, monkeypatch):
     from phi3v import generate
-    from phi3v.evaluation import conversation_prompt, prompt_length
+    from phi3v.chat import conversation_prompt
     from phi3v.tiny import tiny_config
 
     (tmp_path / "images").mkdir()
@@ -182,7 +183,7 @@ def test_jsonl_batches_never_straddle_the_longrope_switch(tiny, images, tmp_path
     for record in records:
         prompt = conversation_prompt(record["conversations"], len(record["conversations"][0]["images"]))
         sizes = [Image.open(tmp_path / "images" / name).size for name in record["conversations"][0]["images"]]
-        lengths[prompt] = prompt_length(processor, prompt, sizes, None)
+        lengths[prompt] = processor.num_prompt_tokens(prompt, sizes)
     limit = sorted(lengths.values())[5]
     model = Phi3VForCausalLM(tiny_config(vocab_size=len(processor.tokenizer), original_max_position_embeddings=limit))
     batches = []
@@ -197,17 +198,6 @@ def test_jsonl_batches_never_straddle_the_longrope_switch(tiny, images, tmp_path
     assert sorted(n for batch in batches for n in batch) == sorted(lengths.values())
     assert all(max(batch) <= limit - 4 or min(batch) > limit or len(batch) == 1 for batch in batches)
     assert len(batches) > 3  # 12 prompts at 4 per batch, cut at the switch
-
-
-def test_repetition_penalty_skips_image_ids():
-    scores = torch.tensor([[1.0, -2.0, 3.0, 4.0, 0.5]])
-    with_images = torch.tensor([[1, -1, -1, -1, 2, 2, -2, 4]])
-    with pytest.raises((RuntimeError, IndexError)):  # transformers' own processor cannot take image ids
-        RepetitionPenaltyLogitsProcessor(2.0)(with_images, scores.clone())
-    result = ImageSafeRepetitionPenalty(2.0)(with_images, scores.clone())
-    expected = RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([[1, 2, 2, 4]]), scores.clone())
-    torch.testing.assert_close(result, expected)
-    torch.testing.assert_close(result, torch.tensor([[1.0, -4.0, 1.5, 4.0, 0.25]]))
 
 
 def test_sampling_and_penalty_flags(tiny, images, capsys):

@@ -11,7 +11,7 @@ from phi3v.merge_lora import checkpoint_shapes, main, merge_adapter, merge_lora,
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
 from phi3v.tiny import build_tiny_checkpoint
-from phi3v.training import lora_target_modules
+from phi3v.training.modes import lora_target_modules
 
 # fp32 merge vs fp32 base + unmerged adapter: the same sums in another order (observed 3e-6 on logits up to 2).
 FP32_ATOL = 1e-4

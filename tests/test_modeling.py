@@ -86,18 +86,6 @@ def test_requesting_flash_attention_without_flash_attn_falls_back_to_sdpa(caplog
     assert model.config.vision_config._attn_implementation == "sdpa"
 
 
-def test_training_attention_packs_per_sample_without_flash_attn(monkeypatch, caplog):
-    from phi3v import modeling
-
-    monkeypatch.setattr(modeling, "flash_attn_installed", lambda: True)
-    assert modeling.training_attention(True, packing=True) == "flash_attention_2"
-    assert modeling.training_attention(False, packing=True) == "sdpa_packed"
-    assert modeling.training_attention(False, packing=False) == "sdpa"
-    monkeypatch.setattr(modeling, "flash_attn_installed", lambda: False)
-    assert modeling.training_attention(True, packing=True) == "sdpa_packed"  # not SDPA over the whole packed row
-    assert modeling.training_attention(True, packing=False) == "sdpa"
-
-
 def test_save_load_round_trip_gives_identical_logits_and_files(model, tmp_path):
     model.save_pretrained(tmp_path / "a")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
@@ -292,7 +280,7 @@ def test_checkpointing_with_frozen_vision_runs_no_vision_backward(adapter):
     """transformers' checkpointing hooks every sub-model's input embeddings; CLIP's must stay out."""
     from peft import LoraConfig, get_peft_model
 
-    from phi3v.training import lora_target_modules
+    from phi3v.training.modes import lora_target_modules
 
     model = Phi3VForCausalLM(tiny_config()).train()
     model.model.vision_embed_tokens.requires_grad_(False)
@@ -415,22 +403,3 @@ def test_generate_expands_each_prompts_images_with_it():
         expanded = model(input_ids=ids, **kwargs).logits[:, -1]
         single = model(**inputs).logits[:, -1]
     torch.testing.assert_close(expanded, single.repeat_interleave(3, dim=0), atol=1e-5, rtol=0)
-
-
-def test_generate_replaces_the_hubs_stale_eos_by_the_chat_stop_tokens():
-    """The Hub's generation_config.json says EOS = 2 (</s>), which chat answers never produce."""
-    model = Phi3VForCausalLM(tiny_config(vocab_size=32064, pad_token_id=32000)).eval()
-    model.generation_config.eos_token_id = 2
-    end = 32007  # <|end|>
-
-    def answer_end(module, inputs, logits):
-        forced = torch.full_like(logits, -1e4)
-        forced[..., end] = 0
-        return forced
-
-    hook = model.lm_head.register_forward_hook(answer_end)
-    try:
-        out = model.generate(input_ids=torch.tensor([[1, 5, 6]]), max_new_tokens=5, do_sample=False)
-    finally:
-        hook.remove()
-    assert out[0, 3:].tolist() == [end]

@@ -214,7 +214,7 @@ def test_encode_conversation_errors(tiny_processor):
         )
     with pytest.raises(ValueError, match="turn 0"):  # a tag without an image
         tiny_processor.encode_conversation([{"user": "<|image_1|> x", "assistant": "a"}], [])
-    with pytest.raises(ValueError, match="one count per image"):
+    with pytest.raises(ValueError, match="2 image\\(s\\) in all but 1"):
         tiny_processor.encode_conversation([{"user": "x", "assistant": "a", "images": ["a", "b"]}], [3])
     with pytest.raises(ValueError, match="'user' and 'assistant'"):
         tiny_processor.encode_conversation([{"user": "x"}], [])

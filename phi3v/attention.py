@@ -1,0 +1,62 @@
+"""Which attention kernel runs, and "sdpa_packed": SDPA over each sample of a packed row.
+
+The model takes transformers' `attn_implementation` names; this module registers one more,
+"sdpa_packed", and says which one a training run uses.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+FLASH_ATTN_MISSING = ("flash_attention_2 was requested but flash-attn is not installed: using SDPA attention. "
+                      "Install flash-attn (GPU only) to use it.")
+
+
+def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
+                          **kwargs):
+    """SDPA that runs each sample of a packed row on its own ("sdpa_packed").
+
+    A packed row (batch 1, position ids restarting at 0 per sample) through plain SDPA computes
+    attention over the whole row and masks the cross-sample part away; here each sample's causal
+    attention runs alone, so only the useful work is done. The boundaries come from
+    `cu_seq_lens_q` (phi3v.collator.pack_batch). Anything else goes to plain SDPA, which keeps
+    packed rows given by position ids alone apart with a block-diagonal mask.
+    """
+    one_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]  # and no cache
+    bounds = cu_seq_lens_q.tolist() if one_row and cu_seq_lens_q is not None else []
+    if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    outputs = [
+        F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                       dropout_p=dropout, scale=scaling)
+        for a, b in zip(bounds, bounds[1:])
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("sdpa_packed", packed_sdpa_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_packed", sdpa_mask)
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def training_attention(flash_attention: bool, packing: bool) -> str:
+    """flash_attention_2 when asked for and installed; else SDPA, per sample on packed rows."""
+    if flash_attention and flash_attn_installed():
+        return "flash_attention_2"
+    if flash_attention:
+        logger.warning_once(FLASH_ATTN_MISSING)
+    return "sdpa_packed" if packing else "sdpa"

@@ -1,0 +1,88 @@
+"""Datasets from the Hugging Face Hub or local copies of them, and the_cauldron's row layout."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+SPLIT_FILE = re.compile(r"^(train|test|val|validation|dev)[-_.]")
+
+
+def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: str = "train"):
+    """One split of a Hub dataset, or of a local copy with the same schema.
+
+    A local copy is a directory written by `DatasetDict.save_to_disk` (a single `Dataset` there
+    counts as its train split), or a folder of parquet files named by split (`train-*.parquet`,
+    `test-*.parquet`...); parquet files named after no split are all the train split.
+    """
+    import datasets
+
+    path = Path(name_or_path)
+    if not path.exists():
+        return datasets.load_dataset(name_or_path, config_name, split=split)
+    if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        if not isinstance(loaded, datasets.DatasetDict):
+            loaded = datasets.DatasetDict({"train": loaded})
+        if split not in loaded:
+            raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}")
+        return loaded[split]
+    files = sorted(path.rglob("*.parquet"))
+    parquet = [p for p in files if p.name.startswith((f"{split}-", f"{split}_", f"{split}."))]
+    if not parquet and split == "train" and not any(SPLIT_FILE.match(p.name) for p in files):
+        parquet = files  # unnamed files: one split
+    if not parquet:
+        found = sorted({m.group(1) for p in files if (m := SPLIT_FILE.match(p.name))})
+        raise FileNotFoundError(
+            f"{path}: no saved dataset (dataset_dict.json) and no parquet files for split {split!r}"
+            + (f" (parquet splits found: {found})" if found else "")
+        )
+    return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
+
+
+def cauldron_example(row: dict) -> tuple[list[dict], list]:
+    """A HuggingFaceM4/the_cauldron row (`images`, `texts` [{user, assistant}]) -> (conversation, images).
+
+    The row's images belong to its first question, as the_cauldron lays them out.
+    """
+    turns = [{"user": t["user"], "assistant": t["assistant"]} for t in row["texts"]]
+    turns[0]["images"] = row["images"]
+    return turns, row["images"]
+
+
+def sizes_only(rows):
+    """`rows` as seen for counting tokens: a datasets.Dataset's images opened, not decoded.
+
+    datasets decodes every image it returns; token counts need only the sizes, which PIL reads
+    from the file header. Other sequences (lists of records) are returned as they are.
+    """
+    import datasets
+
+    return _HeaderOnlyRows(rows) if isinstance(rows, datasets.Dataset) else rows
+
+
+class _HeaderOnlyRows(Sequence):
+    """Rows of a datasets.Dataset read as Arrow, with every image struct opened lazily by PIL."""
+
+    def __init__(self, dataset):
+        self.arrow = dataset.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self.arrow)
+
+    def __getitem__(self, index: int) -> dict:
+        return _open_images(self.arrow[index].to_pylist()[0])
+
+
+def _open_images(value):
+    if isinstance(value, dict):
+        if value.keys() == {"bytes", "path"}:  # how datasets stores an image
+            return Image.open(io.BytesIO(value["bytes"]) if value["bytes"] is not None else value["path"])
+        return {key: _open_images(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_open_images(item) for item in value]
+    return value

@@ -1,0 +1,51 @@
+"""Writing output files: whole or not at all, with the permissions the user's umask gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: str | Path, write: Callable[[TextIO], None]) -> None:
+    """Writes `path` (UTF-8 text) through a temporary file renamed into place.
+
+    A reader, or a run killed mid-write, sees the old file or the new one, never half of one.
+    The file gets the mode a plain `open(path, "w")` would (mkstemp's is 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            write(f)
+        os.chmod(temp, 0o666 & ~_umask())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """`data` as indented JSON (UTF-8), written atomically."""
+    write_atomically(path, lambda f: json.dump(data, f, indent=2, ensure_ascii=False, default=str))
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
+    """One JSON object per line (UTF-8), written atomically."""
+
+    def write(f: TextIO) -> None:
+        for row in rows:  # U+2028/9 escaped: str.splitlines and JavaScript split lines at them
+            line = json.dumps(row, ensure_ascii=False)
+            f.write(line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029") + "\n")
+
+    write_atomically(path, write)

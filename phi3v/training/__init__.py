@@ -1,0 +1,12 @@
+"""Fine-tuning: what a recipe script calls.
+
+- `arguments`: the flags (`parse_args`; every `TrainingArguments` flag plus model, LoRA and data options);
+- `modes`: the model set up for full fine-tuning, frozen vision, LoRA or QLoRA;
+- `trainer`: the rows the Trainer iterates over and their order (length groups, LongRoPE sides);
+- `recipe`: the run's steps (`run`: evaluate, train, save, evaluate, try it).
+"""
+
+from .arguments import Phi3VTrainingArguments, RecipeArguments, parse_args
+from .recipe import run
+
+__all__ = ["Phi3VTrainingArguments", "RecipeArguments", "parse_args", "run"]

@@ -1,0 +1,290 @@
+"""The recipes' flags: every `TrainingArguments` flag, plus the model, LoRA and data options.
+
+    args = parse_args(TaskArguments, argv)   # args.training, args.model, args.lora, args.data, args.task
+
+`Phi3VTrainingArguments` is `transformers.TrainingArguments` with the reference recipe's defaults
+and its flag names as aliases (`--wd`, `--batch_size_per_gpu`, `--no-tqdm`, `--gradient_checkpointing`),
+plus `--batch_size`, the global batch from which gradient accumulation is derived. Any other
+Trainer flag (`--optim`, `--lr_scheduler_kwargs`, `--save_only_model`, `--push_to_hub`...) works as
+transformers documents it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[2] / "ds_config_zero2.json"
+
+
+class FlagError(ValueError):
+    """A flag with a value that cannot work; the message names the flag."""
+
+
+@dataclass
+class ModelArguments:
+    """The model and how it is set up."""
+
+    _argument_group_name = "model"
+
+    model_name_or_path: str = field(
+        default="microsoft/Phi-3.5-vision-instruct",
+        metadata={"help": "Hub id or local directory of a Phi-3(.5)-vision checkpoint."},
+    )
+    num_crops: int = field(default=16, metadata={"help": "Max 336x336 crops per image (HD transform)."})
+    use_flash_attention: bool = field(
+        default=False, metadata={"help": "Use flash-attn 2 (bf16/fp16 on GPU); SDPA when flash-attn is not installed."}
+    )
+    freeze_vision_model: bool = field(
+        default=False, metadata={"help": "Freeze the image encoder (CLIP, projection and separators)."}
+    )
+
+    def __post_init__(self):
+        if self.num_crops < 1:
+            raise FlagError(f"--num_crops must be at least 1, got {self.num_crops}")
+
+
+@dataclass
+class LoraArguments:
+    """LoRA and QLoRA (the default is full fine-tuning)."""
+
+    _argument_group_name = "LoRA"
+
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    use_qlora: bool = field(default=False, metadata={"help": "4-bit NF4 base weights + LoRA (implies --use_lora)."})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
+    lora_alpha_ratio: float = field(default=2, metadata={"help": "LoRA alpha = round(rank x ratio)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+
+    def __post_init__(self):
+        if self.use_qlora:
+            self.use_lora = True
+        if self.lora_rank < 1:
+            raise FlagError(f"--lora_rank must be at least 1, got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise FlagError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class DataArguments:
+    """Which samples train and evaluate, and how answers are generated in evaluation."""
+
+    _argument_group_name = "data and evaluation"
+
+    dataset_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Use this dataset instead of the task's Hub dataset: a Hub id, a directory written by "
+                  "DatasetDict.save_to_disk, or a folder of parquet files with the same schema."},
+    )
+    max_seq_length: int | None = field(
+        default=None,
+        metadata={"help": "Token budget per sample (image tokens included): longer samples are skipped, never "
+                  "truncated. Default: no limit."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
+    skip_eval_before: bool = field(default=False, metadata={"help": "Skip the evaluation before training."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per answer in evaluation."})
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Concatenate each per-GPU batch into one sequence (no padding; samples stay independent)."},
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch samples of similar token counts together (less padding); off with --packing. "
+                  "Sets --train_sampling_strategy group_by_length (on) or random (off)."},
+    )
+
+    def __post_init__(self):
+        for flag in ("max_seq_length", "max_train_samples", "max_eval_samples", "max_new_tokens"):
+            value = getattr(self, flag)
+            if value is not None and value < 1:
+                raise FlagError(f"--{flag} must be at least 1, got {value}")
+
+
+@dataclass
+class Phi3VTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the reference recipe's defaults and flag names."""
+
+    _argument_group_name = "training (every transformers TrainingArguments flag)"
+
+    output_dir: str = field(default="./output/", metadata={"help": "Where checkpoints, the final model and eval files go."})
+    batch_size: int = field(
+        default=16,
+        metadata={"help": "Global batch size: processes x --batch_size_per_gpu x gradient accumulation (derived; "
+                  "it must divide)."},
+    )
+    per_device_train_batch_size: int = field(
+        default=1, metadata={"help": "Samples per process and step.", "aliases": ["--batch_size_per_gpu"]}
+    )
+    per_device_eval_batch_size: int = field(
+        default=8, metadata={"help": "Prompts per process per generation batch in evaluation.",
+                             "aliases": ["--eval_batch_size"]}
+    )
+    num_train_epochs: float = field(default=1, metadata={"help": "Training epochs."})
+    learning_rate: float = field(default=4.0e-5, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay.", "aliases": ["--wd"]})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-7, metadata={"help": "AdamW epsilon."})
+    warmup_steps: float = field(default=50, metadata={"help": "Linear warm-up steps (a float < 1: a ratio of all steps)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
+    save_steps: float = field(default=500, metadata={"help": "Save a checkpoint every N optimizer steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints in output_dir."})
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute activations in backward (same as --activation_checkpointing; "
+                  "--no_gradient_checkpointing to turn off)."},
+    )
+    dataloader_num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per GPU."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars.", "aliases": ["--no-tqdm", "--no_tqdm"]})
+    report_to: str | None = field(
+        default="none", metadata={"help": "Where to report metrics: none, tensorboard, wandb... (or all)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every dataset column: format_example reads the raw rows."}
+    )
+    # Every trainable parameter gets a gradient in every step (text-only batches included, see
+    # Phi3VModel.unused_vision_term), so DDP need not search the graph for unused ones.
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Let DDP look for parameters without gradients (not needed here)."}
+    )
+    train_sampling_strategy: str = field(
+        default="group_by_length",
+        metadata={"help": "Sample order: group_by_length (batches of similar token counts, LongRoPE-aware), random, "
+                  "sequential.", "choices": ["random", "sequential", "group_by_length"]},
+    )
+    deepspeed: str | None = field(
+        default=None,
+        metadata={"help": "DeepSpeed config for full fine-tuning (default: ds_config_zero2.json; 'none' to train "
+                  "without DeepSpeed). LoRA/QLoRA run plain DDP."},
+    )
+    no_auto_resume: bool = field(
+        default=False,
+        metadata={"help": "Start fresh even if output_dir has checkpoints (by default a run resumes from the newest "
+                  "checkpoint-N there; --resume_from_checkpoint picks one)."},
+    )
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.per_device_train_batch_size < 1:
+            raise FlagError("--batch_size and --batch_size_per_gpu must be at least 1, got "
+                            f"{self.batch_size} and {self.per_device_train_batch_size}")
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        per_step = world_size * self.per_device_train_batch_size
+        if self.batch_size % per_step:
+            raise FlagError(
+                f"--batch_size {self.batch_size} must be a multiple of processes x --batch_size_per_gpu = "
+                f"{world_size} x {self.per_device_train_batch_size} = {per_step}"
+            )
+        self.gradient_accumulation_steps = self.batch_size // per_step
+        # `gradient_checkpointing` is the guide's name for `activation_checkpointing` (transformers
+        # deprecates it): the one the user set wins, the other mirrors it.
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = self.gradient_checkpointing
+        self.gradient_checkpointing = None
+        if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        if not torch.cuda.is_available():
+            # Without use_cpu, accelerate finds no backend for DeepSpeed/gloo runs on CPU.
+            self.use_cpu = True
+        if not self.bf16 and not self.fp16:
+            if self.use_cpu:  # the Trainer has no fp16 autocast on CPU: it would silently run fp32
+                logger.warning("No GPU: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 "
+                               "for bf16).")
+            else:
+                self.fp16 = True  # the reference recipe: bf16 when asked for, else fp16
+        super().__post_init__()
+
+
+@dataclass
+class RecipeArguments:
+    """What `parse_args` returns: one object per flag group, and the task's own (None without one)."""
+
+    training: Phi3VTrainingArguments
+    model: ModelArguments
+    lora: LoraArguments
+    data: DataArguments
+    task: Any = None
+
+
+def deepspeed_config(value: str | None, use_lora: bool) -> str | None:
+    """The DeepSpeed config a run uses: the default ZeRO-2 file for full fine-tuning, None for LoRA or 'none'."""
+    if (value or "").lower() == "none":
+        return None
+    if use_lora:
+        if value:
+            logger.warning(f"--deepspeed {value} is ignored: LoRA and QLoRA train under plain DDP.")
+        return None
+    path = value or str(DEFAULT_DEEPSPEED_CONFIG)
+    if not Path(path).is_file():
+        raise FlagError(f"--deepspeed {path}: no such file")
+    if "LOCAL_RANK" not in os.environ:
+        raise FlagError(
+            "full fine-tuning runs under DeepSpeed, which needs torchrun even for one process: "
+            f"torchrun --nproc_per_node=1 {Path(sys.argv[0]).name} ...  (or pass --deepspeed none)"
+        )
+    return path
+
+
+class RecipeArgumentParser(HfArgumentParser):
+    """HfArgumentParser that takes no abbreviated flags and suggests the flag a typo meant."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        kwargs.setdefault("usage", "%(prog)s [--flag value ...]  (flags by group below; booleans also take true/false)")
+        super().__init__(dataclass_types, allow_abbrev=False, **kwargs)
+
+    def _print_message(self, message, file=None):
+        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+            super()._print_message(message, file)
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flags = [option for action in self._actions for option in action.option_strings]
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1)
+            if close:
+                message += f" (did you mean {close[0]}?)"
+        super().error(message)
+
+
+def build_parser(task_arguments: type | None = None) -> RecipeArgumentParser:
+    groups = [ModelArguments, LoraArguments, DataArguments, Phi3VTrainingArguments]
+    return RecipeArgumentParser(groups + ([task_arguments] if task_arguments else []))
+
+
+def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = None, **defaults: Any) -> RecipeArguments:
+    """Parses the recipe flags (and a task's own dataclass); `defaults` change per-task defaults.
+
+    A bad value ends the program with a one-line message naming the flag (exit status 2).
+    Creating the training arguments also starts torch.distributed under torchrun.
+    """
+    parser = build_parser(task_arguments)
+    parser.set_defaults(**defaults)
+    namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    values = vars(namespace)
+
+    def build(dataclass: type):
+        return dataclass(**{f.name: values[f.name] for f in fields(dataclass) if f.init and f.name in values})
+
+    try:
+        model, lora, data = build(ModelArguments), build(LoraArguments), build(DataArguments)
+        task = build(task_arguments) if task_arguments else None
+        # The mode decides what the Trainer runs under, so these resolve before the Trainer's arguments exist.
+        values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora)
+        if (not data.group_by_length or data.packing) and values["train_sampling_strategy"] == "group_by_length":
+            values["train_sampling_strategy"] = "random"
+        training = build(Phi3VTrainingArguments)
+    except FlagError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return RecipeArguments(training=training, model=model, lora=lora, data=data, task=task)

@@ -1,0 +1,49 @@
+"""phi3v.files: outputs are written whole or not at all, with the permissions the umask gives."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from phi3v.files import write_atomically, write_json, write_jsonl
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_json_and_jsonl_round_trip(tmp_path):
+    write_json(tmp_path / "deep" / "summary.json", {"score": 0.5, "text": "naïve"})
+    assert json.loads((tmp_path / "deep" / "summary.json").read_text(encoding="utf-8")) == {"score": 0.5, "text": "naïve"}
+    rows = [{"id": 1, "text": "line\u2028separator"}, {"id": 2}]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    lines = (tmp_path / "rows.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == rows  # U+2028 escaped: splitlines sees two lines
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    path = tmp_path / "eval.json"
+    write_json(path, {"old": True})
+
+    def fails_midway(f):
+        f.write('{"new": ')
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_atomically(path, fails_midway)
+    assert json.loads(path.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {})
+        write_jsonl(tmp_path / "b.jsonl", [{}])
+        plain = tmp_path / "plain.txt"
+        plain.write_text("")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "a.json") == mode(tmp_path / "b.jsonl") == mode(plain) == 0o666 & ~umask

@@ -1,0 +1,200 @@
+"""phi3v.training.trainer: the length filter, the rows the Trainer sees, length-grouped and LongRoPE-sided order."""
+
+import pytest
+import torch
+from helpers import identity, random_image, sample
+from PIL import Image
+
+from phi3v.collator import Phi3VDataCollator
+from phi3v.data import load_hf_dataset
+from phi3v.training import parse_args
+from phi3v.training.trainer import Phi3VTrainer, RowsDataset, filter_by_length
+
+LARGE = random_image(400, 300, seed=2)
+TALL = random_image(300, 400, seed=3)
+
+
+def _rows():
+    return [
+        sample("What is shown in this image?", "A dog.", LARGE),  # long
+        sample("Hello world!", "Hi."),  # short
+        sample("What is shown in this image?", "A dog.", random_image(80, 20)),  # medium: 4x1 crops, not 2x2
+        sample("Compare the two images.", "The left one.", LARGE, TALL),  # longest
+    ]
+
+
+def test_filter_by_length_skips_rows_over_the_budget(tiny_processor, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    rows = _rows()
+    collator = Phi3VDataCollator(tiny_processor, identity, num_crops=4)
+    lengths = [collator([row])["input_ids"].shape[1] for row in rows]
+    assert lengths[1] < lengths[2] < lengths[0] < lengths[3]
+
+    kept, kept_lengths = filter_by_length(rows, identity, tiny_processor, 4, lengths[0], disable_tqdm=True)
+    assert kept == [0, 1, 2]  # a row exactly at the budget is kept
+    assert kept_lengths == lengths[:3]  # whole rows: nothing truncated
+    out = capsys.readouterr().out
+    assert f"3 kept, 1 skipped as longer than --max_seq_length {lengths[0]}" in out
+    assert f"longest kept {lengths[0]} tokens" in out
+    assert out.count("\n") == 1
+
+    kept, kept_lengths = filter_by_length(rows, identity, tiny_processor, 4, lengths[0] - 1,
+                                                   disable_tqdm=True)
+    assert (kept, kept_lengths) == ([1, 2], [lengths[1], lengths[2]])
+    assert "2 kept, 2 skipped" in capsys.readouterr().out
+
+    kept, kept_lengths = filter_by_length(rows, identity, tiny_processor, 4, None, disable_tqdm=True)
+    assert (kept, kept_lengths) == ([0, 1, 2, 3], lengths)
+    assert "4 kept, 0 skipped" in capsys.readouterr().out
+
+    # num_crops 1 makes the image rows shorter, so more fit.
+    short = [Phi3VDataCollator(tiny_processor, identity, num_crops=1)([row])["input_ids"].shape[1] for row in rows]
+    kept, kept_lengths = filter_by_length(rows, identity, tiny_processor, 1, lengths[2], disable_tqdm=True)
+    assert kept_lengths == [short[i] for i in kept]
+    assert kept == [i for i in range(4) if short[i] <= lengths[2]] and len(kept) > 2
+
+    with pytest.raises(ValueError, match="--max_seq_length"):
+        filter_by_length(rows, identity, tiny_processor, 4, lengths[1] - 1, disable_tqdm=True)
+    assert "0 kept, 4 skipped" in capsys.readouterr().out
+
+
+def test_filter_by_length_prints_only_on_the_main_process(tiny_processor, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    kept, _ = filter_by_length(_rows(), identity, tiny_processor, 4, None, disable_tqdm=True)
+    assert kept == [0, 1, 2, 3]
+    assert capsys.readouterr().out == ""
+
+
+def test_rows_dataset_maps_indices():
+    rows = ["a", "b", "c", "d", "e"]
+    dataset = RowsDataset(rows, [4, 0, 2])
+    assert len(dataset) == 3
+    assert [dataset[i] for i in range(len(dataset))] == ["e", "a", "c"]
+    assert len(RowsDataset(rows, [])) == 0
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=list)
+    assert list(loader) == [["e", "a"], ["c"]]
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_length_grouped_batches_have_little_padding(tiny_processor, tmp_path, single_process):
+    """The default sampler batches samples of similar token counts (measured at start)."""
+    import random
+
+    from phi3v import Phi3VForCausalLM
+    from phi3v.tiny import tiny_config
+
+    rng = random.Random(0)
+    rows = [sample(" ".join(["word"] * rng.randint(300, 2400)), "yes" if i % 2 else "no") for i in range(800)]
+    kept, lengths = filter_by_length(rows, identity, tiny_processor, 1, None, disable_tqdm=True)
+
+    def padding_fraction(group_by_length: bool) -> float:
+        argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
+                "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}"]
+        args = parse_args(argv=argv)
+        trainer = Phi3VTrainer(
+            model=Phi3VForCausalLM(tiny_config()), args=args.training,
+            train_dataset=RowsDataset(rows, kept, lengths),
+            data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1),
+        )
+        masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
+        return sum(int((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    grouped, random_order = padding_fraction(True), padding_fraction(False)
+    assert grouped < 0.05 < random_order
+
+
+def test_filter_by_length_reads_image_sizes_without_decoding_pixels(tiny_processor, tmp_path, monkeypatch):
+    """Counting tokens over a datasets.Dataset opens image headers only (documents are big PNGs)."""
+    import datasets
+
+    from phi3v.synthetic import make_shapes_dataset
+
+    rows = load_hf_dataset(str(make_shapes_dataset(tmp_path / "shapes", num_train=6, num_eval=0)))
+
+    def cauldron(row):
+        turns = [{"user": t["user"], "assistant": t["assistant"], "images": row["images"]} for t in row["texts"]]
+        return turns, row["images"]
+
+    expected = [tiny_processor.num_conversation_tokens(cauldron(rows[i])[0], [im.size for im in rows[i]["images"]], 4)
+                for i in range(len(rows))]
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr(datasets.features.Image, "decode_example", no_decoding)
+    kept, lengths = filter_by_length(rows, cauldron, tiny_processor, 4, None, disable_tqdm=True)
+    assert kept == list(range(len(rows))) and lengths == expected
+
+
+def test_filter_by_length_on_converted_data_reads_frame_headers_only(tiny_processor, tmp_path, monkeypatch):
+    """The ucf101 recipe opens frames lazily: counting tokens over thousands of 8-frame clips decodes nothing."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from PIL import ImageFile
+
+    from phi3v.data import load_jsonl_dataset
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.new("RGB", (320, 240), (80 * i, 0, 0)).save(tmp_path / "images" / f"f{i}.jpg")
+    records = [{"id": f"train-{i}", "conversations": [
+        {"images": [f"f{j}.jpg" for j in range(i + 1)], "user": "Which action?", "assistant": "Running."}]}
+        for i in range(3)]
+    (tmp_path / "ucf101_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    script = Path(__file__).resolve().parents[1] / "finetune_hf_trainer_ucf101.py"
+    spec = importlib.util.spec_from_file_location("finetune_hf_trainer_ucf101", script)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    rows = load_jsonl_dataset(tmp_path, "train")
+
+    def format_row(row):
+        return recipe.format_example(row, tmp_path / "images")
+
+    expected = [tiny_processor.num_conversation_tokens(r["conversations"], [(320, 240)] * (i + 1), 4) for i, r in enumerate(rows)]
+    batch = Phi3VDataCollator(tiny_processor, format_row, num_crops=4)(rows)  # the frames decode for training
+    assert batch["pixel_values"].shape[0] == 6 and batch["attention_mask"].sum(1).tolist() == expected
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    kept, lengths = filter_by_length(rows, format_row, tiny_processor, 4, None, disable_tqdm=True)
+    assert kept == [0, 1, 2] and lengths == expected
+
+
+@pytest.mark.parametrize("group_by_length, packing", [(True, False), (False, False), (False, True)])
+def test_training_batches_stay_on_one_side_of_the_longrope_switch(tiny_processor, tmp_path, single_process,
+                                                                   group_by_length, packing):
+    """A batch whose longest sample passes LongRoPE's switch gives all its samples the long factors."""
+    import random
+
+    from phi3v import Phi3VForCausalLM
+    from phi3v.tiny import tiny_config
+
+    rng = random.Random(0)
+    rows = [sample(" ".join(["word"] * rng.randint(300, 1700)), "yes") for _ in range(103)]
+    kept, lengths = filter_by_length(rows, identity, tiny_processor, 1, None, disable_tqdm=True)
+    limit = sorted(lengths)[40]  # 62 samples past the switch
+    argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
+            "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}", f"--packing={packing}"]
+    trainer = Phi3VTrainer(
+        model=Phi3VForCausalLM(tiny_config(original_max_position_embeddings=limit)),
+        args=parse_args(argv=argv).training,
+        train_dataset=RowsDataset(rows, kept, lengths),
+        data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1, packing=packing),
+    )
+    batches = []
+    for batch in trainer.get_train_dataloader():
+        sizes = batch["cu_seq_lens_q"].diff() if packing else batch["attention_mask"].sum(1)
+        batches.append(sizes.tolist())
+    assert sorted(n for sizes in batches for n in sizes) == sorted(lengths)  # every sample once
+    assert max(batches[0]) == max(lengths)  # the longest batch first
+    mixed = [sizes for sizes in batches if min(sizes) <= limit < max(sizes)]
+    assert mixed in ([], [batches[-1]])  # only the epoch's last batch may hold leftovers of both sides
