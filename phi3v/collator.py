@@ -38,10 +38,14 @@ class Phi3VDataCollator:
         return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "image_sizes": image_sizes}
 
     def __call__(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
-        samples = [self.encode(row) for row in rows]
-        if self.packing:
-            return pack_batch(samples)
-        return pad_batch(samples, self.processor.tokenizer.pad_token_id)
+        return self.collate([self.encode(row) for row in rows])
+
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """A batch of encoded samples (`encode`'s output); the unreadable rows they replaced go along as
+        "bad_samples" (see phi3v.training.trainer.TrainingSamples)."""
+        batch = pack_batch(samples) if self.packing else pad_batch(samples, self.processor.tokenizer.pad_token_id)
+        bad = [where for sample in samples for where in sample.get("bad_samples", [])]
+        return {**batch, "bad_samples": bad} if bad else batch
 
 
 def batch_images(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -45,3 +49,33 @@ def finish() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def main_process_decides(decide: Callable[[], T], errors: tuple[type[BaseException], ...] = ()) -> T:
+    """Runs `decide` on the main process only and gives every process its result.
+
+    For decisions that touch shared files (locks, renamed folders): one process acts, all agree.
+    An exception of the `errors` kinds is raised on every process.
+    """
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = decide()
+        except errors as e:
+            error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def gather_lists(items: list) -> list:
+    """Every process's `items`, concatenated in rank order (the same list on every process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(items)
+    gathered: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]

@@ -23,6 +23,7 @@ from .chat import FormatExample, conversation_prompt
 from .distributed import rank_and_world_size
 from .files import write_json
 from .generation import generate_answers, length_sorted_batches
+from .data.rows import UNREADABLE, describe_error, row_location
 from .metrics import Metric, resolve_metric
 from .modeling import longrope_limit
 
@@ -47,6 +48,7 @@ def evaluate(
     num_crops: int | None = None,
     output_file: str | Path | None = None,
     disable_tqdm: bool = False,
+    limit: int | None = None,
 ) -> dict:
     """Greedy-generate an answer to the last turn of every row and score it with `metric`.
 
@@ -71,6 +73,9 @@ def evaluate(
     r + world_size, ...; the records are all-gathered and put back in row order, so EVERY rank
     returns the same summary, and the output file is complete when any rank returns.
 
+    A row that cannot be read (an image that fails to decode, a record the processor rejects) is
+    skipped and listed in the summary's "skipped" ({"where", "reason"}); the score is over the others.
+
     Returns:
         `{"metric": metric's name, "score": mean score in 0..1 (0.0 with no rows), "num_examples": n,
         "examples": [{"id", "question", "answers", "prediction", "score"}, ...]}` in row order,
@@ -86,23 +91,28 @@ def evaluate(
     rank, world_size = rank_and_world_size() if dist.is_initialized() else (0, 1)
 
     # This rank's share, formatted up front; sorted by token count so batches pad less.
-    shard = []
-    for index in range(rank, len(rows), world_size):
-        row = rows[index]
-        conversation, images = format_example(row)
-        images = list(images)
-        last = conversation[-1]
-        answers = list(last.get("answers") or [last["assistant"]])
-        prompt = conversation_prompt(conversation, len(images))
+    shard, skipped = [], []
+    count = len(rows) if limit is None else min(limit, len(rows))
+    for index in range(rank, count, world_size):
+        try:
+            row = rows[index]
+            conversation, images = format_example(row)
+            images = list(images)
+            last = conversation[-1]
+            prompt = conversation_prompt(conversation, len(images))
+            length = processor.num_prompt_tokens(prompt, [image.size for image in images], num_crops)
+        except UNREADABLE as e:
+            skipped.append({"index": index, "where": row_location(rows, index), "reason": describe_error(e)})
+            continue
         shard.append(
             {
                 "index": index,
                 "id": _row_id(row, index),
                 "question": last["user"],
-                "answers": answers,
+                "answers": list(last.get("answers") or [last["assistant"]]),
                 "prompt": prompt,
                 "images": images,
-                "length": processor.num_prompt_tokens(prompt, [image.size for image in images], num_crops),
+                "length": length,
             }
         )
     lengths = [item["length"] for item in shard]
@@ -117,7 +127,19 @@ def evaluate(
     try:
         with torch.no_grad():
             for indices in batches:
-                batch = [shard[i] for i in indices]
+                batch = []
+                for item in (shard[i] for i in indices):
+                    try:
+                        for image in item["images"]:
+                            image.load()  # files opened lazily decode here: a broken one skips its row alone
+                    except UNREADABLE as e:
+                        skipped.append({"index": item["index"], "where": row_location(rows, item["index"]),
+                                        "reason": describe_error(e)})
+                        progress.update(1)
+                        continue
+                    batch.append(item)
+                if not batch:
+                    continue
                 predictions = generate_answers(
                     model,
                     processor,
@@ -145,9 +167,10 @@ def evaluate(
         model.train(was_training)
 
     if world_size > 1:
-        gathered: list[list[dict]] = [None] * world_size  # type: ignore[list-item]
-        dist.all_gather_object(gathered, records)
-        records = [record for part in gathered for record in part]
+        gathered: list[tuple[list[dict], list[dict]]] = [None] * world_size  # type: ignore[list-item]
+        dist.all_gather_object(gathered, (records, skipped))
+        records = [record for part, _ in gathered for record in part]
+        skipped = [item for _, part in gathered for item in part]
     records.sort(key=lambda record: record["index"])
     examples = [{k: v for k, v in record.items() if k != "index"} for record in records]
     summary = {
@@ -156,6 +179,9 @@ def evaluate(
         "num_examples": len(examples),
         "examples": examples,
     }
+    if skipped:
+        summary["skipped"] = [{k: v for k, v in item.items() if k != "index"}
+                              for item in sorted(skipped, key=lambda item: item["index"])]
     if output_file is not None:
         if rank == 0:
             write_json(Path(output_file), summary)

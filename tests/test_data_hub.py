@@ -3,7 +3,7 @@
 import pytest
 from PIL import Image
 
-from phi3v.data import load_hf_dataset
+from phi3v.data import DatasetError, load_hf_dataset
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def test_load_hf_dataset_from_save_to_disk(tmp_path):
     assert isinstance(row["images"][0], Image.Image)
     assert row["texts"][0]["assistant"] in {"red", "green", "blue"}
     assert load_hf_dataset(str(path), split="train")[2]["texts"] == rows[2]["texts"]
-    with pytest.raises(ValueError, match=r"\['train'\]") as error:
+    with pytest.raises(DatasetError, match=r"\['train'\]") as error:
         load_hf_dataset(str(path), split="test")
     assert "'test'" in str(error.value)
 
@@ -45,7 +45,7 @@ def test_load_hf_dataset_from_parquet_files(tmp_path, datasets_cache):
     test = load_hf_dataset(str(folder), split="test")
     assert list(train["query"]) == ["q1", "q2", "q3"]
     assert list(test["query"]) == ["t1", "t2"] and list(test["answer"]) == ["b1", "b2"]
-    with pytest.raises(FileNotFoundError, match="'validation'"):
+    with pytest.raises(DatasetError, match="'validation'"):
         load_hf_dataset(str(folder), split="validation")
 
 
@@ -59,9 +59,9 @@ def test_load_hf_dataset_single_parquet_split_and_empty_folder(tmp_path, dataset
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no parquet files"):
+    with pytest.raises(DatasetError, match="no parquet files"):
         load_hf_dataset(str(empty))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DatasetError):
         load_hf_dataset(str(empty), split="test")
 
 
@@ -73,12 +73,12 @@ def test_load_hf_dataset_never_passes_another_split_off_as_train(tmp_path, datas
     folder.mkdir()
     datasets.Dataset.from_dict({"x": [1]}).to_parquet(str(folder / "validation-00000-of-00001.parquet"))
     datasets.Dataset.from_dict({"x": [2]}).to_parquet(str(folder / "test-00000-of-00001.parquet"))
-    with pytest.raises(FileNotFoundError, match=r"'test', 'validation'"):
+    with pytest.raises(DatasetError, match=r"'test', 'validation'"):
         load_hf_dataset(str(folder), split="train")
     assert list(load_hf_dataset(str(folder), split="test")["x"]) == [2]
 
     single = tmp_path / "single"
     datasets.Dataset.from_dict({"x": [3]}).save_to_disk(str(single))
     assert list(load_hf_dataset(str(single))["x"]) == [3]  # a lone Dataset is the train split...
-    with pytest.raises(ValueError, match="not 'test'"):  # ...and has no other split
+    with pytest.raises(DatasetError, match="not 'test'"):  # ...and has no other split
         load_hf_dataset(str(single), split="test")

@@ -95,10 +95,10 @@ def leaves_no_process_group():
     PartialState._reset_state()
 
 
-def test_deepspeed_by_mode(tmp_path, monkeypatch, caplog, leaves_no_process_group):
+def test_deepspeed_by_mode(tmp_path, monkeypatch, capsys, leaves_no_process_group):
     lora = parse_args(argv=["--output_dir", str(tmp_path), "--use_lora", "--deepspeed", "ds.json"])
     assert lora.training.deepspeed is None  # LoRA runs plain DDP, and says so
-    assert "--deepspeed ds.json is ignored" in caplog.text
+    assert "warning: --deepspeed ds.json is ignored" in capsys.readouterr().err
     assert parse(tmp_path).training.deepspeed is None  # --deepspeed none
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")

@@ -7,10 +7,17 @@ from PIL import Image
 
 from phi3v.collator import Phi3VDataCollator
 from phi3v.data import load_hf_dataset
+from phi3v.errors import SetupError
 from phi3v.training import parse_args
-from phi3v.training.trainer import Phi3VTrainer, RowsDataset, filter_by_length
+from phi3v.training.trainer import Phi3VTrainer, TrainingSamples, filter_by_length
 
 LARGE = random_image(400, 300, seed=2)
+
+
+def kept_rows(*args, **kwargs) -> tuple[list[int], list[int]]:
+    """(indices, token counts) of the rows filter_by_length keeps."""
+    rows = filter_by_length(*args, **kwargs)
+    return rows.indices, rows.lengths
 TALL = random_image(300, 400, seed=3)
 
 
@@ -30,7 +37,7 @@ def test_filter_by_length_skips_rows_over_the_budget(tiny_processor, capsys, mon
     lengths = [collator([row])["input_ids"].shape[1] for row in rows]
     assert lengths[1] < lengths[2] < lengths[0] < lengths[3]
 
-    kept, kept_lengths = filter_by_length(rows, identity, tiny_processor, 4, lengths[0], disable_tqdm=True)
+    kept, kept_lengths = kept_rows(rows, identity, tiny_processor, 4, lengths[0], disable_tqdm=True)
     assert kept == [0, 1, 2]  # a row exactly at the budget is kept
     assert kept_lengths == lengths[:3]  # whole rows: nothing truncated
     out = capsys.readouterr().out
@@ -38,39 +45,39 @@ def test_filter_by_length_skips_rows_over_the_budget(tiny_processor, capsys, mon
     assert f"longest kept {lengths[0]} tokens" in out
     assert out.count("\n") == 1
 
-    kept, kept_lengths = filter_by_length(rows, identity, tiny_processor, 4, lengths[0] - 1,
+    kept, kept_lengths = kept_rows(rows, identity, tiny_processor, 4, lengths[0] - 1,
                                                    disable_tqdm=True)
     assert (kept, kept_lengths) == ([1, 2], [lengths[1], lengths[2]])
     assert "2 kept, 2 skipped" in capsys.readouterr().out
 
-    kept, kept_lengths = filter_by_length(rows, identity, tiny_processor, 4, None, disable_tqdm=True)
+    kept, kept_lengths = kept_rows(rows, identity, tiny_processor, 4, None, disable_tqdm=True)
     assert (kept, kept_lengths) == ([0, 1, 2, 3], lengths)
     assert "4 kept, 0 skipped" in capsys.readouterr().out
 
     # num_crops 1 makes the image rows shorter, so more fit.
     short = [Phi3VDataCollator(tiny_processor, identity, num_crops=1)([row])["input_ids"].shape[1] for row in rows]
-    kept, kept_lengths = filter_by_length(rows, identity, tiny_processor, 1, lengths[2], disable_tqdm=True)
+    kept, kept_lengths = kept_rows(rows, identity, tiny_processor, 1, lengths[2], disable_tqdm=True)
     assert kept_lengths == [short[i] for i in kept]
     assert kept == [i for i in range(4) if short[i] <= lengths[2]] and len(kept) > 2
 
-    with pytest.raises(ValueError, match="--max_seq_length"):
+    with pytest.raises(SetupError, match="no training sample fits --max_seq_length"):
         filter_by_length(rows, identity, tiny_processor, 4, lengths[1] - 1, disable_tqdm=True)
     assert "0 kept, 4 skipped" in capsys.readouterr().out
 
 
 def test_filter_by_length_prints_only_on_the_main_process(tiny_processor, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "1")
-    kept, _ = filter_by_length(_rows(), identity, tiny_processor, 4, None, disable_tqdm=True)
+    kept, _ = kept_rows(_rows(), identity, tiny_processor, 4, None, disable_tqdm=True)
     assert kept == [0, 1, 2, 3]
     assert capsys.readouterr().out == ""
 
 
 def test_rows_dataset_maps_indices():
     rows = ["a", "b", "c", "d", "e"]
-    dataset = RowsDataset(rows, [4, 0, 2])
+    dataset = TrainingSamples(rows, [4, 0, 2])
     assert len(dataset) == 3
     assert [dataset[i] for i in range(len(dataset))] == ["e", "a", "c"]
-    assert len(RowsDataset(rows, [])) == 0
+    assert len(TrainingSamples(rows, [])) == 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=list)
     assert list(loader) == [["e", "a"], ["c"]]
 
@@ -90,16 +97,16 @@ def test_length_grouped_batches_have_little_padding(tiny_processor, tmp_path, si
 
     rng = random.Random(0)
     rows = [sample(" ".join(["word"] * rng.randint(300, 2400)), "yes" if i % 2 else "no") for i in range(800)]
-    kept, lengths = filter_by_length(rows, identity, tiny_processor, 1, None, disable_tqdm=True)
+    kept, lengths = kept_rows(rows, identity, tiny_processor, 1, None, disable_tqdm=True)
 
     def padding_fraction(group_by_length: bool) -> float:
         argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
                 "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}"]
         args = parse_args(argv=argv)
+        collator = Phi3VDataCollator(tiny_processor, identity, num_crops=1)
         trainer = Phi3VTrainer(
             model=Phi3VForCausalLM(tiny_config()), args=args.training,
-            train_dataset=RowsDataset(rows, kept, lengths),
-            data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1),
+            train_dataset=TrainingSamples(rows, kept, lengths, encode=collator.encode), data_collator=collator.collate,
         )
         masks = [batch["attention_mask"] for batch in trainer.get_train_dataloader()]
         return sum(int((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)
@@ -127,7 +134,7 @@ def test_filter_by_length_reads_image_sizes_without_decoding_pixels(tiny_process
         raise AssertionError("an image was decoded")
 
     monkeypatch.setattr(datasets.features.Image, "decode_example", no_decoding)
-    kept, lengths = filter_by_length(rows, cauldron, tiny_processor, 4, None, disable_tqdm=True)
+    kept, lengths = kept_rows(rows, cauldron, tiny_processor, 4, None, disable_tqdm=True)
     assert kept == list(range(len(rows))) and lengths == expected
 
 
@@ -165,7 +172,7 @@ def test_filter_by_length_on_converted_data_reads_frame_headers_only(tiny_proces
         raise AssertionError("a frame was decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    kept, lengths = filter_by_length(rows, format_row, tiny_processor, 4, None, disable_tqdm=True)
+    kept, lengths = kept_rows(rows, format_row, tiny_processor, 4, None, disable_tqdm=True)
     assert kept == [0, 1, 2] and lengths == expected
 
 
@@ -180,15 +187,15 @@ def test_training_batches_stay_on_one_side_of_the_longrope_switch(tiny_processor
 
     rng = random.Random(0)
     rows = [sample(" ".join(["word"] * rng.randint(300, 1700)), "yes") for _ in range(103)]
-    kept, lengths = filter_by_length(rows, identity, tiny_processor, 1, None, disable_tqdm=True)
+    kept, lengths = kept_rows(rows, identity, tiny_processor, 1, None, disable_tqdm=True)
     limit = sorted(lengths)[40]  # 62 samples past the switch
     argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
             "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}", f"--packing={packing}"]
+    collator = Phi3VDataCollator(tiny_processor, identity, num_crops=1, packing=packing)
     trainer = Phi3VTrainer(
         model=Phi3VForCausalLM(tiny_config(original_max_position_embeddings=limit)),
         args=parse_args(argv=argv).training,
-        train_dataset=RowsDataset(rows, kept, lengths),
-        data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1, packing=packing),
+        train_dataset=TrainingSamples(rows, kept, lengths, encode=collator.encode), data_collator=collator.collate,
     )
     batches = []
     for batch in trainer.get_train_dataloader():
@@ -198,3 +205,30 @@ def test_training_batches_stay_on_one_side_of_the_longrope_switch(tiny_processor
     assert max(batches[0]) == max(lengths)  # the longest batch first
     mixed = [sizes for sizes in batches if min(sizes) <= limit < max(sizes)]
     assert mixed in ([], [batches[-1]])  # only the epoch's last batch may hold leftovers of both sides
+
+
+def test_an_unreadable_sample_is_named_and_replaced_by_the_next(tiny_processor, tmp_path):
+    """A truncated JPEG passes the header check at start; decoding it for training must not end the run."""
+    good = tmp_path / "good.jpg"
+    random_image(120, 90).save(good, quality=90)
+    data = good.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    rows = [(tmp_path / name) for name in ("good.jpg", "cut.jpg", "good.jpg")]
+    locations = ["data.jsonl:1", "data.jsonl:2", "data.jsonl:3"]
+
+    def open_frame(path):
+        return [{"user": "Colour?", "assistant": "red", "images": [path.name]}], [Image.open(path)]
+
+    from phi3v.data.rows import Records
+
+    records = Records(rows, locations)
+    kept = kept_rows(records, open_frame, tiny_processor, 1, None, disable_tqdm=True)
+    assert kept[0] == [0, 1, 2]  # the header reads fine
+    collator = Phi3VDataCollator(tiny_processor, open_frame, num_crops=1)
+    samples = TrainingSamples(records, *kept, encode=collator.encode)
+    first, second = samples[0], samples[1]
+    assert first["bad_samples"] == []
+    assert len(second["bad_samples"]) == 1 and second["bad_samples"][0].startswith("data.jsonl:2: OSError")
+    assert second["input_ids"] == first["input_ids"]  # row 3 (the same good image) took its place
+    batch = collator.collate([first, second])
+    assert batch["input_ids"].shape[0] == 2 and batch["bad_samples"] == second["bad_samples"]

@@ -7,7 +7,7 @@ Hub datasets (or local copies of them).
 """
 
 from .converted import ValidationError, load_jsonl_dataset, record_images, validate_file, validate_record
-from .hub import cauldron_example, load_hf_dataset, sizes_only
+from .hub import DatasetError, cauldron_example, hold_out, load_hf_dataset, sizes_only
 
-__all__ = ["ValidationError", "cauldron_example", "load_hf_dataset", "load_jsonl_dataset", "record_images",
+__all__ = ["DatasetError", "ValidationError", "cauldron_example", "hold_out", "load_hf_dataset", "load_jsonl_dataset", "record_images",
            "sizes_only", "validate_file", "validate_record"]

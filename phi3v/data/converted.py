@@ -26,7 +26,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..chat import IMAGE_TAG, image_tag_problem
+from ..errors import SetupError
 from ..images import image_size
+from .rows import Records
 
 SPLITS = ("train", "val", "test")
 TURN_KEYS = {"user", "assistant", "images"}
@@ -45,7 +47,7 @@ class Problem:
         return f"{self.path}:{self.line}: {self.message}" if self.line is not None else f"{self.path}: {self.message}"
 
 
-class ValidationError(ValueError):
+class ValidationError(SetupError, ValueError):
     """Bad data. `problems` lists them all; `path`, `line` and `message` are the first one's."""
 
     def __init__(self, problems: Sequence[Problem] | str, path: str | Path | None = None, line: int | None = None):
@@ -253,8 +255,8 @@ def validate_file(
 
 
 def load_jsonl_dataset(data_dir: str | Path, split: str, *, check_images: bool = True,
-                       full_check: bool = False) -> list[dict]:
-    """The records of one split (`find_split_file`), all validated (see `validate_file`).
+                       full_check: bool = False) -> Records:
+    """The records of one split (`find_split_file`), all validated (see `validate_file`), with their FILE:LINE.
 
     Raises ValidationError listing every bad line as FILE:LINE: what is wrong."""
     report = validate_file(find_split_file(data_dir, split), Path(data_dir) / "images",
@@ -263,4 +265,4 @@ def load_jsonl_dataset(data_dir: str | Path, split: str, *, check_images: bool =
         raise ValidationError(report.problems)
     if not report.records:
         raise ValidationError("no records", report.path)
-    return report.records
+    return Records(report.records, [f"{report.path}:{line}" for line in report.lines])

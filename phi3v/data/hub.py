@@ -9,7 +9,19 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..errors import SetupError
+
 SPLIT_FILE = re.compile(r"^(train|test|val|validation|dev)[-_.]")
+HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+class DatasetError(SetupError, ValueError):
+    """A dataset that cannot be loaded as given."""
+
+
+def looks_like_a_path(name_or_path: str) -> bool:
+    """True for what cannot be a Hub id (`name` or `org/name`): ./x, /x, ~/x, a/b/c, C:\\x."""
+    return not HUB_ID.match(name_or_path) or name_or_path.startswith(".")
 
 
 def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: str = "train"):
@@ -21,15 +33,24 @@ def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: st
     """
     import datasets
 
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if not path.exists():
-        return datasets.load_dataset(name_or_path, config_name, split=split)
+        if looks_like_a_path(name_or_path):
+            raise DatasetError(f"{name_or_path}: no such folder")
+        try:
+            return datasets.load_dataset(name_or_path, config_name, split=split)
+        except Exception as e:  # noqa: BLE001 - offline, no such dataset or config, no such split...
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatasetError(f"{name_or_path}: not a local folder, and loading it from the Hub failed "
+                               f"({first_line})") from None
+    if not path.is_dir():
+        raise DatasetError(f"{path}: not a folder (a saved dataset or a folder of parquet files)")
     if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
         loaded = datasets.load_from_disk(str(path))
         if not isinstance(loaded, datasets.DatasetDict):
             loaded = datasets.DatasetDict({"train": loaded})
         if split not in loaded:
-            raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}")
+            raise DatasetError(f"{path} has splits {list(loaded)}, not {split!r}")
         return loaded[split]
     files = sorted(path.rglob("*.parquet"))
     parquet = [p for p in files if p.name.startswith((f"{split}-", f"{split}_", f"{split}."))]
@@ -37,11 +58,19 @@ def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: st
         parquet = files  # unnamed files: one split
     if not parquet:
         found = sorted({m.group(1) for p in files if (m := SPLIT_FILE.match(p.name))})
-        raise FileNotFoundError(
+        raise DatasetError(
             f"{path}: no saved dataset (dataset_dict.json) and no parquet files for split {split!r}"
             + (f" (parquet splits found: {found})" if found else "")
         )
     return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
+
+
+def hold_out(rows, num_eval: int):
+    """(train rows, eval rows): the first `num_eval` rows evaluate, the rest train."""
+    if len(rows) <= num_eval:
+        raise DatasetError(f"the dataset has {len(rows)} rows, and its first {num_eval} are held out for evaluation: "
+                           "no row is left to train on")
+    return rows.select(range(num_eval, len(rows))), rows.select(range(num_eval))
 
 
 def cauldron_example(row: dict) -> tuple[list[dict], list]:

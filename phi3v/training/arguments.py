@@ -12,6 +12,7 @@ transformers documents it.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import sys
@@ -24,13 +25,18 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
+from ..distributed import print_once
+from ..errors import SetupError, report_setup_errors
+
 logger = logging.get_logger(__name__)
 
 DEFAULT_DEEPSPEED_CONFIG = Path(__file__).resolve().parents[2] / "ds_config_zero2.json"
 
 
-class FlagError(ValueError):
+class FlagError(SetupError, ValueError):
     """A flag with a value that cannot work; the message names the flag."""
+
+    exit_status = 2
 
 
 @dataclass
@@ -97,6 +103,12 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on the first N rows only."})
     skip_eval_before: bool = field(default=False, metadata={"help": "Skip the evaluation before training."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens generated per answer in evaluation."})
+    max_bad_samples: int | None = field(
+        default=None,
+        metadata={"help": "Unreadable samples (e.g. truncated images) met during training are named, skipped and "
+                  "replaced; past this many the run saves a checkpoint and stops. Default: 1%% of the training "
+                  "samples."},
+    )
     packing: bool = field(
         default=False,
         metadata={"help": "Concatenate each per-GPU batch into one sequence (no padding; samples stay independent)."},
@@ -108,6 +120,8 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        if self.max_bad_samples is not None and self.max_bad_samples < 0:
+            raise FlagError(f"--max_bad_samples must be at least 0, got {self.max_bad_samples}")
         for flag in ("max_seq_length", "max_train_samples", "max_eval_samples", "max_new_tokens"):
             value = getattr(self, flag)
             if value is not None and value < 1:
@@ -224,11 +238,16 @@ def deepspeed_config(value: str | None, use_lora: bool) -> str | None:
         return None
     if use_lora:
         if value:
-            logger.warning(f"--deepspeed {value} is ignored: LoRA and QLoRA train under plain DDP.")
+            print_once(f"warning: --deepspeed {value} is ignored: LoRA and QLoRA train under plain DDP.",
+                       file=sys.stderr)
         return None
     path = value or str(DEFAULT_DEEPSPEED_CONFIG)
     if not Path(path).is_file():
         raise FlagError(f"--deepspeed {path}: no such file")
+    try:
+        json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise FlagError(f"--deepspeed {path}: not valid JSON ({e})") from None
     if "LOCAL_RANK" not in os.environ:
         raise FlagError(
             "full fine-tuning runs under DeepSpeed, which needs torchrun even for one process: "
@@ -263,12 +282,23 @@ def build_parser(task_arguments: type | None = None) -> RecipeArgumentParser:
     return RecipeArgumentParser(groups + ([task_arguments] if task_arguments else []))
 
 
+def warn_ignored_flags(parser: RecipeArgumentParser, values: dict[str, Any], lora: LoraArguments) -> None:
+    """Flags set to a non-default value that the chosen mode does not use."""
+    if not lora.use_lora:
+        ignored = [f"--{name}" for name in ("lora_rank", "lora_alpha_ratio", "lora_dropout")
+                   if values[name] != parser.get_default(name)]
+        if ignored:
+            print_once(f"warning: {', '.join(ignored)} ignored: without --use_lora or --use_qlora all weights train.",
+                       file=sys.stderr)
+
+
 def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = None, **defaults: Any) -> RecipeArguments:
     """Parses the recipe flags (and a task's own dataclass); `defaults` change per-task defaults.
 
     A bad value ends the program with a one-line message naming the flag (exit status 2).
     Creating the training arguments also starts torch.distributed under torchrun.
     """
+    report_setup_errors()
     parser = build_parser(task_arguments)
     parser.set_defaults(**defaults)
     namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -280,6 +310,9 @@ def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = 
     try:
         model, lora, data = build(ModelArguments), build(LoraArguments), build(DataArguments)
         task = build(task_arguments) if task_arguments else None
+        if Path(values["output_dir"]).exists() and not Path(values["output_dir"]).is_dir():
+            raise FlagError(f"--output_dir {values['output_dir']}: a file, not a folder")
+        warn_ignored_flags(parser, values, lora)
         # The mode decides what the Trainer runs under, so these resolve before the Trainer's arguments exist.
         values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora)
         if (not data.group_by_length or data.packing) and values["train_sampling_strategy"] == "group_by_length":

@@ -6,13 +6,16 @@ a model already built (the bench builds random ones), so both train exactly the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import BitsAndBytesConfig
 
 from ..attention import training_attention
+from ..data.hub import looks_like_a_path
 from ..distributed import print_once
+from ..errors import SetupError
 from ..generation import use_chat_stop_tokens
 from ..modeling import Phi3VForCausalLM
 from ..processing import Phi3VProcessor
@@ -81,10 +84,20 @@ def setup_mode(model: Phi3VForCausalLM, model_args: ModelArguments, lora: LoraAr
     return get_peft_model(model, config)
 
 
-def load_for_training(args: RecipeArguments) -> tuple[torch.nn.Module, Phi3VProcessor]:
-    """The model set up for the chosen mode, and its processor."""
+def load_processor(model_name_or_path: str) -> Phi3VProcessor:
+    """The checkpoint's processor: also the cheap check that --model_name_or_path is there, before the model loads."""
+    if looks_like_a_path(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():
+        raise SetupError(f"--model_name_or_path {model_name_or_path}: no such folder")
+    try:
+        return Phi3VProcessor.from_pretrained(model_name_or_path)
+    except OSError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SetupError(f"--model_name_or_path {model_name_or_path}: cannot load it ({first_line})") from None
+
+
+def load_for_training(args: RecipeArguments, processor: Phi3VProcessor) -> torch.nn.Module:
+    """The model set up for the chosen mode."""
     training, model_args, lora = args.training, args.model, args.lora
-    processor = Phi3VProcessor.from_pretrained(model_args.model_name_or_path)
     on_gpu = torch.cuda.is_available()
     half = torch.bfloat16 if training.bf16 else (torch.float16 if on_gpu else torch.float32)
     kwargs: dict[str, Any] = {
@@ -105,4 +118,4 @@ def load_for_training(args: RecipeArguments) -> tuple[torch.nn.Module, Phi3VProc
     total = sum(p.numel() for p in model.parameters())
     print_once(f"Model {model_args.model_name_or_path}: {mode_name(model_args, lora)}, "
                f"trainable {trainable:,} of {total:,} parameters")
-    return model, processor
+    return model

@@ -5,29 +5,39 @@ contract is in `phi3v.chat`) and a metric (a name in `phi3v.metrics.METRICS` or 
 
     args = parse_args(TaskArguments, argv)
     run(args, train_rows, eval_rows, format_example, "accuracy")
+
+A run never loses work: it holds --output_dir for itself, resumes from the newest complete
+checkpoint, stops at a step boundary with a checkpoint on SIGTERM/SIGINT, skips (and names)
+samples it cannot read, and a finished run re-run changes nothing.
 """
 
 from __future__ import annotations
 
+import math
 import shlex
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..chat import FormatExample
 from ..collator import Phi3VDataCollator
-from ..distributed import finish, print_once, stop
+from ..distributed import finish, gather_lists, is_main_process, main_process_decides, print_once
+from ..errors import SetupError
 from ..evaluation import evaluate as evaluate_rows
 from ..generation import try_command
 from ..metrics import Metric, resolve_metric
 from ..processing import Phi3VProcessor
 from .arguments import RecipeArguments
-from .modes import load_for_training
-from .trainer import Phi3VTrainer, RowsDataset, filter_by_length
+from .checkpoints import (CheckpointError, copy_model_files, find_resume_point, load_model_weights, run_is_complete,
+                          trained_steps)
+from .modes import load_for_training, load_processor
+from .output_lock import OutputDirBusy, OutputDirLock
+from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
+from .trainer import Phi3VTrainer, TrainingSamples, filter_by_length
 
 
 def run(
@@ -46,22 +56,105 @@ def run(
     --full_train); `example_image` goes into the closing "Try it with" command.
     """
     resolve_metric(metric)  # an unknown metric name fails now, not after training
-    model, processor = load_for_training(args)
-    if not args.data.skip_eval_before:
-        evaluate(model, processor, eval_rows, format_example, metric, args, "before")
-    trainer = train(model, processor, train_rows, format_train or format_example, args)
-    save(trainer, processor, args)
-    evaluate(trainer.model, processor, eval_rows, format_example, metric, args, "after")
-    command = try_command(args.training.output_dir, args.model.model_name_or_path, args.lora.use_lora, example_image)
-    print_once(f"Try it with:\n  {command}")
+    lock = OutputDirLock(args.training.output_dir)
+    signals = StopSignals()
+    try:
+        with signals.installed():
+            main_process_decides(lock.acquire, errors=(OutputDirBusy,))
+            if lock.taken_over:
+                print_once(f"Took over {lock.path}, left by a run that is gone (pid {lock.taken_over.get('pid')}).")
+            steps(args, train_rows, eval_rows, format_example, metric, format_train or format_example, example_image,
+                  signals)
+    except RunInterrupted as e:
+        print_once(f"Stopped by {signal.Signals(e.signum).name} outside training: nothing new to save. Run the same "
+                   "command again to continue.")
+        raise SystemExit(128 + e.signum) from None
+    finally:
+        lock.release()
     finish()
+
+
+def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[Any], format_example: FormatExample,
+          metric: str | Metric, format_train: FormatExample, example_image: str | None, signals: StopSignals) -> None:
+    """The run's steps, in order; each one checks what it can before the model loads."""
+    training, output_dir = args.training, Path(args.training.output_dir)
+    if run_is_complete(output_dir) and training.resume_from_checkpoint is None and not training.no_auto_resume:
+        print_once(f"The run in {output_dir} is complete (its model and eval_after.json are there): nothing was changed. "
+                   "--no_auto_resume trains again from the start; --resume_from_checkpoint with a larger --max_steps "
+                   "or --num_train_epochs trains on.")
+        return
+    point = main_process_decides(lambda: find_resume_point(output_dir, training.resume_from_checkpoint,
+                                                           not training.no_auto_resume, True),
+                                 errors=(CheckpointError,))
+    for incomplete, moved_to in point.set_aside:
+        print_once(f"{incomplete} is incomplete (the run was stopped while writing it): moved to {moved_to}.")
+
+    processor = load_processor(args.model.model_name_or_path)
+    rows = filter_by_length(train_rows, format_train, processor, args.model.num_crops, args.data.max_seq_length,
+                            training.disable_tqdm, limit=args.data.max_train_samples)
+    max_bad = args.data.max_bad_samples
+    max_bad = math.ceil(0.01 * len(rows.indices)) if max_bad is None else max_bad
+    if len(rows.unreadable) > max_bad:
+        raise SetupError(f"{len(rows.unreadable)} training rows cannot be read (listed above), more than "
+                         f"--max_bad_samples {max_bad}: fix or remove them")
+    model = load_for_training(args, processor)
+
+    if point.checkpoint is not None:
+        print_once(f"Resuming from {point.checkpoint} (pass --no_auto_resume to start over)")
+    if not args.data.skip_eval_before and not (point.checkpoint and (output_dir / "eval_before.json").is_file()):
+        evaluate(model, processor, eval_rows, format_example, metric, args, "before")
+
+    collator = Phi3VDataCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
+    trainer = Phi3VTrainer(
+        model=model,
+        args=training,
+        train_dataset=TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode),
+        data_collator=collator.collate,
+    )
+    stopper = StopAtStepEnd(signals, trainer.bad_samples, max_bad - len(rows.unreadable))
+    trainer.add_callback(stopper)
+    finished = point.checkpoint is not None and trained_steps(point.checkpoint) >= planned_steps(trainer)
+    if finished:  # stopped after its last step: the checkpoint holds the trained model
+        print_once(f"{point.checkpoint} is the last step of training: finishing from it.")
+        load_model_weights(model, point.checkpoint)
+    else:
+        with signals.deferring():
+            trainer.train(resume_from_checkpoint=str(point.checkpoint) if point.checkpoint else None)
+    bad = rows.unreadable + sorted(set(gather_lists(trainer.bad_samples)))
+    for where in bad[len(rows.unreadable):]:
+        print_once(f"  unreadable, skipped during training: {where}")
+    if stopper.reason is not None:
+        stopped(stopper, trainer, bad, max_bad)
+
+    save(trainer, processor, args, from_checkpoint=point.checkpoint if finished else None)
+    evaluate(model if finished else trainer.model, processor, eval_rows, format_example, metric, args, "after")
+    if bad:
+        print_once(f"{len(bad)} unreadable sample(s) were skipped (listed above).")
+    command = try_command(str(output_dir), args.model.model_name_or_path, args.lora.use_lora, example_image)
+    print_once(f"Try it with:\n  {command}")
+
+
+def planned_steps(trainer: Trainer) -> int:
+    """The optimizer steps this run's flags and data make (what --max_steps or the epochs come to)."""
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
+def stopped(stopper: StopAtStepEnd, trainer: Trainer, bad: list[str], max_bad: int) -> None:
+    """Ends a run that stopped early, after its checkpoint was written."""
+    step = trainer.state.global_step
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if stopper.reason == "bad samples":
+        raise SetupError(f"{len(bad)} samples could not be read (listed above), more than --max_bad_samples "
+                         f"{max_bad}: stopped at step {step} with {checkpoint}. Fix or remove them, then run the same "
+                         "command again to resume.")
+    name = signal.Signals(stopper.signum).name
+    print_once(f"Stopped by {name} at step {step}: {checkpoint} holds everything. Run the same command again to resume.")
+    raise SystemExit(128 + stopper.signum)
 
 
 def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[Any], format_example: FormatExample,
              metric: str | Metric, args: RecipeArguments, when: str) -> dict:
     """Batched, sharded evaluation written to `output_dir/eval_{when}.json`; returns the summary."""
-    if args.data.max_eval_samples is not None:
-        rows = [rows[i] for i in range(min(args.data.max_eval_samples, len(rows)))]
     if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
         model.to(args.training.device)  # before training the Trainer hasn't placed it yet
     summary = evaluate_rows(
@@ -75,42 +168,22 @@ def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[A
         num_crops=args.model.num_crops,
         output_file=Path(args.training.output_dir) / f"eval_{when}.json",
         disable_tqdm=args.training.disable_tqdm,
+        limit=args.data.max_eval_samples,
     )
+    for item in summary.get("skipped", []):
+        print_once(f"  unreadable, not evaluated: {item['where']}: {item['reason']}")
     print_once(f"Evaluation {when} training: {summary['metric']} {100 * summary['score']:.2f} "
                f"on {summary['num_examples']} examples")
     return summary
 
 
-def train(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[Any], format_example: FormatExample,
-          args: RecipeArguments) -> Trainer:
-    """Trains on `rows` (resuming from the newest checkpoint when there is one) and returns the Trainer."""
-    training = args.training
-    if args.data.max_train_samples is not None:
-        rows = [rows[i] for i in range(min(args.data.max_train_samples, len(rows)))]
-    try:
-        kept, lengths = filter_by_length(rows, format_example, processor, args.model.num_crops,
-                                         args.data.max_seq_length, training.disable_tqdm)
-    except ValueError as e:
-        stop(str(e))
-    trainer = Phi3VTrainer(
-        model=model,
-        args=training,
-        train_dataset=RowsDataset(rows, kept, lengths),
-        data_collator=Phi3VDataCollator(processor, format_example, args.model.num_crops, packing=args.data.packing),
-    )
-    resume = training.resume_from_checkpoint
-    if resume is None and not training.no_auto_resume and Path(training.output_dir).is_dir():
-        resume = get_last_checkpoint(training.output_dir)
-        if resume:
-            print_once(f"Resuming from {resume} (pass --no_auto_resume to start over)")
-    trainer.train(resume_from_checkpoint=resume)
-    return trainer
-
-
-def save(trainer: Trainer, processor: Phi3VProcessor, args: RecipeArguments) -> None:
+def save(trainer: Trainer, processor: Phi3VProcessor, args: RecipeArguments, from_checkpoint: Path | None = None) -> None:
     """Final model (full weights in the Hub layout, or the LoRA adapter) and processor in output_dir."""
     output_dir = args.training.output_dir
-    trainer.save_model(output_dir)
+    if from_checkpoint is None:
+        trainer.save_model(output_dir)
+    elif is_main_process():
+        copy_model_files(from_checkpoint, output_dir)
     if trainer.is_world_process_zero():
         processor.image_processor.num_crops = args.model.num_crops  # what the model was trained with
         processor.save_pretrained(output_dir)

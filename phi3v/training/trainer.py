@@ -3,21 +3,36 @@ batches that respect LongRoPE's switch, and the Trainer that uses them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import rotate_checkpoints
 
 from ..chat import FormatExample
 from ..data.hub import sizes_only
+from ..data.rows import UNREADABLE, describe_error, row_location
 from ..distributed import is_main_process
+from ..errors import SetupError
 from ..modeling import longrope_limit
 from ..processing import Phi3VProcessor
+from .checkpoints import mark_complete
 
 LENGTH_BUCKET = 64  # tokens; granularity of length-grouped batching
+
+
+@dataclass
+class TrainingRows:
+    """The rows that train: their indices in the task's rows, their token counts, and the unreadable ones."""
+
+    indices: list[int]
+    lengths: list[int]
+    unreadable: list[str]
 
 
 def filter_by_length(
@@ -27,41 +42,70 @@ def filter_by_length(
     num_crops: int,
     max_seq_length: int | None,
     disable_tqdm: bool = False,
-) -> tuple[list[int], list[int]]:
-    """Indices of the rows within the token budget, and the token count of each kept row.
+    limit: int | None = None,
+) -> TrainingRows:
+    """The rows (of the first `limit`) within the token budget, with their token counts.
 
     Over-long rows are skipped (never truncated: a truncated sample can lose its whole answer
-    and train on nothing), with a count printed once.
+    and train on nothing), with a count printed once. A row whose image cannot even be opened is
+    named and skipped too.
     """
-    kept, lengths = [], []
+    kept, lengths, unreadable = [], [], []
     headers = sizes_only(rows)  # image sizes from file headers: no pixel decoding for a whole dataset
-    for index in tqdm(range(len(rows)), desc="Counting tokens", disable=disable_tqdm or not is_main_process()):
-        conversation, images = format_example(headers[index])
-        n = processor.num_conversation_tokens(conversation, [image.size for image in images], num_crops)
+    count = len(rows) if limit is None else min(limit, len(rows))
+    for index in tqdm(range(count), desc="Counting tokens", disable=disable_tqdm or not is_main_process()):
+        try:
+            conversation, images = format_example(headers[index])
+            n = processor.num_conversation_tokens(conversation, [image.size for image in images], num_crops)
+        except UNREADABLE as e:
+            unreadable.append(f"{row_location(rows, index)}: {describe_error(e)}")
+            continue
         if max_seq_length is None or n <= max_seq_length:
             kept.append(index)
             lengths.append(n)
-    skipped = len(rows) - len(kept)
+    if count == 0:
+        raise SetupError("there are no training rows")
     if is_main_process():
         longest = max(lengths, default=0)
+        skipped = count - len(kept) - len(unreadable)
         print(f"Training samples: {len(kept)} kept, {skipped} skipped as longer than --max_seq_length "
               f"{max_seq_length}; longest kept {longest} tokens, mean {sum(lengths) / max(len(lengths), 1):.0f}")
+        for where in unreadable:
+            print(f"  unreadable, skipped: {where}")
     if not kept:
-        raise ValueError(f"No training sample fits --max_seq_length {max_seq_length}")
-    return kept, lengths
+        raise SetupError(f"no training sample fits --max_seq_length {max_seq_length}" if not unreadable
+                         else f"no training sample is readable and fits --max_seq_length {max_seq_length}")
+    return TrainingRows(kept, lengths, unreadable)
 
 
-class RowsDataset(torch.utils.data.Dataset):
-    """The rows the Trainer iterates over (a view of a subset of the task's rows), with their token counts."""
+class TrainingSamples(torch.utils.data.Dataset):
+    """The samples the Trainer iterates over: a subset of the task's rows, with their token counts.
 
-    def __init__(self, rows: Sequence[Any], indices: list[int], lengths: list[int] | None = None):
-        self.rows, self.indices, self.lengths = rows, indices, lengths
+    With `encode` (the collator's), an item is the encoded sample. A row that fails to decode (a
+    truncated image, a broken Hub row) is named in the next good sample's "bad_samples", which
+    replaces it: batches keep their size, so every process keeps running the same steps.
+    """
+
+    def __init__(self, rows: Sequence[Any], indices: list[int], lengths: list[int] | None = None,
+                 encode: Callable[[Any], dict] | None = None):
+        self.rows, self.indices, self.lengths, self.encode = rows, indices, lengths, encode
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Any:
-        return self.rows[self.indices[i]]
+        if self.encode is None:
+            return self.rows[self.indices[i]]
+        bad = []
+        for j in range(i, i + len(self)):
+            index = self.indices[j % len(self)]
+            try:
+                sample = self.encode(self.rows[index])
+            except UNREADABLE as e:
+                bad.append(f"{row_location(self.rows, index)}: {describe_error(e)}")
+                continue
+            return {**sample, "bad_samples": bad}
+        raise SetupError(f"none of the {len(self)} training samples can be read: " + "; ".join(bad[:3]))
 
 
 def length_buckets(lengths: list[int]) -> list[int]:
@@ -111,11 +155,19 @@ class LongRopeSidesSampler(torch.utils.data.Sampler):
 
 
 class Phi3VTrainer(Trainer):
-    """Trainer whose sample order uses the token counts measured at start (image tokens included).
+    """The Trainer, with what a long run on images needs.
 
-    transformers' own grouping would read `len(row["input_ids"])`, which our raw rows don't have,
-    and knows nothing of LongRoPE's switch (see LongRopeSidesSampler).
+    - Sample order from the token counts measured at start (image tokens included): transformers'
+      own grouping would read `len(row["input_ids"])`, which our raw rows don't have, and knows
+      nothing of LongRoPE's switch (see LongRopeSidesSampler).
+    - Checkpoints marked complete once every process has written its part, and only then are older
+      ones deleted (see phi3v.training.checkpoints).
+    - Unreadable samples that batches report ("bad_samples") collected in `bad_samples`, each once.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bad_samples: list[str] = []
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -130,3 +182,22 @@ class Phi3VTrainer(Trainer):
         if grouped:
             return LengthGroupedSampler(group_size, lengths=length_buckets(lengths))
         return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        for where in inputs.pop("bad_samples", []):
+            if where not in self.bad_samples:
+                self.bad_samples.append(where)
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate below, once it is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every process's files (DeepSpeed shards, RNG states) are written
+        if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            mark_complete(Path(run_dir) / f"checkpoint-{self.state.global_step}")
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
