@@ -349,6 +349,9 @@ def convert(args: argparse.Namespace) -> int:
         prompt = PROMPT.format(", ".join(classes))
 
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{TEMP_TAG}-", dir=out_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700; it becomes --out_dir, a folder like any other
         jobs, clips = [], []  # clips[i] = (split, class, relative name, stem) for jobs[i]
         for split, by_class in plan.items():
             for cls, videos in by_class.items():

@@ -23,6 +23,7 @@ from .chat import FormatExample, conversation_prompt
 from .distributed import rank_and_world_size
 from .files import write_json
 from .generation import generate_answers, length_sorted_batches
+from .images import upright_size
 from .data.rows import UNREADABLE, describe_error, row_location
 from .metrics import Metric, resolve_metric
 from .modeling import longrope_limit
@@ -100,7 +101,7 @@ def evaluate(
             images = list(images)
             last = conversation[-1]
             prompt = conversation_prompt(conversation, len(images))
-            length = processor.num_prompt_tokens(prompt, [image.size for image in images], num_crops)
+            length = processor.num_prompt_tokens(prompt, [upright_size(image) for image in images], num_crops)
         except UNREADABLE as e:
             skipped.append({"index": index, "where": row_location(rows, index), "reason": describe_error(e)})
             continue

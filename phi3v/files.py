@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 
-def _umask() -> int:
+def follow_umask(path: str | Path) -> None:
+    """Gives a file or folder made by tempfile (0600 / 0700) the mode `open` or `mkdir` would have given it."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
 def write_atomically(path: str | Path, write: Callable[[TextIO], None]) -> None:
@@ -28,7 +29,7 @@ def write_atomically(path: str | Path, write: Callable[[TextIO], None]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
-        os.chmod(temp, 0o666 & ~_umask())
+        follow_umask(temp)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Records in the converted-data format; the last turn of each conversation is answered.")
     many.add_argument("--output", default=None, metavar="FILE.jsonl",
                       help="Where to write the records with a 'prediction' field added (same order as --input).")
+    many.add_argument("--overwrite", action="store_true", help="Replace --output if it exists (never --input).")
     many.add_argument("--images_dir", default=None,
                       help="Folder the image paths of --input are relative to (default: images/ beside --input).")
     many.add_argument("--batch_size", type=int, default=8, help="Prompts per generate call with --input (default 8).")
@@ -172,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.input is not None and not Path(args.input).is_file():
         parser.error(f"--input {args.input}: no such file")
+    if args.input is not None and Path(args.output).resolve() == Path(args.input).resolve():
+        parser.error(f"--output {args.output} is the --input file: write the predictions elsewhere")
+    if args.input is not None and Path(args.output).exists() and not args.overwrite:
+        parser.error(f"--output {args.output} exists: pass --overwrite to replace it, or choose another file")
     if args.seed is not None:
         from transformers import set_seed
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,39 @@ def processor_source(model_name: str, adapter: str | None) -> str:
     return model_name
 
 
+def adapter_problems(model: torch.nn.Module, adapter: str | Path, base_name: str) -> tuple[list[str], str | None]:
+    """What stops a LoRA adapter from applying to `model` (wrong shapes, missing layers), and a warning when
+    it was trained on another base than `base_name` (the one its adapter_config.json records)."""
+    from safetensors import safe_open
+
+    adapter = Path(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    recorded = config.get("base_model_name_or_path")
+    same = recorded is None or recorded == base_name or (
+        Path(recorded).exists() and Path(base_name).exists() and Path(recorded).resolve() == Path(base_name).resolve())
+    warning = None if same else f"the adapter {adapter} was trained on {recorded}, and is applied to {base_name}"
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    problems = []
+    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+        for key in f.keys():
+            name = key.removeprefix("base_model.model.")
+            module, _, leaf = name.rpartition(".lora_") if ".lora_" in name else (name, "", "")
+            shape = tuple(f.get_slice(key).get_shape())
+            if leaf.startswith("A."):
+                target = shapes.get(f"{module}.weight")
+                ok = target is not None and target[-1] == shape[-1]
+            elif leaf.startswith("B."):
+                target = shapes.get(f"{module}.weight")
+                ok = target is not None and target[0] == shape[0]
+            else:
+                target = shapes.get(name.replace(".base_layer.", "."))
+                ok = target == shape
+            if not ok:
+                problems.append(f"{name}: {list(shape)} in the adapter, "
+                                f"{list(target) if target else 'no such layer'} in the model")
+    return problems, warning
+
+
 def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str = "auto",
                     device: str | None = None, attn_implementation: str = "sdpa"):
     """The model (with the LoRA adapter applied when given), in eval mode on `device`, and its processor."""
@@ -183,6 +217,12 @@ def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str =
     if adapter is not None:
         from peft import PeftModel
 
+        problems, warning = adapter_problems(model, adapter, model_name)
+        if problems:
+            raise ValueError(f"--adapter {adapter} does not fit --model {model_name} ({len(problems)} layer(s) differ, "
+                             f"e.g. {problems[0]}): pass the base it was trained on")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         model = PeftModel.from_pretrained(model, adapter)
     processor = Phi3VProcessor.from_pretrained(processor_source(model_name, adapter))
     use_chat_stop_tokens(model, processor)

@@ -19,6 +19,8 @@ from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 
+from .images import upright
+
 CROP_SIZE = 336
 # Each 336 crop becomes 12x12 merged tokens; every row of 12 gets a separator, plus one global separator.
 TOKENS_PER_CROP = 144
@@ -192,7 +194,8 @@ class Phi3VImageProcessor(BaseImageProcessor):
         num_crops: int | None = None,
         return_tensors: str | None = None,
     ) -> BatchFeature:
-        """HD-transform one image or a list of images (PIL images, paths or numpy arrays).
+        """HD-transform one image or a list of images (PIL images, paths or numpy arrays), each turned upright
+        by its EXIF orientation first.
 
         Returns a BatchFeature with `pixel_values` float32 [n, num_crops + 1, 3, 336, 336] (global view,
         crops in raster order, zero padding), `image_sizes` long [n, 2] ([H, W] of each padded HD image) and
@@ -203,7 +206,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
             images = [images]
         crops, sizes = [], []
         for image in images:
-            image_crops, size = self._crops(to_rgb(_to_pil(image)), num_crops)
+            image_crops, size = self._crops(to_rgb(upright(_to_pil(image))), num_crops)
             crops.append(image_crops)
             sizes.append(size)
         if crops:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .generation import DTYPES, processor_source, try_command, use_chat_stop_tokens
+from .generation import DTYPES, adapter_problems, processor_source, try_command, use_chat_stop_tokens
 
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
@@ -138,13 +138,17 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
         raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     read_adapter_config(adapter)
     out_dir = Path(out)
-    if out_dir.resolve() in (Path(adapter).resolve(), Path(base).resolve()):
-        raise ValueError(f"--out {out}: write the merged model to a new folder, not over the base or the adapter")
-    if out_dir.exists() and any(out_dir.glob("*.safetensors")):
-        raise FileExistsError(f"--out {out}: already holds safetensors files; choose an empty folder")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"--out {out}: must be a new or empty folder (it is not: nothing was written)")
 
     model = Phi3VForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
     expected = state_shapes(model)
+    problems, warning = adapter_problems(model, adapter, base)
+    if problems:
+        raise ValueError(f"--adapter {adapter} does not fit --base {base} ({len(problems)} layer(s) differ, e.g. "
+                         f"{problems[0]}): pass the base it was trained on")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     merged = merge_adapter(PeftModel.from_pretrained(model, adapter), expected)
 
     out_dir.mkdir(parents=True, exist_ok=True)

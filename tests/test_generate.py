@@ -262,6 +262,32 @@ def test_usage_errors(tiny, images, tmp_path, capsys):
     assert code == 1 and f"--adapter {tmp_path}: no adapter_config.json" in err
 
 
+def test_outputs_are_never_overwritten_unasked(tiny, images, tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "red.png").write_bytes(images[0].read_bytes())
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "conversations": [{"images": ["red.png"], "user": "Colour?"}]}])
+    (tmp_path / "out.jsonl").write_text("precious\n")
+    base = ["--model", str(tiny), "--input", str(tmp_path / "in.jsonl"), "--max_new_tokens", "2", "--no_tqdm"]
+    for output in ("out.jsonl", "in.jsonl"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--output", str(tmp_path / output), "--overwrite"] if output == "in.jsonl"
+                 else [*base, "--output", str(tmp_path / output)])
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "exists: pass --overwrite" in err and "is the --input file" in err
+    assert (tmp_path / "out.jsonl").read_text() == "precious\n"
+    assert main([*base, "--output", str(tmp_path / "out.jsonl"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "out.jsonl").read_text())["id"] == "a"
+
+
+def test_an_adapter_for_another_base_is_one_line(tiny, adapter, images, tmp_path, capsys):
+    from test_merge_lora import other_base
+
+    wider = other_base(tmp_path / "wider", intermediate_size=256)
+    code, _, err = run(capsys, "--model", wider, "--adapter", adapter, "--image", images[0], "--prompt", "x")
+    assert code == 1 and err.strip().splitlines()[-1].startswith(f"error: --adapter {adapter} does not fit --model")
+
+
 def test_command_line_entry_point(tiny, images):
     result = subprocess.run(
         [sys.executable, "-m", "phi3v.generate", "--model", str(tiny), "--image", str(images[0]), "--prompt",

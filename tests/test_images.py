@@ -27,3 +27,35 @@ def test_open_image_names_the_flag_and_the_file(tmp_path):
         open_image(tmp_path / "notes.txt")
     with pytest.raises(ValueError, match=r"--input .*gone.png: no such file"):
         open_image(tmp_path / "gone.png", "--input")
+
+
+def sideways_photo(path):
+    """A phone photo stored landscape (80x40) with EXIF orientation 6: shown portrait (40x80)."""
+    image = random_image(80, 40, seed=4)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, exif=exif.tobytes(), quality=95)
+    return image
+
+
+def test_exif_orientation_is_applied_everywhere_images_are_read(tmp_path, tiny_processor):
+    from PIL import ImageOps
+
+    from phi3v.images import upright, upright_size
+
+    sideways_photo(tmp_path / "phone.jpg")
+    with Image.open(tmp_path / "phone.jpg") as stored:
+        assert stored.size == (80, 40) and upright_size(stored) == (40, 80)
+        shown = ImageOps.exif_transpose(stored)
+    assert shown.size == (40, 80)
+    assert image_size(tmp_path / "phone.jpg") == (40, 80)  # validate, generate --input token counts
+    assert open_image(tmp_path / "phone.jpg").size == (40, 80)  # generate --image
+    # The processor (training, evaluation, generation) turns a lazily opened file upright too.
+    processed = tiny_processor.image_processor.preprocess(Image.open(tmp_path / "phone.jpg"), num_crops=4)
+    expected = tiny_processor.image_processor.preprocess(shown, num_crops=4)
+    assert processed["image_sizes"].tolist() == expected["image_sizes"].tolist()
+    assert (processed["pixel_values"] == expected["pixel_values"]).all()
+    assert processed["num_img_tokens"] == [tiny_processor.image_processor.num_image_tokens(*upright_size(
+        Image.open(tmp_path / "phone.jpg")), 4)]
+    plain = random_image(30, 20)
+    assert upright(plain) is plain

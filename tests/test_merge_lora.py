@@ -11,7 +11,7 @@ from phi3v.merge_lora import checkpoint_shapes, main, merge_adapter, merge_lora,
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
 from phi3v.tiny import build_tiny_checkpoint
-from phi3v.training.modes import lora_target_modules
+from phi3v.training.modes import lora_target_modules, quantization_config
 
 # fp32 merge vs fp32 base + unmerged adapter: the same sums in another order (observed 3e-6 on logits up to 2).
 FP32_ATOL = 1e-4
@@ -38,11 +38,8 @@ def make_adapter(base: Path, out: Path, quantized: bool = False, seed: int = 0) 
     kwargs = {"dtype": torch.float32}
     if quantized:
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        kwargs = {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)}
+        kwargs = {"dtype": torch.bfloat16, "quantization_config": quantization_config(torch.bfloat16)}
     model = Phi3VForCausalLM.from_pretrained(base, **kwargs)
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -180,7 +177,12 @@ def test_errors_name_the_bad_input(tiny, tmp_path, capsys):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     assert main(["--base", str(tiny), "--adapter", str(adapter), "--out", str(tiny)]) == 1
-    assert f"--out {tiny}:" in capsys.readouterr().err
+    assert f"--out {tiny}: must be a new or empty folder" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "config.json").write_text("{}")  # any file blocks it: nothing of the user's is replaced
+    assert main(["--base", str(tiny), "--adapter", str(adapter), "--out", str(busy)]) == 1
+    assert (busy / "config.json").read_text() == "{}" and "must be a new or empty folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--adapter", str(adapter), "--out", str(tmp_path / "y")])  # no base anywhere
     assert "names no base model; pass --base" in capsys.readouterr().err
@@ -201,3 +203,27 @@ def test_processor_and_remote_code_files_are_copied(tiny, tmp_path):
     assert not any(name.endswith(".safetensors") or name == "config.json" for name in copied)
     with pytest.raises(FileNotFoundError, match=f"{base}: no processor files"):
         copy_processor(str(base), out)
+
+
+def other_base(path: Path, **overrides) -> Path:
+    """A random tiny base like `tiny` but for `overrides` (another shape), or another seed."""
+    from phi3v.tiny import build_tiny_processor, tiny_config
+
+    processor = build_tiny_processor(num_crops=1)
+    torch.manual_seed(7)
+    Phi3VForCausalLM(tiny_config(vocab_size=len(processor.tokenizer), **overrides)).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def test_an_adapter_is_checked_against_its_base(tiny, tmp_path, capsys):
+    adapter = make_adapter(tiny, tmp_path / "adapter")
+    wider = other_base(tmp_path / "wider", intermediate_size=256)
+    assert main(["--base", str(wider), "--adapter", str(adapter), "--out", str(tmp_path / "a")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"error: --adapter {adapter} does not fit --base {wider}" in err[-1] and "Traceback" not in "".join(err)
+    assert "in the adapter" in err[-1] and not (tmp_path / "a").exists()
+    same_shape = other_base(tmp_path / "sibling")
+    assert main(["--base", str(same_shape), "--adapter", str(adapter), "--out", str(tmp_path / "b")]) == 0
+    assert f"warning: the adapter {adapter} was trained on {tiny}, and is applied to {same_shape}" in (
+        capsys.readouterr().err)

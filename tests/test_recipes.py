@@ -171,8 +171,9 @@ def test_ucf101_qlora_on_converted_videos(tiny, tmp_path):
     run_recipe(
         "finetune_hf_trainer_ucf101.py", "--model_name_or_path", str(tiny), "--data_dir", str(data),
         "--output_dir", str(out), "--use_qlora", "--bf16", "--lora_rank", "4", "--batch_size", "2",
-        "--batch_size_per_gpu", "2", "--max_steps", "2", "--skip_eval_before",
+        "--batch_size_per_gpu", "2", "--max_steps", "2",
     )
+    check_eval_file(out / "eval_before.json", "accuracy", 2)  # the default flow: evaluation before QLoRA training
     check_eval_file(out / "eval_after.json", "accuracy", 2)
     assert (out / "adapter_model.safetensors").exists()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import SetupError
+from .rows import name_rows
 
 SPLIT_FILE = re.compile(r"^(train|test|val|validation|dev)[-_.]")
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -29,8 +30,15 @@ def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: st
 
     A local copy is a directory written by `DatasetDict.save_to_disk` (a single `Dataset` there
     counts as its train split), or a folder of parquet files named by split (`train-*.parquet`,
-    `test-*.parquet`...); parquet files named after no split are all the train split.
+    `test-*.parquet`...); parquet files named after no split are all the train split. Messages
+    name its rows "NAME [split] row N".
     """
+    local = Path(name_or_path).expanduser().exists()  # a local copy: its config name plays no part
+    label = name_or_path if local else " ".join(part for part in (name_or_path, config_name) if part)
+    return name_rows(_load(name_or_path, config_name, split), f"{label} [{split}]")
+
+
+def _load(name_or_path: str, config_name: str | None, split: str):
     import datasets
 
     path = Path(name_or_path).expanduser()
@@ -70,7 +78,9 @@ def hold_out(rows, num_eval: int):
     if len(rows) <= num_eval:
         raise DatasetError(f"the dataset has {len(rows)} rows, and its first {num_eval} are held out for evaluation: "
                            "no row is left to train on")
-    return rows.select(range(num_eval, len(rows))), rows.select(range(num_eval))
+    name, first_row = getattr(rows, "row_names", ("dataset", 0))
+    return (name_rows(rows.select(range(num_eval, len(rows))), name, first_row + num_eval),
+            name_rows(rows.select(range(num_eval)), name, first_row))
 
 
 def cauldron_example(row: dict) -> tuple[list[dict], list]:

@@ -19,18 +19,19 @@ class Records(list):
         self.locations = list(locations)
 
 
+def name_rows(rows: Any, name: str, first_row: int = 0) -> Any:
+    """Tells `row_location` how to name the rows of a dataset: "NAME row N", N counted from `first_row`."""
+    rows.row_names = (name, first_row)
+    return rows
+
+
 def row_location(rows: Sequence[Any], index: int) -> str:
-    """FILE:LINE of a converted record, "DATASET split row N" of a Hub dataset row, else "row N"."""
+    """FILE:LINE of a converted record, "DATASET [split] row N" of a Hub dataset's row, else "row N"."""
     locations = getattr(rows, "locations", None)
     if locations is not None:
         return locations[index]
-    info = getattr(rows, "info", None)
-    if info is None:
-        return f"row {index}"
-    mapping = getattr(rows, "_indices", None)  # a .select()ed dataset: name the row of the whole split
-    original = mapping.column(0)[index].as_py() if mapping is not None else index
-    name = " ".join(str(part) for part in (info.dataset_name, info.config_name, getattr(rows, "split", None)) if part)
-    return f"{name or 'dataset'} row {original}"
+    name, first_row = getattr(rows, "row_names", ("", 0))
+    return f"{name} row {first_row + index}" if name else f"row {index}"
 
 
 def describe_error(error: BaseException) -> str:

@@ -73,6 +73,12 @@ def setup_mode(model: Phi3VForCausalLM, model_args: ModelArguments, lora: LoraAr
 
     if lora.use_qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for module in model.modules():
+            # In eval mode on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place for an
+            # inference-only kernel that has no backward pass: training after the evaluation before it
+            # would fail (or pass no gradient through the base). Keep the trainable layout.
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     config = LoraConfig(
         r=lora.lora_rank,
         lora_alpha=round(lora.lora_rank * lora.lora_alpha_ratio),

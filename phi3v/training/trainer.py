@@ -19,6 +19,7 @@ from ..data.hub import sizes_only
 from ..data.rows import UNREADABLE, describe_error, row_location
 from ..distributed import is_main_process
 from ..errors import SetupError
+from ..images import upright_size
 from ..modeling import longrope_limit
 from ..processing import Phi3VProcessor
 from .checkpoints import mark_complete
@@ -56,7 +57,7 @@ def filter_by_length(
     for index in tqdm(range(count), desc="Counting tokens", disable=disable_tqdm or not is_main_process()):
         try:
             conversation, images = format_example(headers[index])
-            n = processor.num_conversation_tokens(conversation, [image.size for image in images], num_crops)
+            n = processor.num_conversation_tokens(conversation, [upright_size(image) for image in images], num_crops)
         except UNREADABLE as e:
             unreadable.append(f"{row_location(rows, index)}: {describe_error(e)}")
             continue
