@@ -166,17 +166,19 @@ def processor_source(model_name: str, adapter: str | None) -> str:
     return model_name
 
 
-def adapter_problems(model: torch.nn.Module, adapter: str | Path, base_name: str) -> tuple[list[str], str | None]:
-    """What stops a LoRA adapter from applying to `model` (wrong shapes, missing layers), and a warning when
-    it was trained on another base than `base_name` (the one its adapter_config.json records)."""
+def apply_adapter(model: torch.nn.Module, adapter: str | Path, base_name: str, base_flag: str = "--model"):
+    """`model` with the LoRA adapter applied, after checking that it fits.
+
+    Layers of other shapes (an adapter trained on another base) are one ValueError naming both; an
+    adapter recorded as trained on another base of the same shapes is applied with a warning.
+    """
+    from peft import PeftModel
     from safetensors import safe_open
 
     adapter = Path(adapter)
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    recorded = config.get("base_model_name_or_path")
+    recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
     same = recorded is None or recorded == base_name or (
         Path(recorded).exists() and Path(base_name).exists() and Path(recorded).resolve() == Path(base_name).resolve())
-    warning = None if same else f"the adapter {adapter} was trained on {recorded}, and is applied to {base_name}"
     shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     problems = []
     with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
@@ -184,19 +186,19 @@ def adapter_problems(model: torch.nn.Module, adapter: str | Path, base_name: str
             name = key.removeprefix("base_model.model.")
             module, _, leaf = name.rpartition(".lora_") if ".lora_" in name else (name, "", "")
             shape = tuple(f.get_slice(key).get_shape())
-            if leaf.startswith("A."):
-                target = shapes.get(f"{module}.weight")
-                ok = target is not None and target[-1] == shape[-1]
-            elif leaf.startswith("B."):
-                target = shapes.get(f"{module}.weight")
-                ok = target is not None and target[0] == shape[0]
-            else:
-                target = shapes.get(name.replace(".base_layer.", "."))
-                ok = target == shape
-            if not ok:
+            target = shapes.get(f"{module}.weight") if leaf else shapes.get(name.replace(".base_layer.", "."))
+            fits = target is not None and (target[-1] == shape[-1] if leaf.startswith("A.") else
+                                           target[0] == shape[0] if leaf.startswith("B.") else target == shape)
+            if not fits:
                 problems.append(f"{name}: {list(shape)} in the adapter, "
                                 f"{list(target) if target else 'no such layer'} in the model")
-    return problems, warning
+    if problems:
+        raise ValueError(f"--adapter {adapter} does not fit {base_flag} {base_name} ({len(problems)} layer(s) differ, "
+                         f"e.g. {problems[0]}): pass the base it was trained on")
+    if not same:
+        print(f"warning: the adapter {adapter} was trained on {recorded}, and is applied to {base_name}",
+              file=sys.stderr)
+    return PeftModel.from_pretrained(model, str(adapter))
 
 
 def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str = "auto",
@@ -215,15 +217,7 @@ def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str =
     model = Phi3VForCausalLM.from_pretrained(model_name, dtype=resolve_dtype(dtype, device),
                                              attn_implementation=attn_implementation, device_map={"": device})
     if adapter is not None:
-        from peft import PeftModel
-
-        problems, warning = adapter_problems(model, adapter, model_name)
-        if problems:
-            raise ValueError(f"--adapter {adapter} does not fit --model {model_name} ({len(problems)} layer(s) differ, "
-                             f"e.g. {problems[0]}): pass the base it was trained on")
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
-        model = PeftModel.from_pretrained(model, adapter)
+        model = apply_adapter(model, adapter, model_name)
     processor = Phi3VProcessor.from_pretrained(processor_source(model_name, adapter))
     use_chat_stop_tokens(model, processor)
     return model.eval(), processor

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .generation import DTYPES, adapter_problems, processor_source, try_command, use_chat_stop_tokens
+from .generation import DTYPES, apply_adapter, processor_source, try_command, use_chat_stop_tokens
 
 PROCESSOR_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
@@ -129,8 +129,6 @@ def copy_remote_code(base: str, out_dir: Path) -> list[str]:
 
 def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
     """Merges `adapter` into `base` and writes the full checkpoint to `out`; returns `out`."""
-    from peft import PeftModel
-
     from .modeling import Phi3VForCausalLM
     from .processing import Phi3VProcessor
 
@@ -143,13 +141,7 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
 
     model = Phi3VForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
     expected = state_shapes(model)
-    problems, warning = adapter_problems(model, adapter, base)
-    if problems:
-        raise ValueError(f"--adapter {adapter} does not fit --base {base} ({len(problems)} layer(s) differ, e.g. "
-                         f"{problems[0]}): pass the base it was trained on")
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    merged = merge_adapter(PeftModel.from_pretrained(model, adapter), expected)
+    merged = merge_adapter(apply_adapter(model, adapter, base, "--base"), expected)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     copy_processor(processor_source(base, adapter), out_dir)

@@ -39,3 +39,19 @@ def tiny_processor():
     from phi3v.tiny import build_tiny_processor
 
     return build_tiny_processor(num_crops=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A random tiny checkpoint saved with num_crops 1, for end-to-end recipe runs."""
+    from phi3v.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-phi3v", num_crops=1)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """500 eval rows + 32 train rows, one in four text-only."""
+    from phi3v.synthetic import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=32, text_only_every=4)

@@ -19,7 +19,6 @@ from helpers import random_image
 from test_recipes import COMMON, ROOT, log_losses, run_recipe, weights
 
 from phi3v.synthetic import make_shapes_dataset
-from phi3v.tiny import build_tiny_checkpoint
 
 MEMES = "finetune_hf_trainer_hateful_memes.py"
 # Makes every checkpoint's last step slow, so that a kill can land while one is being written.
@@ -34,16 +33,6 @@ SLOW_CHECKPOINTS = textwrap.dedent("""
             mark_complete(path)
         trainer.mark_complete = slow_mark_complete
 """)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-phi3v", num_crops=1)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=32, text_only_every=4)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 from phi3v import Phi3VForCausalLM
 from phi3v.synthetic import make_shapes_dataset
-from phi3v.tiny import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--num_crops", "1", "--dataloader_num_workers", "0", "--no-tqdm", "--logging_steps", "1",
@@ -50,17 +49,6 @@ def log_losses(checkpoint: Path) -> list[float]:
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return {name: t.float() for name, t in load_file(path).items()}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-phi3v", num_crops=1)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    """500 eval rows + 32 train rows, one in four text-only."""
-    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=32, text_only_every=4)
 
 
 def check_eval_file(path: Path, metric: str, num_examples: int) -> dict:
