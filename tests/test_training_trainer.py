@@ -198,3 +198,18 @@ def test_training_batches_stay_on_one_side_of_the_longrope_switch(tiny_processor
     assert max(batches[0]) == max(lengths)  # the longest batch first
     mixed = [sizes for sizes in batches if min(sizes) <= limit < max(sizes)]
     assert mixed in ([], [batches[-1]])  # only the epoch's last batch may hold leftovers of both sides
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_trainer_bar_shows_the_loss_unless_bars_are_off(tiny_processor, tmp_path, single_process, disable_tqdm):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from phi3v import Phi3VForCausalLM
+    from phi3v.tiny import tiny_config
+    from phi3v.training.progress import LossProgressCallback
+
+    args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none", f"--disable_tqdm={disable_tqdm}"])
+    trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=RowsDataset([], []),
+                           data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1))
+    bars = [type(c) for c in trainer.callback_handler.callbacks if isinstance(c, (ProgressCallback, PrinterCallback))]
+    assert bars == ([PrinterCallback] if disable_tqdm else [LossProgressCallback])

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from ..chat import FormatExample
@@ -16,6 +17,7 @@ from ..data.hub import sizes_only
 from ..distributed import is_main_process
 from ..modeling import longrope_limit
 from ..processing import Phi3VProcessor
+from .progress import LossProgressCallback
 
 LENGTH_BUCKET = 64  # tokens; granularity of length-grouped batching
 
@@ -114,8 +116,14 @@ class Phi3VTrainer(Trainer):
     """Trainer whose sample order uses the token counts measured at start (image tokens included).
 
     transformers' own grouping would read `len(row["input_ids"])`, which our raw rows don't have,
-    and knows nothing of LongRoPE's switch (see LongRopeSidesSampler).
+    and knows nothing of LongRoPE's switch (see LongRopeSidesSampler). Its progress bar shows the
+    last loss (`LossProgressCallback`).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.pop_callback(ProgressCallback):  # none with --disable_tqdm
+            self.add_callback(LossProgressCallback)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
