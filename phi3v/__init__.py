@@ -12,7 +12,7 @@ from .console import quiet_library_notices
 
 quiet_library_notices()  # before transformers and the libraries it imports get to speak
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor  # noqa: E402 (after the filters)
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor  # noqa: E402
 
 from .configuration import Phi3VConfig
 from .image_processing import Phi3VImageProcessor

@@ -37,7 +37,8 @@ CHANGES = {"worse": "got worse", "wrong": "still wrong", "better": "got better",
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
-table { border-collapse: collapse; } ul { margin: 0; padding-left: 1.2em; } th, td { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
+table { border-collapse: collapse; } ul { margin: 0; padding-left: 1.2em; }
+th, td { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
 th { background: #f4f4f4; text-align: left; }
 .strip { display: flex; gap: 2px; } .strip img { display: block; border: 1px solid #ccc; }
 .text { white-space: pre-wrap; max-width: 28em; overflow-wrap: anywhere; }

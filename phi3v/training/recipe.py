@@ -1,4 +1,4 @@
-"""The run every recipe makes: evaluate, train, save, evaluate again, say how to try the result.
+"""The run every recipe makes: evaluate, train, save, evaluate again, draw the run, say how to try the result.
 
 A task script supplies its data: the rows, `format_example(row) -> (conversation, images)` (the
 contract is in `phi3v.chat`) and a metric (a name in `phi3v.metrics.METRICS` or a function), then:
@@ -20,13 +20,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..chat import FormatExample
 from ..collator import Phi3VDataCollator
-from ..distributed import finish, print_once, stop
+from ..distributed import finish, is_main_process, print_once, stop
 from ..evaluation import evaluate as evaluate_rows
 from ..generation import try_command
 from ..metrics import Metric, resolve_metric
 from ..processing import Phi3VProcessor
 from .arguments import RecipeArguments
 from .modes import load_for_training
+from .report import save_example_image, write_pictures
 from .trainer import Phi3VTrainer, RowsDataset, filter_by_length
 
 
@@ -43,7 +44,8 @@ def run(
     """Fine-tunes on `train_rows` and evaluates on `eval_rows` before and after; everything goes to --output_dir.
 
     `format_train` formats the training rows when they differ from the evaluation rows (DocVQA's
-    --full_train); `example_image` goes into the closing "Try it with" command.
+    --full_train); `example_image` goes into the closing "Try it with" command (default: the first
+    evaluation image, saved to output_dir). The run ends with training_curves.png and eval_report.html.
     """
     resolve_metric(metric)  # an unknown metric name fails now, not after training
     model, processor = load_for_training(args)
@@ -51,9 +53,12 @@ def run(
         evaluate(model, processor, eval_rows, format_example, metric, args, "before")
     trainer = train(model, processor, train_rows, format_train or format_example, args)
     save(trainer, processor, args)
-    evaluate(trainer.model, processor, eval_rows, format_example, metric, args, "after")
-    command = try_command(args.training.output_dir, args.model.model_name_or_path, args.lora.use_lora, example_image)
-    print_once(f"Try it with:\n  {command}")
+    after = evaluate(trainer.model, processor, eval_rows, format_example, metric, args, "after")
+    if is_main_process():
+        curves, report = write_pictures(args, trainer.state.log_history, eval_rows, format_example, after)
+        example_image = example_image or save_example_image(eval_rows, format_example, args.training.output_dir)
+        command = try_command(args.training.output_dir, args.model.model_name_or_path, args.lora.use_lora, example_image)
+        print(f"Try it with:\n  {command}\nTraining curves: {curves}\nEvaluation report: {report}", flush=True)
     finish()
 
 
