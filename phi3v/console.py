@@ -1,5 +1,6 @@
 """What a run prints is the run: library notices that a user can do nothing about are silenced,
-and our own warnings are said once per torchrun job, not once per process.
+and what every process would say alike (our warnings, transformers' progress bars) is said once
+per torchrun job, by rank 0.
 
 `phi3v` calls `quiet_library_notices()` when it is imported, before transformers, bitsandbytes or
 DeepSpeed get to speak. Each filter names one message (or one family of messages, for torch's
@@ -88,7 +89,8 @@ def after_import(name: str, patch: Callable[[ModuleType], None]) -> None:
 
 
 def quiet_library_notices() -> None:
-    """Installs the filters above (idempotent); on torchrun ranks other than 0, `phi3v` warnings go quiet."""
+    """Installs the filters above (idempotent); on torchrun ranks other than 0, `phi3v` warnings and
+    transformers' progress bars go quiet."""
     for name, prefix in SILENCED_LOGS:
         logger = logging.getLogger(name)  # the same object the library configures later
         if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
@@ -97,5 +99,9 @@ def quiet_library_notices() -> None:
         after_import(name, lambda module, prefix=prefix: setattr(module, "print", _print_without(prefix)))
     warnings.filterwarnings("ignore", message=TORCH_DISTRIBUTED_DEPRECATIONS, category=FutureWarning)
     if int(os.environ.get("RANK", "0")) > 0:
-        # Every rank runs the same code: rank 0 says each warning, the others only report errors.
+        # Every rank runs the same code: rank 0 says each warning and draws transformers' bars
+        # ("Loading weights"), the others only report errors.
+        from transformers.utils import logging as transformers_logging
+
         logging.getLogger("phi3v").setLevel(logging.ERROR)
+        transformers_logging.disable_progress_bar()

@@ -38,16 +38,21 @@ def test_torch_distributed_deprecations_are_ignored_other_future_warnings_are_no
     assert [str(w.message) for w in caught] == ["`torch.distributed.foo` is deprecated", "`transformers.bar` is deprecated"]
 
 
-def test_phi3v_warnings_are_said_by_rank_0_only(monkeypatch):
+def test_phi3v_warnings_and_transformers_bars_are_for_rank_0_only(monkeypatch):
+    from transformers.utils import logging as transformers_logging
+
     logger = logging.getLogger("phi3v")
-    monkeypatch.setattr(logger, "level", logging.NOTSET)  # restored after the test
+    monkeypatch.setattr(logger, "level", logging.NOTSET)  # both restored after the test
+    monkeypatch.setattr(transformers_logging, "_tqdm_active", True)
     monkeypatch.setenv("RANK", "0")
     quiet_library_notices()
     assert logging.getLogger("phi3v.training.arguments").isEnabledFor(logging.WARNING)
+    assert transformers_logging.is_progress_bar_enabled()
     monkeypatch.setenv("RANK", "1")
     quiet_library_notices()
     assert not logging.getLogger("phi3v.training.arguments").isEnabledFor(logging.WARNING)
     assert logging.getLogger("phi3v.training.arguments").isEnabledFor(logging.ERROR)
+    assert not transformers_logging.is_progress_bar_enabled()
 
 
 def test_after_import_patches_a_module_when_it_is_first_imported(tmp_path, monkeypatch):
