@@ -100,8 +100,10 @@ def _summary(metric: str, before: dict | None, after: dict, log_history: Sequenc
     rows += [(f"during training, step {step}", _percent(score), f"{losses[step]:.4g}" if step in losses else "")
              for step, score in zip(steps, scores)]
     rows.append(("after training", _percent(after["score"]), ""))
-    body = "".join(f"<tr><td>{when}</td><td>{score}</td><td>{loss}</td></tr>" for when, score, loss in rows)
-    return f"<table><tr><th>evaluated</th><th>{escape(metric)}</th><th>eval loss</th></tr>{body}</table>"
+    columns = 3 if losses else 2  # the evaluation loss is measured during training only
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row[:columns]) + "</tr>" for row in rows)
+    header = "".join(f"<th>{cell}</th>" for cell in ("evaluated", escape(metric), "eval loss")[:columns])
+    return f"<table><tr>{header}</tr>{body}</table>"
 
 
 def _matching(before: dict | None, after: dict) -> list[dict | None]:

@@ -87,7 +87,7 @@ def test_every_evaluated_example_wrong_answers_first_with_thumbnails_and_escaped
     assert "(empty)" in "".join(page.rows[0]["text"])
     text = "".join(page.text)
     assert "Evaluation of <out>" in text
-    for line in ("before training", "50.0%", "during training, step 2", "1.25", "after training", "50.0%"):
+    for line in ("eval loss", "before training", "50.0%", "during training, step 2", "1.25", "after training", "50.0%"):
         assert line in text
     assert page.radios == ["show-all", "show-worse", "show-wrong", "show-better", "show-right"]
     assert "got worse (1)" in text and "still wrong (1)" in text and "got better (1)" in text
@@ -98,6 +98,7 @@ def test_without_an_evaluation_before_training(tmp_path):
     assert [row["class"] for row in page.rows] == ["wrong", "wrong", "right", "right"]
     assert page.radios == ["show-all", "show-wrong", "show-right"]
     assert all("not evaluated" in "".join(row["text"]) for row in page.rows)
+    assert "eval loss" not in "".join(page.text)  # no evaluation during training, no column for it
 
 
 def test_size_per_example_stays_small():
