@@ -40,7 +40,7 @@ h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
 table { border-collapse: collapse; } ul { margin: 0; padding-left: 1.2em; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; vertical-align: top; }
 th { background: #f4f4f4; text-align: left; }
-.strip { display: flex; gap: 2px; } .strip img { display: block; border: 1px solid #ccc; }
+.strip { display: flex; gap: 2px; align-items: flex-start; } .strip img { display: block; border: 1px solid #ccc; }
 .text { white-space: pre-wrap; max-width: 28em; overflow-wrap: anywhere; }
 .score { font-weight: bold; } .empty { color: #999; font-style: italic; }
 tr.worse td.change { background: #fdd; } tr.better td.change { background: #dfd; }
