@@ -8,7 +8,11 @@ Importing this package registers the classes with the Auto API, so a `phi3_v` ch
     processor = AutoProcessor.from_pretrained("microsoft/Phi-3.5-vision-instruct")
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
+from .console import quiet_library_notices
+
+quiet_library_notices()  # before transformers and the libraries it imports get to speak
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor  # noqa: E402
 
 from .configuration import Phi3VConfig
 from .image_processing import Phi3VImageProcessor

@@ -92,6 +92,19 @@ class Phi3VConfig(Phi3Config):
         return kwargs
 
     @property
+    def torch_dtype(self):
+        """`dtype`, by the name our `config.json` keeps it under (see `to_dict`).
+
+        transformers' own alias warns that `torch_dtype` is deprecated, each time a config is
+        printed or saved, because `to_dict` lists that key.
+        """
+        return self.dtype
+
+    @torch_dtype.setter
+    def torch_dtype(self, value):
+        self.dtype = value
+
+    @property
     def num_img_tokens(self) -> int:
         """Merged tokens per 336x336 crop (12x12 = 144 for CLIP-L/14-336)."""
         return self.img_processor["num_img_tokens"]

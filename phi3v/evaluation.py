@@ -68,7 +68,7 @@ def evaluate(
         num_crops: passed to the processor (None: the processor's default).
         output_file: if given, the summary is written there as JSON (indent 2) by rank 0, via a
             temporary file renamed into place.
-        disable_tqdm: no progress bar (there is one on rank 0 only otherwise).
+        disable_tqdm: no progress bar (there is one on rank 0 only otherwise, showing the running score in %).
 
     Under torch.distributed (any backend; call it on every rank), rank r evaluates rows r,
     r + world_size, ...; the records are all-gathered and put back in row order, so EVERY rank
@@ -119,7 +119,7 @@ def evaluate(
     lengths = [item["length"] for item in shard]
     batches = length_sorted_batches(lengths, batch_size, longrope_limit(model), max_new_tokens)
 
-    records = []
+    records, total = [], 0.0
     was_training = model.training
     model.eval()
     progress = tqdm(
@@ -162,6 +162,9 @@ def evaluate(
                             "score": float(score_fn(prediction, item["answers"])),
                         }
                     )
+                # What this rank has answered so far (shortest prompts first), in % as the run reports it.
+                total += sum(record["score"] for record in records[-len(batch):])
+                progress.set_postfix({metric: f"{100 * total / len(records):.1f}"}, refresh=False)
                 progress.update(len(batch))
     finally:
         progress.close()

@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 
 def follow_umask(path: str | Path) -> None:
@@ -17,8 +17,8 @@ def follow_umask(path: str | Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
-def write_atomically(path: str | Path, write: Callable[[TextIO], None]) -> None:
-    """Writes `path` (UTF-8 text) through a temporary file renamed into place.
+def write_atomically(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Writes `path` (UTF-8 text, or bytes when `binary`) through a temporary file renamed into place.
 
     A reader, or a run killed mid-write, sees the old file or the new one, never half of one.
     The file gets the mode a plain `open(path, "w")` would (mkstemp's is 0600).
@@ -27,7 +27,7 @@ def write_atomically(path: str | Path, write: Callable[[TextIO], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8") as f:
             write(f)
         follow_umask(temp)
         os.replace(temp, path)

@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text_only_every", type=int, default=0, help="Make every k-th row text-only (0: none).")
     parser.add_argument("--seed", type=int, default=0, help="Random seed.")
     args = parser.parse_args(argv)
+    import datasets
+
+    datasets.disable_progress_bars()  # saving takes a blink; the line below says what was written
     path = make_shapes_dataset(args.out_dir, args.num_train, args.num_eval, args.images_per_row, args.seed,
                                args.text_only_every)
     print(f"Wrote {args.num_eval} eval + {args.num_train} train rows to {path}")

@@ -121,6 +121,14 @@ def test_evaluate_with_known_predictions_gives_the_exact_metric(processor, tmp_p
         evaluate(model, processor, rows, format_example, "bleu")
 
 
+def test_evaluation_bar_shows_the_running_score(processor, capsys):
+    rows = make_rows()[:3]
+    canned = {"Is the sky blue?": "yes", "What colour is the square?": "blue", "Are the two pictures the same?": "no"}
+    evaluate(FakeModel(processor.tokenizer, canned), processor, rows, format_example, "accuracy", batch_size=1)
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "3/3" in last and "accuracy=66.7" in last
+
+
 def test_evaluate_tiny_model_records_and_batching(processor, tmp_path):
     rows = make_rows()
     model = tiny_model(processor)

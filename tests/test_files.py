@@ -36,6 +36,11 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
 
 
+def test_binary_write(tmp_path):
+    write_atomically(tmp_path / "picture.png", lambda f: f.write(b"\x89PNG\r\n"), binary=True)
+    assert (tmp_path / "picture.png").read_bytes() == b"\x89PNG\r\n"  # no newline translation
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
 def test_files_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)

@@ -232,3 +232,18 @@ def test_an_unreadable_sample_is_named_and_replaced_by_the_next(tiny_processor, 
     assert second["input_ids"] == first["input_ids"]  # row 3 (the same good image) took its place
     batch = collator.collate([first, second])
     assert batch["input_ids"].shape[0] == 2 and batch["bad_samples"] == second["bad_samples"]
+
+
+@pytest.mark.parametrize("disable_tqdm", [False, True])
+def test_trainer_bar_shows_the_loss_unless_bars_are_off(tiny_processor, tmp_path, single_process, disable_tqdm):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from phi3v import Phi3VForCausalLM
+    from phi3v.tiny import tiny_config
+    from phi3v.training.progress import LossProgressCallback
+
+    args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none", f"--disable_tqdm={disable_tqdm}"])
+    trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
+                           data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1))
+    bars = [type(c) for c in trainer.callback_handler.callbacks if isinstance(c, (ProgressCallback, PrinterCallback))]
+    assert bars == ([PrinterCallback] if disable_tqdm else [LossProgressCallback])

@@ -98,6 +98,11 @@ def trained_steps(checkpoint: str | Path) -> int:
     return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
+def log_history(checkpoint: str | Path) -> list[dict]:
+    """What the run logged (losses, learning rates, evaluations) up to a checkpoint."""
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
+
+
 def copy_model_files(checkpoint: str | Path, output_dir: str | Path) -> list[str]:
     """Copies the model (full weights or adapter) of a checkpoint into `output_dir`, as a final save writes it."""
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)

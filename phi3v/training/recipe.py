@@ -1,4 +1,4 @@
-"""The run every recipe makes: evaluate, train, save, evaluate again, say how to try the result.
+"""The run every recipe makes: evaluate, train, save, evaluate again, draw the run, say how to try the result.
 
 A task script supplies its data: the rows, `format_example(row) -> (conversation, images)` (the
 contract is in `phi3v.chat`) and a metric (a name in `phi3v.metrics.METRICS` or a function), then:
@@ -32,10 +32,11 @@ from ..generation import try_command
 from ..metrics import Metric, resolve_metric
 from ..processing import Phi3VProcessor
 from .arguments import RecipeArguments
-from .checkpoints import (CheckpointError, copy_model_files, find_resume_point, load_model_weights, run_is_complete,
-                          trained_steps)
+from .checkpoints import (CheckpointError, copy_model_files, find_resume_point, load_model_weights, log_history,
+                          run_is_complete, trained_steps)
 from .modes import load_for_training, load_processor
 from .output_lock import OutputDirBusy, OutputDirLock
+from .report import save_example_image, write_pictures
 from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
 from .trainer import Phi3VTrainer, TrainingSamples, filter_by_length
 
@@ -53,7 +54,8 @@ def run(
     """Fine-tunes on `train_rows` and evaluates on `eval_rows` before and after; everything goes to --output_dir.
 
     `format_train` formats the training rows when they differ from the evaluation rows (DocVQA's
-    --full_train); `example_image` goes into the closing "Try it with" command.
+    --full_train); `example_image` goes into the closing "Try it with" command (default: the first
+    evaluation image, saved to output_dir). The run ends with training_curves.png and eval_report.html.
     """
     resolve_metric(metric)  # an unknown metric name fails now, not after training
     lock = OutputDirLock(args.training.output_dir)
@@ -127,11 +129,15 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         stopped(stopper, trainer, bad, max_bad)
 
     save(trainer, processor, args, from_checkpoint=point.checkpoint if finished else None)
-    evaluate(model if finished else trainer.model, processor, eval_rows, format_example, metric, args, "after")
+    after = evaluate(model if finished else trainer.model, processor, eval_rows, format_example, metric, args, "after")
     if bad:
         print_once(f"{len(bad)} unreadable sample(s) were skipped (listed above).")
-    command = try_command(str(output_dir), args.model.model_name_or_path, args.lora.use_lora, example_image)
-    print_once(f"Try it with:\n  {command}")
+    if is_main_process():
+        history = log_history(point.checkpoint) if finished else trainer.state.log_history
+        curves, report = write_pictures(args, history, eval_rows, format_example, after)
+        example_image = example_image or save_example_image(eval_rows, format_example, output_dir)
+        command = try_command(str(output_dir), args.model.model_name_or_path, args.lora.use_lora, example_image)
+        print(f"Try it with:\n  {command}\nTraining curves: {curves}\nEvaluation report: {report}", flush=True)
 
 
 def planned_steps(trainer: Trainer) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -23,6 +24,7 @@ from ..images import upright_size
 from ..modeling import longrope_limit
 from ..processing import Phi3VProcessor
 from .checkpoints import mark_complete
+from .progress import LossProgressCallback
 
 LENGTH_BUCKET = 64  # tokens; granularity of length-grouped batching
 
@@ -164,11 +166,14 @@ class Phi3VTrainer(Trainer):
     - Checkpoints marked complete once every process has written its part, and only then are older
       ones deleted (see phi3v.training.checkpoints).
     - Unreadable samples that batches report ("bad_samples") collected in `bad_samples`, each once.
+    - A progress bar that shows the last loss (`LossProgressCallback`).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.bad_samples: list[str] = []
+        if self.pop_callback(ProgressCallback):  # none with --disable_tqdm
+            self.add_callback(LossProgressCallback)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

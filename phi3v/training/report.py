@@ -1,0 +1,52 @@
+"""What a run leaves for a person to look at when it ends, in --output_dir (main process only):
+`training_curves.png`, `eval_report.html` and an example image for the closing "Try it with" command."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..chat import FormatExample
+from ..eval_report import write_eval_report
+from ..files import write_atomically
+from ..training_curves import write_training_curves
+from .arguments import RecipeArguments
+
+EXAMPLE_IMAGE = "example_image.jpg"
+
+
+def write_pictures(args: RecipeArguments, log_history: Sequence[dict], eval_rows: Sequence[Any],
+                   format_example: FormatExample, after: dict) -> tuple[Path, Path]:
+    """Writes training_curves.png and eval_report.html; returns their paths.
+
+    `after` is the summary of the evaluation after training; the one before training is read from
+    eval_before.json, which the launch that started the run may have written (a resumed run).
+    """
+    output_dir = Path(args.training.output_dir)
+    before_file = output_dir / "eval_before.json"
+    before = None if args.data.skip_eval_before or not before_file.is_file() else json.loads(before_file.read_text())
+    curves = write_training_curves(output_dir / "training_curves.png", log_history, after["metric"],
+                                   before["score"] if before else None, after["score"],
+                                   title=f"Training of {output_dir}")
+    report = write_eval_report(output_dir / "eval_report.html", eval_rows, format_example, after, before,
+                               log_history, title=f"Evaluation of {output_dir}")
+    return curves, report
+
+
+def save_example_image(rows: Sequence[Any], format_example: FormatExample, output_dir: str | Path,
+                       max_rows: int = 50) -> str | None:
+    """The first image of the first rows (within `max_rows`) saved as output_dir/example_image.jpg; its path.
+
+    The data may live in a dataset's Arrow files, or on the Hub: this gives the closing command an
+    image file that exists. None when those rows have no image.
+    """
+    for index in range(min(len(rows), max_rows)):
+        _, images = format_example(rows[index])
+        if images:
+            path = Path(output_dir) / EXAMPLE_IMAGE
+            image = images[0].convert("RGB")
+            write_atomically(path, lambda f: image.save(f, format="JPEG", quality=95), binary=True)
+            return str(path)
+    return None

@@ -1,0 +1,111 @@
+"""phi3v.eval_report: the page parsed back with html.parser: every example, embedded thumbnails, escaped text."""
+
+import base64
+import io
+from html.parser import HTMLParser
+
+from helpers import random_image
+from PIL import Image
+
+from phi3v.eval_report import FRAME, THUMBNAIL, eval_report_html, write_eval_report
+
+INJECTED = "<script>alert('x')</script> What colour?"
+
+
+def format_example(row):
+    return [{"user": row["question"], "assistant": row["answer"]}], row["images"]
+
+
+ROWS = [
+    {"question": INJECTED, "answer": "<b>red</b>", "images": [random_image(400, 300, seed=1)]},
+    {"question": "Which sport?", "answer": "Archery", "images": [random_image(320, 240, seed=k) for k in range(8)]},
+    {"question": "Say yes.", "answer": "yes", "images": []},
+    {"question": "Same colour?", "answer": "no", "images": [random_image(200, 500, seed=9), random_image(50, 40)]},
+    {"question": "Not evaluated", "answer": "-", "images": [random_image(64, 64)]},  # beyond --max_eval_samples
+]
+
+
+def summary(predictions: list[str], scores: list[float]) -> dict:
+    """What phi3v.evaluation writes for the first len(predictions) rows."""
+    examples = [{"id": f"row-{i}", "question": ROWS[i]["question"], "answers": [ROWS[i]["answer"]], "prediction": p,
+                 "score": s} for i, (p, s) in enumerate(zip(predictions, scores))]
+    return {"metric": "accuracy", "score": sum(scores) / len(scores), "num_examples": len(examples), "examples": examples}
+
+
+BEFORE = summary(["blue", "Bowling", "yes", "no"], [0.0, 0.0, 1.0, 1.0])
+AFTER = summary(["<b>red</b>", "Bowling\n<i>again</i>", "", "no"], [1.0, 0.0, 0.0, 1.0])
+HISTORY = [{"loss": 2.0, "step": 1}, {"eval_loss": 1.25, "eval_accuracy": 0.5, "step": 2}, {"train_runtime": 1.0, "step": 2}]
+
+
+class Page(HTMLParser):
+    """The tags, the example rows (id, class, image sources) and the text of a page."""
+
+    def __init__(self, html: str):
+        super().__init__()
+        self.tags, self.rows, self.text, self.radios = [], [], [], []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "tr" and "example" in attrs.get("class", "").split():
+            self.rows.append({"id": attrs["id"], "class": attrs["class"].split()[1], "images": [], "text": []})
+        elif tag == "img":
+            self.rows[-1]["images"].append(attrs["src"])
+        elif tag == "input":
+            self.radios.append(attrs["id"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self.rows:
+            self.rows[-1]["text"].append(data)
+
+
+def decode(uri: str) -> Image.Image:
+    prefix = "data:image/jpeg;base64,"
+    assert uri.startswith(prefix)
+    return Image.open(io.BytesIO(base64.b64decode(uri[len(prefix):])))
+
+
+def test_every_evaluated_example_wrong_answers_first_with_thumbnails_and_escaped_text(tmp_path):
+    path = write_eval_report(tmp_path / "eval_report.html", ROWS, format_example, AFTER, BEFORE, HISTORY,
+                             title="Evaluation of <out>")
+    page = Page(path.read_text(encoding="utf-8"))
+    # Wrong after training first (what got worse before what stayed wrong), then right.
+    assert [(row["id"], row["class"]) for row in page.rows] == [
+        ("example-2", "worse"), ("example-1", "wrong"), ("example-0", "better"), ("example-3", "right")]
+    images = {row["id"]: [decode(uri) for uri in row["images"]] for row in page.rows}
+    assert [len(images[f"example-{i}"]) for i in range(4)] == [1, 8, 0, 2]  # every frame of the video
+    assert images["example-0"][0].format == "JPEG" and images["example-0"][0].size == (THUMBNAIL, 120)
+    assert all(max(frame.size) == FRAME for frame in images["example-1"])
+    assert images["example-3"][1].size == (50, 40)  # never enlarged
+    # Data text is text: no tag comes from it, and it reads back as written.
+    assert "script" not in page.tags and "b" not in page.tags and "i" not in page.tags
+    first = "".join(page.rows[2]["text"])
+    assert INJECTED in first and "<b>red</b>" in first
+    assert "Bowling\n<i>again</i>" in "".join(page.rows[1]["text"])
+    assert "(empty)" in "".join(page.rows[0]["text"])
+    text = "".join(page.text)
+    assert "Evaluation of <out>" in text
+    for line in ("eval loss", "before training", "50.0%", "during training, step 2", "1.25", "after training", "50.0%"):
+        assert line in text
+    assert page.radios == ["show-all", "show-worse", "show-wrong", "show-better", "show-right"]
+    assert "got worse (1)" in text and "still wrong (1)" in text and "got better (1)" in text
+
+
+def test_without_an_evaluation_before_training(tmp_path):
+    page = Page(eval_report_html(ROWS, format_example, AFTER))
+    assert [row["class"] for row in page.rows] == ["wrong", "wrong", "right", "right"]
+    assert page.radios == ["show-all", "show-wrong", "show-right"]
+    assert all("not evaluated" in "".join(row["text"]) for row in page.rows)
+    assert "eval loss" not in "".join(page.text)  # no evaluation during training, no column for it
+
+
+def test_size_per_example_stays_small():
+    """Noise is JPEG's worst case; 500 such examples stay under 6 MB."""
+    rows = [{"question": f"q{i}", "answer": "a", "images": [random_image(640, 480, seed=i)]} for i in range(50)]
+    after = {"metric": "anls", "score": 0.0, "num_examples": 50,
+             "examples": [{"id": i, "question": f"q{i}", "answers": ["a"], "prediction": "b", "score": 0.0}
+                          for i in range(50)]}
+    html = eval_report_html(rows, format_example, after)
+    assert len(html.encode()) < 50 * 12_000
