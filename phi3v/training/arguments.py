@@ -50,6 +50,12 @@ class ModelArguments:
     freeze_vision_model: bool = field(
         default=False, metadata={"help": "Freeze the image encoder (CLIP, projection and separators)."}
     )
+    remote_code_repo: str | None = field(
+        default=None,
+        metadata={"help": "Hub repo of the original code that the saved config.json and processor files name in "
+                  "their auto_map, for vLLM and trust_remote_code readers (default: the repo the model came from; "
+                  "microsoft/Phi-3.5-vision-instruct for a local copy)."},
+    )
 
     def __post_init__(self):
         if self.num_crops < 1:

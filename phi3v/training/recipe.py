@@ -25,6 +25,7 @@ from ..evaluation import evaluate as evaluate_rows
 from ..generation import try_command
 from ..metrics import Metric, resolve_metric
 from ..processing import Phi3VProcessor
+from ..remote_code import set_code_repo
 from .arguments import RecipeArguments
 from .modes import load_for_training
 from .trainer import Phi3VTrainer, RowsDataset, filter_by_length
@@ -47,6 +48,8 @@ def run(
     """
     resolve_metric(metric)  # an unknown metric name fails now, not after training
     model, processor = load_for_training(args)
+    if args.model.remote_code_repo:
+        set_code_repo(args.model.remote_code_repo, model.config, processor.image_processor)
     if not args.data.skip_eval_before:
         evaluate(model, processor, eval_rows, format_example, metric, args, "before")
     trainer = train(model, processor, train_rows, format_train or format_example, args)
