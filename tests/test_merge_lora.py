@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from helpers import check_loads_elsewhere
+from PIL import Image
 
 from phi3v.merge_lora import checkpoint_shapes, main, merge_adapter, merge_lora, state_shapes
 from phi3v.modeling import Phi3VForCausalLM
