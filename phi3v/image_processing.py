@@ -156,6 +156,10 @@ class Phi3VImageProcessor(BaseImageProcessor):
             width, height, self.num_crops if num_crops is None else num_crops, self.num_img_tokens
         )
 
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """`num_image_tokens` at this processor's num_crops, under the original processor's name (vLLM calls it)."""
+        return self.num_image_tokens(width, height)
+
     def _crops(self, image: Image.Image, num_crops: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """[num_crops + 1, 3, 336, 336] crops of one RGB image, and the (H, W) of its padded HD image."""
         new_width, new_height, transposed = _resized_size(image.width, image.height, num_crops)

@@ -18,8 +18,8 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .chat import (IMAGE_TAG, answer_turn, image_tag_problem, images_per_turn, stop_token_ids, user_turn,
-                   with_image_tags)
+from .chat import (IMAGE_TAG, ImageTagList, answer_turn, image_tag_problem, images_per_turn, stop_token_ids,
+                   user_turn, with_image_tags)
 from .files import write_json
 from .image_processing import Phi3VImageProcessor
 
@@ -129,6 +129,17 @@ class Phi3VProcessor(ProcessorMixin):
         for key, value in HUB_TOKENIZER_DEFAULTS.items():
             config.setdefault(key, value)
         return dict(sorted(config.items()))
+
+    # ----- what serving runtimes call on the original processor -----
+
+    @property
+    def img_tokens(self) -> ImageTagList:
+        """The image tags `<|image_1|>`, `<|image_2|>`, ... (vLLM finds an image's place in a prompt by them)."""
+        return ImageTagList()
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """Placeholder tokens of an image of `width` x `height` at the image processor's num_crops."""
+        return self.image_processor.calc_num_image_tokens_from_image_size(width, height)
 
     # ----- text -> ids -----
 

@@ -204,3 +204,10 @@ def test_fast_enough():
     assert time.perf_counter() - start < 1.0
     assert out["num_img_tokens"] == [2353]
 
+
+def test_original_token_count_name_matches_the_golden_table(golden):
+    """`calc_num_image_tokens_from_image_size`, as vLLM calls it on the original image processor."""
+    for row in golden["num_img_tokens_table"]:
+        processor = Phi3VImageProcessor(num_crops=row["num_crops"])
+        assert processor.calc_num_image_tokens_from_image_size(width=row["width"], height=row["height"]) == \
+            row["num_img_tokens"], row

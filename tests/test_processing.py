@@ -312,3 +312,11 @@ def test_saved_tokenizer_reads_like_transformers_4(which, request, tmp_path):
     assert loaded.added_tokens_decoder == tokenizer.added_tokens_decoder
     assert loaded.chat_template == tokenizer.chat_template
 
+
+def test_what_serving_runtimes_call(tiny_processor):
+    """vLLM's Phi-3-V support calls these on the processor it loads (the original one's names)."""
+    assert tiny_processor.img_tokens[:2] == ["<|image_1|>", "<|image_2|>"]  # what prompts tag images with
+    image = _image(500, 300)
+    count = tiny_processor.calc_num_image_tokens_from_image_size(width=500, height=300)
+    assert count == tiny_processor.image_processor.num_image_tokens(500, 300) == 757  # num_crops 4
+    assert tiny_processor(PROMPT.format("<|image_1|>"), [image])["input_ids"].lt(0).sum() == count
