@@ -58,8 +58,8 @@ def evaluate(
         rows: an indexable sequence (a `datasets.Dataset`, a list ...).
         format_example: `row -> (conversation, images)`, as `phi3v.chat` describes it; the last
             turn's "answers" (or else its "assistant") are the ground truths.
-        metric: a name in `phi3v.metrics.METRICS` ("anls", "accuracy") or a function
-            `(prediction, answers) -> score`.
+        metric: a name in `phi3v.metrics.METRICS` ("anls", "accuracy"), a function
+            `(prediction, answers) -> score`, or "none": answers are generated but not scored (score None).
         batch_size: prompts per `generate` call (per process).
         max_new_tokens: generation budget; generation stops at `<|end|>` / `<|endoftext|>`.
         num_crops: passed to the processor (None: the processor's default).
@@ -72,7 +72,8 @@ def evaluate(
     returns the same summary, and the output file is complete when any rank returns.
 
     Returns:
-        `{"metric": metric's name, "score": mean score in 0..1 (0.0 with no rows), "num_examples": n,
+        `{"metric": metric's name, "score": mean score in 0..1 (0.0 with no rows; None with metric "none"),
+        "num_examples": n,
         "examples": [{"id", "question", "answers", "prediction", "score"}, ...]}` in row order,
         `id` being `row["id"]` when the row has one, else the row index.
 
@@ -136,7 +137,7 @@ def evaluate(
                             "question": item["question"],
                             "answers": item["answers"],
                             "prediction": prediction,
-                            "score": float(score_fn(prediction, item["answers"])),
+                            "score": None if score_fn is None else float(score_fn(prediction, item["answers"])),
                         }
                     )
                 progress.update(len(batch))
@@ -150,9 +151,13 @@ def evaluate(
         records = [record for part in gathered for record in part]
     records.sort(key=lambda record: record["index"])
     examples = [{k: v for k, v in record.items() if k != "index"} for record in records]
+    if score_fn is None:
+        score = None  # metric "none": the answers are there to be read
+    else:
+        score = sum(e["score"] for e in examples) / len(examples) if examples else 0.0
     summary = {
         "metric": metric,
-        "score": sum(e["score"] for e in examples) / len(examples) if examples else 0.0,
+        "score": score,
         "num_examples": len(examples),
         "examples": examples,
     }

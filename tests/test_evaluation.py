@@ -117,6 +117,11 @@ def test_evaluate_with_known_predictions_gives_the_exact_metric(processor, tmp_p
     assert [e["score"] for e in anls_summary["examples"]] == pytest.approx(expected)
     assert anls_summary["score"] == pytest.approx(sum(expected) / 6)
 
+    unscored = evaluate(model, processor, rows, format_example, "none", batch_size=4, disable_tqdm=True)
+    assert unscored["metric"] == "none" and unscored["score"] is None  # answers to read, no score
+    assert [e["score"] for e in unscored["examples"]] == [None] * 6
+    assert [e["prediction"] for e in unscored["examples"]] == [e["prediction"] for e in summary["examples"]]
+
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate(model, processor, rows, format_example, "bleu")
 

@@ -61,8 +61,12 @@ def run(
 
 
 def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[Any], format_example: FormatExample,
-             metric: str | Metric, args: RecipeArguments, when: str) -> dict:
-    """Batched, sharded evaluation written to `output_dir/eval_{when}.json`; returns the summary."""
+             metric: str | Metric, args: RecipeArguments, when: str) -> dict | None:
+    """Batched, sharded evaluation written to `output_dir/eval_{when}.json`; returns the summary (None
+    without rows: nothing is evaluated)."""
+    if not rows:
+        print_once(f"Evaluation {when} training skipped: no evaluation rows")
+        return None
     if args.data.max_eval_samples is not None:
         rows = [rows[i] for i in range(min(args.data.max_eval_samples, len(rows)))]
     if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
@@ -79,8 +83,12 @@ def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[A
         output_file=Path(args.training.output_dir) / f"eval_{when}.json",
         disable_tqdm=args.training.disable_tqdm,
     )
-    print_once(f"Evaluation {when} training: {summary['metric']} {100 * summary['score']:.2f} "
-               f"on {summary['num_examples']} examples")
+    if summary["score"] is None:  # metric "none"
+        print_once(f"Evaluation {when} training: {summary['num_examples']} answers written to eval_{when}.json "
+                   "(metric none: not scored)")
+    else:
+        print_once(f"Evaluation {when} training: {summary['metric']} {100 * summary['score']:.2f} "
+                   f"on {summary['num_examples']} examples")
     return summary
 
 
