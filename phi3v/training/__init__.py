@@ -6,7 +6,7 @@
 - `recipe`: the run's steps (`run`: evaluate, train, save, evaluate, try it).
 """
 
-from .arguments import Phi3VTrainingArguments, RecipeArguments, parse_args
+from .arguments import FlagError, Phi3VTrainingArguments, RecipeArguments, parse_args
 from .recipe import run
 
-__all__ = ["Phi3VTrainingArguments", "RecipeArguments", "parse_args", "run"]
+__all__ = ["FlagError", "Phi3VTrainingArguments", "RecipeArguments", "parse_args", "run"]

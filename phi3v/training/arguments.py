@@ -43,7 +43,10 @@ class ModelArguments:
         default="microsoft/Phi-3.5-vision-instruct",
         metadata={"help": "Hub id or local directory of a Phi-3(.5)-vision checkpoint."},
     )
-    num_crops: int = field(default=16, metadata={"help": "Max 336x336 crops per image (HD transform)."})
+    num_crops: int | None = field(
+        default=16, metadata={"help": "Max 336x336 crops per image (HD transform). None only until a recipe picks "
+                              "its default from the data (finetune_hf_trainer_custom.py)."}
+    )
     use_flash_attention: bool = field(
         default=False, metadata={"help": "Use flash-attn 2 (bf16/fp16 on GPU); SDPA when flash-attn is not installed."}
     )
@@ -58,7 +61,7 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        if self.num_crops < 1:
+        if self.num_crops is not None and self.num_crops < 1:
             raise FlagError(f"--num_crops must be at least 1, got {self.num_crops}")
 
 
