@@ -101,7 +101,7 @@ class Phi3VProcessor(ProcessorMixin):
         """The tokenizer_config.json transformers 5 wrote, in the form of the Hub's (which transformers 4.x reads).
 
         transformers 5 writes its own class name ("TokenizersBackend"), the extra special tokens as a list
-        under `extra_special_tokens` (transformers 4.47+ expects a dict there and fails), keys of its own, and
+        under `extra_special_tokens` (later transformers 4.x expect a dict there: 4.49 fails), keys of its own, and
         no `added_tokens_decoder`, BOS/EOS flags or chat template (the template goes to chat_template.jinja,
         which transformers 4.4x does not read). The Hub file says "LlamaTokenizer" (loaded as the fast tokenizer
         from tokenizer.json there, and by our from_pretrained here) and has all of those.
