@@ -52,7 +52,7 @@ def tokenizer_like_transformers_4(directory):
     The rules of `PreTrainedTokenizerBase._from_pretrained` and `LlamaTokenizerFast.__init__` in 4.4x: the
     class comes from `tokenizer_class`; `added_tokens_decoder` maps "id" to `AddedToken(**fields)`; special
     tokens are strings (or AddedToken dicts), `additional_special_tokens` a list of them, `extra_special_tokens`
-    a dict (4.47+ calls `.items()` on it); the chat template is read from tokenizer_config.json only (not from
+    a dict (4.49 calls `.keys()` on it); the chat template is read from tokenizer_config.json only (not from
     chat_template.jinja); the post-processor is rebuilt from `add_bos_token` / `add_eos_token`.
     """
     import json
