@@ -3,17 +3,15 @@
     python convert_ucf101.py --out_dir /path/to/converted_ucf101
     torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir /path/to/converted_ucf101
 
-Data: the converted-data format (ucf101_{train,test}.jsonl + images/), which is also the format
-for your own image, multi-image or video data (see README). Metric: exact-match accuracy on test.
+Data: the converted-data format (ucf101_{train,test}.jsonl + images/). Metric: exact-match accuracy on
+test. For your own data, video or not, use finetune_hf_trainer_custom.py (see README).
 """
 
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from PIL import Image
-
-from phi3v.data import ValidationError, load_jsonl_dataset, record_images
+from phi3v.data import ValidationError, first_image, load_jsonl_dataset, record_example
 from phi3v.distributed import stop
 from phi3v.training import parse_args, run
 
@@ -26,12 +24,8 @@ class UCF101Arguments:
 
 
 def format_example(row, image_root: Path):
-    """A converted record -> (conversation, frames).
-
-    Frames are opened, not decoded: counting tokens at start reads only their sizes, and the
-    processor decodes (and converts to RGB) the ones it trains on.
-    """
-    return row["conversations"], [Image.open(image_root / path) for path in record_images(row)]
+    """A converted record -> (conversation, frames), the frames opened but not decoded."""
+    return record_example(row, image_root)
 
 
 def main(argv=None):
@@ -42,9 +36,8 @@ def main(argv=None):
     except ValidationError as e:
         stop(f"{e}\nCheck the whole folder with: python -m phi3v.data validate {data_dir}")
     image_root = Path(data_dir) / "images"
-    example = next((path for row in eval_rows for path in record_images(row)), None)
     run(args, train_rows, eval_rows, partial(format_example, image_root=image_root), METRIC,
-        example_image=str(image_root / example) if example else None)
+        example_image=first_image(eval_rows, image_root))
 
 
 if __name__ == "__main__":

@@ -40,13 +40,33 @@ def answer_turn(assistant: str) -> str:
     return f"{assistant}<|end|>\n"
 
 
+def image_tag(number: int) -> str:
+    """The tag of image `number` (counted from 1): `<|image_1|>`, `<|image_2|>`, ..."""
+    return f"<|image_{number}|>"
+
+
+class ImageTagList(Sequence[str]):
+    """`[<|image_1|>, <|image_2|>, ...]`, made on demand: the original processor's `img_tokens` (a list of a
+    million tags), which serving runtimes index and slice."""
+
+    def __init__(self, length: int = 1_000_000) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        numbers = range(1, self.length + 1)[index]
+        return [image_tag(n) for n in numbers] if isinstance(numbers, range) else image_tag(numbers)
+
+
 def image_tags(first_image: int, count: int) -> str:
     """`<|image_k|>\\n` for images first_image .. first_image + count - 1."""
-    return "".join(f"<|image_{first_image + k}|>\n" for k in range(count))
+    return "".join(image_tag(first_image + k) + "\n" for k in range(count))
 
 
 def format_tags(numbers: Sequence[int]) -> str:
-    return ", ".join(f"<|image_{n}|>" for n in numbers) or "none"
+    return ", ".join(image_tag(n) for n in numbers) or "none"
 
 
 def image_tag_problem(text: str, num_images: int, first_image: int = 1) -> str | None:

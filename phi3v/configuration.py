@@ -4,8 +4,9 @@ The language model part is transformers' `Phi3Config`; the image part lives in t
 file already has (`embd_layer`, `img_processor`). From `img_processor` we derive a
 `CLIPVisionConfig` sub-config (ViT-L/14-336 unless `img_processor["vision_config"]` overrides
 sizes, as the tiny test checkpoint does), so attention selection reaches CLIP too. Saving writes
-the Hub form back (`rope_scaling` of type "su", no `vision_config` key), so the checkpoints we
-write stay readable by runtimes that read the Hub layout.
+the Hub form back (`rope_scaling` of type "su", no `vision_config` key, `auto_map` naming the Hub
+repo of the original code, see `phi3v.remote_code`), so the checkpoints we write stay readable by
+runtimes that read the Hub layout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import copy
 from typing import Any
 
 from transformers import CLIPVisionConfig, Phi3Config
+
+from .remote_code import MODEL_AUTO_MAP, code_repo, with_repo
 
 # CLIP ViT-L/14 at 336 px, the vision tower of every released Phi-3(.5)-vision checkpoint.
 CLIP_VIT_L_14_336 = dict(
@@ -115,9 +118,11 @@ class Phi3VConfig(Phi3Config):
         return self.img_processor.get("layer_idx", -2)
 
     def to_dict(self) -> dict[str, Any]:
-        """The Hub form: `rope_scaling` {"type": "su", ...} and `rope_theta`, no `vision_config`."""
+        """The Hub form: `rope_scaling` {"type": "su", ...} and `rope_theta`, no `vision_config`, and an
+        `auto_map` whose entries name the Hub repo of the code (the one this config was loaded from)."""
         output = super().to_dict()
         output.pop("vision_config", None)
+        output["auto_map"] = with_repo(getattr(self, "auto_map", None), MODEL_AUTO_MAP, code_repo(self._name_or_path))
         if "dtype" in output:  # readers of the Hub layout (transformers < 4.56, vLLM) look for torch_dtype
             output["torch_dtype"] = output.pop("dtype")
         output["img_processor"] = copy.deepcopy(self.img_processor)

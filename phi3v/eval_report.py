@@ -32,7 +32,8 @@ THUMBNAIL = 160  # px, the longer side of an image shown alone or in a pair
 FRAME = 80  # px, the longer side of each image of three or more (video frames), shown as a strip
 JPEG_QUALITY = 75
 # What happened to an example between the two evaluations, in the order the page lists them.
-CHANGES = {"worse": "got worse", "wrong": "still wrong", "better": "got better", "right": "right"}
+CHANGES = {"worse": "got worse", "wrong": "still wrong", "better": "got better", "right": "right",
+           "unscored": "not scored"}
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -58,8 +59,11 @@ def thumbnail_uri(image: Image.Image, max_side: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def change(before: float | None, after: float) -> str:
-    """A key of CHANGES: "better"/"worse" when the score moved, else "wrong" (under 1) or "right"."""
+def change(before: float | None, after: float | None) -> str:
+    """A key of CHANGES: "better"/"worse" when the score moved, else "wrong" (under 1) or "right";
+    "unscored" without a score (metric "none")."""
+    if after is None:
+        return "unscored"
     if before is not None and after > before:
         return "better"
     if before is not None and after < before:
@@ -74,7 +78,8 @@ def _text(value: str) -> str:
 def _prediction(example: dict | None) -> str:
     if example is None:
         return '<span class="empty">not evaluated</span>'
-    return f'{_text(example["prediction"])}<div class="score">score {example["score"]:.2f}</div>'
+    score = "" if example["score"] is None else f'<div class="score">score {example["score"]:.2f}</div>'
+    return f'{_text(example["prediction"])}{score}'
 
 
 def _images(images: Sequence[Image.Image]) -> str:
@@ -118,15 +123,19 @@ def eval_report_html(rows: Sequence[Any], format_example: FormatExample, after: 
     """The page (see the module docstring): `after`/`before` are evaluation summaries of the first rows."""
     metric, examples, earlier = after["metric"], after["examples"], _matching(before, after)
     changes = [change(b["score"] if b else None, a["score"]) for b, a in zip(earlier, examples)]
-    order = sorted(range(len(examples)), key=lambda i: (examples[i]["score"], list(CHANGES).index(changes[i]), i))
-    labels = CHANGES if before else {"wrong": "wrong", "right": "right"}  # nothing to compare with
+    order = sorted(range(len(examples)),
+                   key=lambda i: (examples[i]["score"] or 0.0, list(CHANGES).index(changes[i]), i))
+    if after["score"] is None:
+        labels = {"unscored": CHANGES["unscored"]}
+    else:  # without an evaluation before training there is nothing to compare with
+        labels = {k: v for k, v in CHANGES.items() if k != "unscored"} if before else {"wrong": "wrong", "right": "right"}
     table = []
     for i in order:
-        _, images = format_example(rows[i])
+        _, images = format_example(rows[examples[i].get("row", i)])  # unreadable rows have no example
         answers = "".join(f"<li>{escape(answer)}</li>" for answer in examples[i]["answers"])
         table.append(
             f'<tr class="example {changes[i]}" id="example-{i}">'
-            f"<td>{_row_and_id(i, examples[i]['id'])}</td>"
+            f"<td>{_row_and_id(examples[i].get('row', i), examples[i]['id'])}</td>"
             f"<td>{_images(list(images))}</td><td>{_text(examples[i]['question'])}</td><td><ul>{answers}</ul></td>"
             f"<td>{_prediction(earlier[i])}</td><td>{_prediction(examples[i])}</td>"
             f'<td class="change">{labels[changes[i]]}</td></tr>'

@@ -61,8 +61,8 @@ def evaluate(
         rows: an indexable sequence (a `datasets.Dataset`, a list ...).
         format_example: `row -> (conversation, images)`, as `phi3v.chat` describes it; the last
             turn's "answers" (or else its "assistant") are the ground truths.
-        metric: a name in `phi3v.metrics.METRICS` ("anls", "accuracy") or a function
-            `(prediction, answers) -> score`.
+        metric: a name in `phi3v.metrics.METRICS` ("anls", "accuracy"), a function
+            `(prediction, answers) -> score`, or "none": answers are generated but not scored (score None).
         batch_size: prompts per `generate` call (per process).
         max_new_tokens: generation budget; generation stops at `<|end|>` / `<|endoftext|>`.
         num_crops: passed to the processor (None: the processor's default).
@@ -78,8 +78,9 @@ def evaluate(
     skipped and listed in the summary's "skipped" ({"where", "reason"}); the score is over the others.
 
     Returns:
-        `{"metric": metric's name, "score": mean score in 0..1 (0.0 with no rows), "num_examples": n,
-        "examples": [{"id", "question", "answers", "prediction", "score"}, ...]}` in row order,
+        `{"metric": metric's name, "score": mean score in 0..1 (0.0 with no rows; None with metric "none"),
+        "num_examples": n,
+        "examples": [{"row", "id", "question", "answers", "prediction", "score"}, ...]}` in row order,
         `id` being `row["id"]` when the row has one, else the row index.
 
     The model is put in eval mode under `torch.no_grad()` (not inference_mode: buffers that
@@ -159,12 +160,12 @@ def evaluate(
                             "question": item["question"],
                             "answers": item["answers"],
                             "prediction": prediction,
-                            "score": float(score_fn(prediction, item["answers"])),
+                            "score": None if score_fn is None else float(score_fn(prediction, item["answers"])),
                         }
                     )
-                # What this rank has answered so far (shortest prompts first), in % as the run reports it.
-                total += sum(record["score"] for record in records[-len(batch):])
-                progress.set_postfix({metric: f"{100 * total / len(records):.1f}"}, refresh=False)
+                if score_fn is not None:  # what this rank has answered so far (shortest prompts first), in %
+                    total += sum(record["score"] for record in records[-len(batch):])
+                    progress.set_postfix({metric: f"{100 * total / len(records):.1f}"}, refresh=False)
                 progress.update(len(batch))
     finally:
         progress.close()
@@ -176,10 +177,14 @@ def evaluate(
         records = [record for part, _ in gathered for record in part]
         skipped = [item for _, part in gathered for item in part]
     records.sort(key=lambda record: record["index"])
-    examples = [{k: v for k, v in record.items() if k != "index"} for record in records]
+    examples = [{"row": record["index"], **{k: v for k, v in record.items() if k != "index"}} for record in records]
+    if score_fn is None:
+        score = None  # metric "none": the answers are there to be read
+    else:
+        score = sum(e["score"] for e in examples) / len(examples) if examples else 0.0
     summary = {
         "metric": metric,
-        "score": sum(e["score"] for e in examples) / len(examples) if examples else 0.0,
+        "score": score,
         "num_examples": len(examples),
         "examples": examples,
     }

@@ -20,6 +20,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 
 from .images import upright
+from .remote_code import DEFAULT_REPO, IMAGE_PROCESSOR_AUTO_MAP, code_repo, with_repo
 
 CROP_SIZE = 336
 # Each 336 crop becomes 12x12 merged tokens; every row of 12 gets a separator, plus one global separator.
@@ -136,9 +137,9 @@ class Phi3VImageProcessor(BaseImageProcessor):
         do_convert_rgb: bool = True,
         **kwargs,
     ) -> None:
-        # The Hub config points `auto_map` at remote code that is not saved with us; the type is ours to write.
-        for key in ("auto_map", "image_processor_type"):
-            kwargs.pop(key, None)
+        kwargs.pop("image_processor_type", None)  # ours to write
+        # Where the original code is, for readers without this package (see phi3v.remote_code); written back on save.
+        self.auto_map = kwargs.pop("auto_map", None)
         super().__init__(**kwargs)
         self.num_crops = _check_num_crops(num_crops)
         self.num_img_tokens = num_img_tokens
@@ -155,6 +156,10 @@ class Phi3VImageProcessor(BaseImageProcessor):
         return num_image_tokens(
             width, height, self.num_crops if num_crops is None else num_crops, self.num_img_tokens
         )
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """`num_image_tokens` at this processor's num_crops, under the original processor's name (vLLM calls it)."""
+        return self.num_image_tokens(width, height)
 
     def _crops(self, image: Image.Image, num_crops: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """[num_crops + 1, 3, 336, 336] crops of one RGB image, and the (H, W) of its padded HD image."""
@@ -220,8 +225,18 @@ class Phi3VImageProcessor(BaseImageProcessor):
             data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
         return BatchFeature(data=data)
 
+    @classmethod
+    def get_image_processor_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict]:
+        """The saved dict, with its `auto_map` naming the Hub repo it came from (see `phi3v.remote_code`)."""
+        config, kwargs = super().get_image_processor_dict(pretrained_model_name_or_path, **kwargs)
+        config["auto_map"] = with_repo(config.get("auto_map"), IMAGE_PROCESSOR_AUTO_MAP,
+                                       code_repo(pretrained_model_name_or_path))
+        return config, kwargs
+
     def to_dict(self) -> dict[str, Any]:
-        """The Hub's preprocessor_config.json form (read by the original remote code as well)."""
+        """The Hub's preprocessor_config.json form (read by the original remote code as well), its `auto_map`
+        naming the Hub repo of that code."""
         output = super().to_dict()
+        output["auto_map"] = with_repo(self.auto_map, IMAGE_PROCESSOR_AUTO_MAP, DEFAULT_REPO)
         output["processor_class"] = "Phi3VProcessor"
         return output

@@ -1,7 +1,7 @@
 """Merge a LoRA or QLoRA adapter into its base model: a full checkpoint in the Hub layout.
 
     python -m phi3v.merge_lora --base microsoft/Phi-3.5-vision-instruct --adapter OUTPUT_DIR --out MERGED_DIR \\
-        [--dtype bf16|fp16|fp32] [--max_shard_size 5GB]
+        [--dtype bf16|fp16|fp32] [--max_shard_size 5GB] [--remote_code_repo REPO]
 
 The base is loaded in `--dtype` (bf16 by default), never in 4 bits, also for adapters trained with
 QLoRA: their LoRA weights are added to the original bf16/fp16 weights (peft's `merge_and_unload`),
@@ -10,15 +10,15 @@ and shapes (checked before writing: no `base_layer`, no `lora_` keys; `lm_head` 
 a target) as `model-0000k-of-0000n.safetensors` shards with `model.safetensors.index.json` (one
 `model.safetensors` when it fits in one shard), the Hub `config.json` (`architectures`
 ["Phi3VForCausalLM"]), `generation_config.json` (stopping on `<|end|>` / `<|endoftext|>`), and the processor
-files (tokenizer, preprocessor config), copied from the adapter folder when it has them, else from the
-base. The base's remote-code `*.py` files are copied too when available, for `trust_remote_code` readers.
+(tokenizer, preprocessor config) of the adapter folder when it has one, else of the base, written by
+`Phi3VProcessor`. No code is copied: every `auto_map` entry names the Hub repo of the original code
+(`phi3v.remote_code`), so vLLM and transformers 4.x load the folder with `trust_remote_code`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,11 +26,7 @@ from pathlib import Path
 import torch
 
 from .generation import DTYPES, apply_adapter, processor_source, try_command, use_chat_stop_tokens
-
-PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-)
+from .remote_code import set_code_repo
 
 
 def state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -85,50 +81,13 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _fetch(source: str, name: str) -> str | None:
-    """Local path of file `name` of a directory or Hub repo (None when it has no such file)."""
-    from transformers.utils import cached_file
+def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB",
+               remote_code_repo: str | None = None) -> Path:
+    """Merges `adapter` into `base` and writes the full checkpoint to `out`; returns `out`.
 
-    try:
-        return cached_file(source, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-    except OSError:
-        return None
-
-
-def copy_processor(source: str, out_dir: Path) -> list[str]:
-    """Copies the processor files (tokenizer, preprocessor and processor configs) of `source`; returns their names."""
-    copied = []
-    for name in PROCESSOR_FILES:
-        path = _fetch(source, name)
-        if path is not None:
-            shutil.copy(path, out_dir / name)
-            copied.append(name)
-    if "preprocessor_config.json" not in copied or not {"tokenizer.json", "tokenizer.model"} & set(copied):
-        raise FileNotFoundError(f"{source}: no processor files (preprocessor_config.json and tokenizer.json)")
-    return copied
-
-
-def copy_remote_code(base: str, out_dir: Path) -> list[str]:
-    """Copies the base's `*.py` files (the Hub's remote code, named in its `auto_map`), when it has them."""
-    if Path(base).is_dir():
-        folder = Path(base)
-    else:
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = Path(snapshot_download(base, allow_patterns=["*.py"]))
-        except Exception:  # noqa: BLE001 - offline, no such repo...: the weights need no code
-            return []
-    copied = []
-    for path in sorted(folder.glob("*.py")):
-        shutil.copy(path, out_dir / path.name)
-        copied.append(path.name)
-    return copied
-
-
-def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard_size: str = "5GB") -> Path:
-    """Merges `adapter` into `base` and writes the full checkpoint to `out`; returns `out`."""
+    `remote_code_repo`: the Hub repo whose code the written auto_map entries name (default: the one the base
+    and the processor were loaded from, see `phi3v.remote_code.code_repo`).
+    """
     from .modeling import Phi3VForCausalLM
     from .processing import Phi3VProcessor
 
@@ -143,11 +102,13 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
     expected = state_shapes(model)
     merged = merge_adapter(apply_adapter(model, adapter, base, "--base"), expected)
 
+    processor = Phi3VProcessor.from_pretrained(processor_source(base, adapter))
+    if remote_code_repo:
+        set_code_repo(remote_code_repo, merged.config, processor.image_processor)
+    use_chat_stop_tokens(merged, processor)
     out_dir.mkdir(parents=True, exist_ok=True)
-    copy_processor(processor_source(base, adapter), out_dir)
-    use_chat_stop_tokens(merged, Phi3VProcessor.from_pretrained(out_dir))  # also checks the copied processor loads
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    copy_remote_code(base, out_dir)
+    processor.save_pretrained(out_dir)
 
     problems = shape_differences(expected, checkpoint_shapes(out_dir))
     if problems:
@@ -172,13 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "Hub checkpoint's; QLoRA adapters too are merged into this, not into 4-bit weights).")
     parser.add_argument("--max_shard_size", default="5GB",
                         help='Largest safetensors shard, e.g. "5GB" (default) or "500MB".')
+    parser.add_argument("--remote_code_repo", default=None,
+                        help="Hub repo of the original code that config.json and the processor files name in their "
+                             "auto_map, for vLLM and trust_remote_code readers (default: the repo the base came from; "
+                             "microsoft/Phi-3.5-vision-instruct for a local copy).")
     args = parser.parse_args(argv)
     try:
         base = args.base or read_adapter_config(args.adapter).get("base_model_name_or_path")
         if not base:
             parser.error(f"--adapter {args.adapter}: its adapter_config.json names no base model; pass --base")
         print(f"Merging {args.adapter} into {base} ({args.dtype}) ...", file=sys.stderr)
-        out = merge_lora(base, args.adapter, args.out, args.dtype, args.max_shard_size)
+        out = merge_lora(base, args.adapter, args.out, args.dtype, args.max_shard_size, args.remote_code_repo)
     except (OSError, ValueError) as e:  # missing or bad files and folders, a base that cannot be found
         print(f"error: {e}", file=sys.stderr)
         return 1

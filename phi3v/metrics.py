@@ -1,7 +1,8 @@
 """Answer metrics: exact-match accuracy and ANLS, as the reference recipe scores them.
 
 A metric is `metric(prediction, answers) -> float in 0..1`, `answers` one string or several. A recipe
-names one of `METRICS` or passes its own function.
+names one of `METRICS` or passes its own function; "none" (`NO_METRIC`) scores nothing: the answers are
+generated and written for reading (free-form answers such as captions, which no string match scores).
 """
 
 from __future__ import annotations
@@ -70,12 +71,16 @@ def anls(prediction: str, answers: str | Sequence[str], threshold: float = 0.5) 
 
 
 METRICS: dict[str, Metric] = {"anls": anls, "accuracy": exact_match}
+NO_METRIC = "none"
 
 
-def resolve_metric(metric: str | Metric) -> tuple[str, Metric]:
-    """(name, function) of a metric given by name (a key of `METRICS`) or as a function (named after it)."""
+def resolve_metric(metric: str | Metric) -> tuple[str, Metric | None]:
+    """(name, function) of a metric given by name (a key of `METRICS`, or "none": no function) or as a
+    function (named after it)."""
     if callable(metric):
         return getattr(metric, "__name__", "metric"), metric
+    if metric == NO_METRIC:
+        return metric, None
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)} or a function")
+        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRICS) + [NO_METRIC]} or a function")
     return metric, METRICS[metric]

@@ -18,11 +18,16 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from .chat import (IMAGE_TAG, answer_turn, image_tag_problem, images_per_turn, stop_token_ids, user_turn,
-                   with_image_tags)
+from .chat import (IMAGE_TAG, ImageTagList, answer_turn, image_tag_problem, images_per_turn, stop_token_ids,
+                   user_turn, with_image_tags)
+from .files import write_json
 from .image_processing import Phi3VImageProcessor
 
 IGNORE_INDEX = -100
+# tokenizer_config.json keys that transformers 5 writes and transformers 4 does not know (the Hub's file has none).
+TRANSFORMERS_5_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only", "name_or_path")
+# Keys of the Hub's tokenizer_config.json that a transformers 5 tokenizer built in memory may lack, at the Hub's values.
+HUB_TOKENIZER_DEFAULTS = {"legacy": False, "sp_model_kwargs": {}, "use_default_system_prompt": False}
 
 
 def _image_list(images: Any) -> list:
@@ -52,7 +57,7 @@ class Phi3VProcessor(ProcessorMixin):
         if chat_template is None:
             chat_template = getattr(tokenizer, "chat_template", None)
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
-        # The Hub tokenizer_config points AutoProcessor at remote code that is not saved with us.
+        # Saving writes the tokenizer's auto_map from the image processor's (one source, see phi3v.remote_code).
         tokenizer.init_kwargs.pop("auto_map", None)
 
     # ----- loading and saving -----
@@ -73,19 +78,68 @@ class Phi3VProcessor(ProcessorMixin):
         """processor_config.json in the Hub form: the image processor goes to its own preprocessor_config.json."""
         output = super().to_dict()
         output.pop("image_processor", None)
+        output["auto_map"] = self._processor_auto_map()
         return output
 
+    def _processor_auto_map(self) -> dict[str, str]:
+        """The Hub's AutoProcessor entry, as the image processor records it (with its Hub repo)."""
+        return {"AutoProcessor": self.image_processor.to_dict()["auto_map"]["AutoProcessor"]}
+
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
-        """Write tokenizer files, processor_config.json, chat_template.jinja and preprocessor_config.json."""
+        """Write tokenizer files, processor_config.json, chat_template.jinja and preprocessor_config.json.
+
+        Every file is in the Hub's form, so that the original remote code (transformers 4.x, vLLM) reads the
+        folder too: `auto_map` entries name the Hub repo of that code, and tokenizer_config.json has the
+        Hub's keys (see `hub_tokenizer_config`).
+        """
         files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        # transformers 5 writes its own class name, "TokenizersBackend", which older transformers and
-        # the serving runtimes that read the Hub layout don't know; the Hub file says "LlamaTokenizer"
-        # (loaded as the fast tokenizer from tokenizer.json there, and by our from_pretrained here).
         config_file = Path(save_directory) / "tokenizer_config.json"
-        config = json.loads(config_file.read_text())
-        config["tokenizer_class"] = "LlamaTokenizer"
-        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_json(config_file, self.hub_tokenizer_config(json.loads(config_file.read_text())))
         return files + self.image_processor.save_pretrained(save_directory)
+
+    def hub_tokenizer_config(self, written: dict[str, Any]) -> dict[str, Any]:
+        """The tokenizer_config.json transformers 5 wrote, in the form of the Hub's (which transformers 4.x reads).
+
+        transformers 5 writes its own class name ("TokenizersBackend"), the extra special tokens as a list
+        under `extra_special_tokens` (later transformers 4.x expect a dict there: 4.49 fails), keys of its own, and
+        no `added_tokens_decoder`, BOS/EOS flags or chat template (the template goes to chat_template.jinja,
+        which transformers 4.4x does not read). The Hub file says "LlamaTokenizer" (loaded as the fast tokenizer
+        from tokenizer.json there, and by our from_pretrained here) and has all of those.
+        """
+        config = {key: value for key, value in written.items() if key not in TRANSFORMERS_5_TOKENIZER_KEYS}
+        extra = config.pop("extra_special_tokens", None)
+        if isinstance(extra, dict):
+            config["extra_special_tokens"] = extra  # named special tokens: the same form in transformers 4
+        else:
+            config["additional_special_tokens"] = list(extra or [])
+        tokenizer = self.tokenizer
+        ids = tokenizer("a")["input_ids"]
+        config["add_bos_token"] = ids[:1] == [tokenizer.bos_token_id]
+        config["add_eos_token"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
+        config["added_tokens_decoder"] = {
+            str(index): {"content": token.content, "lstrip": token.lstrip, "normalized": token.normalized,
+                         "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special}
+            for index, token in sorted(tokenizer.added_tokens_decoder.items())
+        }
+        chat_template = self.chat_template or tokenizer.chat_template
+        if isinstance(chat_template, str):
+            config["chat_template"] = chat_template
+        config["auto_map"] = self._processor_auto_map()
+        config["tokenizer_class"] = "LlamaTokenizer"
+        for key, value in HUB_TOKENIZER_DEFAULTS.items():
+            config.setdefault(key, value)
+        return dict(sorted(config.items()))
+
+    # ----- what serving runtimes call on the original processor -----
+
+    @property
+    def img_tokens(self) -> ImageTagList:
+        """The image tags `<|image_1|>`, `<|image_2|>`, ... (vLLM finds an image's place in a prompt by them)."""
+        return ImageTagList()
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """Placeholder tokens of an image of `width` x `height` at the image processor's num_crops."""
+        return self.image_processor.calc_num_image_tokens_from_image_size(width, height)
 
     # ----- text -> ids -----
 

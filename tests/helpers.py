@@ -31,3 +31,72 @@ def sample(question: str, answer: str, *images: Image.Image):
     if images:
         turn["images"] = list(images)
     return [turn], list(images)
+
+
+# ----- what readers without our package (transformers 4.4x, vLLM) read in a folder we write
+
+HUB_REPO = "microsoft/Phi-3.5-vision-instruct"
+# Keys of the Hub's tokenizer_config.json (microsoft/Phi-3.5-vision-instruct).
+HUB_TOKENIZER_KEYS = {
+    "add_bos_token", "add_eos_token", "added_tokens_decoder", "additional_special_tokens", "auto_map", "bos_token",
+    "chat_template", "clean_up_tokenization_spaces", "eos_token", "legacy", "model_max_length", "pad_token",
+    "padding_side", "processor_class", "sp_model_kwargs", "tokenizer_class", "unk_token", "use_default_system_prompt",
+}
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def tokenizer_like_transformers_4(directory):
+    """The tokenizer transformers 4.4x's AutoTokenizer builds from a folder (LlamaTokenizerFast), as a
+    `tokenizers.Tokenizer`, and the tokenizer_config.json it read; fails where 4.4x would.
+
+    The rules of `PreTrainedTokenizerBase._from_pretrained` and `LlamaTokenizerFast.__init__` in 4.4x: the
+    class comes from `tokenizer_class`; `added_tokens_decoder` maps "id" to `AddedToken(**fields)`; special
+    tokens are strings (or AddedToken dicts), `additional_special_tokens` a list of them, `extra_special_tokens`
+    a dict (4.49 calls `.keys()` on it); the chat template is read from tokenizer_config.json only (not from
+    chat_template.jinja); the post-processor is rebuilt from `add_bos_token` / `add_eos_token`.
+    """
+    import json
+    from pathlib import Path
+
+    from tokenizers import AddedToken, Tokenizer, processors
+
+    directory = Path(directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] in ("LlamaTokenizer", "LlamaTokenizerFast")
+    assert isinstance(config.get("extra_special_tokens", {}), dict)
+    decoder = {int(index): AddedToken(**fields) for index, fields in config["added_tokens_decoder"].items()}
+    for key in SPECIAL_TOKEN_KEYS:
+        assert config.get(key) is None or isinstance(config[key], (str, dict)), key
+    assert all(isinstance(token, str) for token in config.get("additional_special_tokens", []))
+    assert config["padding_side"] in ("left", "right") and isinstance(config["model_max_length"], int)
+    assert isinstance(config["chat_template"], str)
+
+    backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    for index, token in decoder.items():
+        assert backend.token_to_id(token.content) == index, token
+    bos, eos = config["bos_token"], config["eos_token"]
+    single = ([f"{bos}:0"] if config["add_bos_token"] else []) + ["$A:0"] + ([f"{eos}:0"] if config["add_eos_token"] else [])
+    used = ([bos] if config["add_bos_token"] else []) + ([eos] if config["add_eos_token"] else [])
+    backend.post_processor = processors.TemplateProcessing(
+        single=" ".join(single), special_tokens=[(token, backend.token_to_id(token)) for token in used])
+    return backend, config
+
+
+def check_loads_elsewhere(directory, repo: str = HUB_REPO, model: bool = True) -> None:
+    """The folder's configs name the Hub repo of the original code in every auto_map entry (what vLLM and
+    transformers 4.x resolve with trust_remote_code), and tokenizer_config.json has the Hub's keys."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    files = {"preprocessor_config.json": {"AutoImageProcessor", "AutoProcessor"},
+             "processor_config.json": {"AutoProcessor"}, "tokenizer_config.json": {"AutoProcessor"}}
+    if model:
+        files["config.json"] = {"AutoConfig", "AutoModelForCausalLM"}
+    for name, keys in files.items():
+        auto_map = json.loads((directory / name).read_text())["auto_map"]
+        assert set(auto_map) == keys, name
+        assert all(value.startswith(f"{repo}--") and value.removeprefix(f"{repo}--").count(".") == 1
+                   for value in auto_map.values()), (name, auto_map)
+    assert HUB_TOKENIZER_KEYS <= set(json.loads((directory / "tokenizer_config.json").read_text()))
+    tokenizer_like_transformers_4(directory)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from phi3v.chat import (conversation_prompt, generation_prompt, image_tag_problem, images_per_turn, stop_token_ids,
-                        user_turn)
+from phi3v.chat import (ImageTagList, conversation_prompt, generation_prompt, image_tag_problem, images_per_turn,
+                        stop_token_ids, user_turn)
 
 
 def test_generation_prompt():
@@ -79,3 +79,12 @@ def test_stop_token_ids(tiny_processor, hub_processor):
     assert stop_token_ids(tokenizer) == [32007, 32000]  # <|end|>, <|endoftext|> of Phi-3.5-vision
     tiny = tiny_processor.tokenizer
     assert stop_token_ids(tiny) == [tiny.convert_tokens_to_ids("<|end|>"), tiny.convert_tokens_to_ids("<|endoftext|>")]
+
+
+def test_image_tag_list_is_the_original_processors_img_tokens():
+    """A million tags, made on demand, indexed and sliced as the original's list (vLLM does both)."""
+    tags = ImageTagList()
+    assert tags[0] == "<|image_1|>" and tags[:3] == ["<|image_1|>", "<|image_2|>", "<|image_3|>"]
+    assert len(tags) == 1_000_000 and tags[-1] == "<|image_1000000|>" and tags[4:8:2] == ["<|image_5|>", "<|image_7|>"]
+    with pytest.raises(IndexError):
+        tags[1_000_000]

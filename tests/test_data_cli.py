@@ -1,5 +1,6 @@
 """`python -m phi3v.data validate`: reports, exit status, token counts with the real Phi-3.5-vision tokenizer files."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,27 @@ def test_cli_token_report(tmp_path, processor, capsys):
     over = [r["id"] for r, n in zip(GOOD, counts) if n > 1000]
     assert f"{len(over)} of 4 record(s) over --max_seq_length 1000" in out and over == ["train-1", "train-2"]
     assert "line 2 (id train-1)" in out
+
+
+def test_cli_reads_llava_json_and_csv(tmp_path, capsys):
+    from test_data_csv_table import GOOD as CSV_GOOD
+    from test_data_csv_table import write_csv
+    from test_data_llava import BROKEN as LLAVA_BROKEN
+    from test_data_llava import GOOD as LLAVA_GOOD
+    from test_data_llava import write_llava
+
+    path = write_llava(tmp_path / "llava", LLAVA_GOOD)
+    assert main(["validate", str(path.parent), "--no_token_count", "--no-tqdm"]) == 0
+    assert f"{path}: 5 valid record(s), 7 image(s): OK" in capsys.readouterr().out
+    write_llava(tmp_path / "llava", [LLAVA_GOOD[0], LLAVA_BROKEN["system prompt"][0]])
+    assert main(["validate", str(path), "--no_token_count", "--no-tqdm"]) == 1  # one file
+    line = len(json.dumps([LLAVA_GOOD[0]], indent=2).splitlines())  # where the second record opens
+    assert f"{path}:{line}: record [1]: conversations[0]: 'from' 'system'" in capsys.readouterr().out
+
+    table = write_csv(tmp_path / "table", CSV_GOOD, name="photos.csv")
+    (tmp_path / "table" / "images").rename(tmp_path / "pictures")
+    assert main(["validate", str(table), "--no_token_count", "--no-tqdm"]) == 1  # images/ beside it: none
+    assert "no images folder" in capsys.readouterr().out
+    assert main(["validate", str(table), "--image_folder", str(tmp_path / "pictures"), "--no_token_count",
+                 "--no-tqdm"]) == 0
+    assert f"{table}: 3 valid record(s), 2 image(s): OK" in capsys.readouterr().out

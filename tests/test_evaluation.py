@@ -117,6 +117,11 @@ def test_evaluate_with_known_predictions_gives_the_exact_metric(processor, tmp_p
     assert [e["score"] for e in anls_summary["examples"]] == pytest.approx(expected)
     assert anls_summary["score"] == pytest.approx(sum(expected) / 6)
 
+    unscored = evaluate(model, processor, rows, format_example, "none", batch_size=4, disable_tqdm=True)
+    assert unscored["metric"] == "none" and unscored["score"] is None  # answers to read, no score
+    assert [e["score"] for e in unscored["examples"]] == [None] * 6
+    assert [e["prediction"] for e in unscored["examples"]] == [e["prediction"] for e in summary["examples"]]
+
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate(model, processor, rows, format_example, "bleu")
 
@@ -143,8 +148,9 @@ def test_evaluate_tiny_model_records_and_batching(processor, tmp_path):
     assert [e["id"] for e in examples] == ["r0", "r1", "r2", 3, "r4", "r5"]  # row id, else the index
     assert [e["question"] for e in examples] == [r["question"] for r in rows]
     assert [e["answers"] for e in examples] == [r.get("answers", [r["answer"]]) for r in rows]
+    assert [e["row"] for e in examples] == list(range(len(rows)))  # the row each example came from
     for e in examples:
-        assert set(e) == {"id", "question", "answers", "prediction", "score"}
+        assert set(e) == {"row", "id", "question", "answers", "prediction", "score"}
         assert isinstance(e["prediction"], str) and e["score"] in (0.0, 1.0)
     assert any(e["prediction"] for e in examples), "a random model still generates text"
 

@@ -166,6 +166,10 @@ def test_save_load_round_trip(tmp_path):
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved == {
+        "auto_map": {  # where the original code is, for readers without this package (vLLM, transformers 4.x)
+            "AutoImageProcessor": "microsoft/Phi-3.5-vision-instruct--processing_phi3_v.Phi3VImageProcessor",
+            "AutoProcessor": "microsoft/Phi-3.5-vision-instruct--processing_phi3_v.Phi3VProcessor",
+        },
         "do_convert_rgb": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_processor_type": "Phi3VImageProcessor",
@@ -184,8 +188,11 @@ def test_loads_hub_config(reference_dir):
     processor = Phi3VImageProcessor.from_pretrained(hub_dir)
     assert processor.num_crops == 4 and processor.num_img_tokens == 144
     hub = json.loads((hub_dir / "preprocessor_config.json").read_text())
-    hub.pop("auto_map")  # names remote code that we do not ship
-    assert processor.to_dict() == hub
+    saved = processor.to_dict()
+    # The same entries, naming the Hub repo of the code: a folder we write holds no code.
+    assert saved.pop("auto_map") == {key: f"microsoft/Phi-3.5-vision-instruct--{value}"
+                                     for key, value in hub.pop("auto_map").items()}
+    assert saved == hub
 
 
 def test_fast_enough():
@@ -196,3 +203,11 @@ def test_fast_enough():
     out = processor(image)
     assert time.perf_counter() - start < 1.0
     assert out["num_img_tokens"] == [2353]
+
+
+def test_original_token_count_name_matches_the_golden_table(golden):
+    """`calc_num_image_tokens_from_image_size`, as vLLM calls it on the original image processor."""
+    for row in golden["num_img_tokens_table"]:
+        processor = Phi3VImageProcessor(num_crops=row["num_crops"])
+        assert processor.calc_num_image_tokens_from_image_size(width=row["width"], height=row["height"]) == \
+            row["num_img_tokens"], row

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_loads_elsewhere
 from PIL import Image
 
 from phi3v.merge_lora import checkpoint_shapes, main, merge_adapter, merge_lora, state_shapes
@@ -120,6 +121,12 @@ def test_merged_model_equals_base_plus_adapter(tiny, inputs, tmp_path):
     assert config["rope_scaling"]["type"] == "su" and config["torch_dtype"] == "float32"
     processor = Phi3VProcessor.from_pretrained(out)
     assert processor.image_processor.num_crops == 2
+    # What vLLM and transformers 4.x read; and our Auto classes still load our classes, to the same logits.
+    check_loads_elsewhere(out)
+    from transformers import AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert isinstance(auto, Phi3VForCausalLM) and torch.equal(logits(auto, inputs), merged_logits)
     stop_ids = processor.tokenizer.convert_tokens_to_ids(["<|end|>", "<|endoftext|>"])
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == stop_ids
 
@@ -188,21 +195,18 @@ def test_errors_name_the_bad_input(tiny, tmp_path, capsys):
     assert "names no base model; pass --base" in capsys.readouterr().err
 
 
-def test_processor_and_remote_code_files_are_copied(tiny, tmp_path):
-    from phi3v.merge_lora import copy_processor, copy_remote_code
+def test_written_folder_loads_elsewhere_without_code(tiny, tmp_path):
+    """No *.py is copied, even from a base with the Hub's remote code: the auto_map entries name the Hub repo."""
+    import shutil
 
     base = tmp_path / "base"
-    base.mkdir()
+    shutil.copytree(tiny, base)
     (base / "modeling_phi3_v.py").write_text("# remote code\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    assert copy_remote_code(str(base), out) == ["modeling_phi3_v.py"]
-    assert copy_remote_code("no-such-org/no-such-model", out) == []  # offline or unknown: nothing to copy
-    copied = copy_processor(str(tiny), out)
-    assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"} <= set(copied)
-    assert not any(name.endswith(".safetensors") or name == "config.json" for name in copied)
-    with pytest.raises(FileNotFoundError, match=f"{base}: no processor files"):
-        copy_processor(str(base), out)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    repo = "microsoft/Phi-3-vision-128k-instruct"
+    out = merge_lora(str(base), str(adapter), str(tmp_path / "merged"), dtype="fp32", remote_code_repo=repo)
+    assert not list(out.glob("*.py"))
+    check_loads_elsewhere(out, repo=repo)
 
 
 def other_base(path: Path, **overrides) -> Path:

@@ -87,5 +87,6 @@ def test_resolve_metric_by_name_or_function():
         return float(prediction.startswith(answers[0]))
 
     assert resolve_metric(starts_right) == ("starts_right", starts_right)
-    with pytest.raises(ValueError, match="unknown metric 'bleu'"):
+    assert resolve_metric("none") == ("none", None)  # generate, score nothing
+    with pytest.raises(ValueError, match=r"unknown metric 'bleu'; expected one of \['accuracy', 'anls', 'none'\]"):
         resolve_metric("bleu")

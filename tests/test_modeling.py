@@ -71,9 +71,11 @@ def test_hub_config_loads_and_saves_back_in_hub_form(tmp_path, caplog):
     config.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     for key, value in hub.items():
-        if key in ("transformers_version", "_attn_implementation", "_name_or_path"):
+        if key in ("transformers_version", "_attn_implementation", "_name_or_path", "auto_map"):
             continue
         assert saved[key] == value, key
+    # The same entries, naming the Hub repo of the code (a local copy's folder name says nothing: the default).
+    assert saved["auto_map"] == {key: f"microsoft/Phi-3.5-vision-instruct--{value}" for key, value in hub["auto_map"].items()}
     assert "vision_config" not in saved and "rope_parameters" not in saved
 
 

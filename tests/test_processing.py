@@ -259,7 +259,10 @@ def test_processor_save_load_round_trip(tiny_processor, tmp_path):
     tiny_processor.save_pretrained(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"} <= names
-    assert json.loads((tmp_path / "processor_config.json").read_text()) == {"processor_class": "Phi3VProcessor"}
+    assert json.loads((tmp_path / "processor_config.json").read_text()) == {
+        "auto_map": {"AutoProcessor": "microsoft/Phi-3.5-vision-instruct--processing_phi3_v.Phi3VProcessor"},
+        "processor_class": "Phi3VProcessor",
+    }
     assert json.loads((tmp_path / "preprocessor_config.json").read_text())["num_crops"] == 4
 
     loaded = Phi3VProcessor.from_pretrained(tmp_path)
@@ -273,12 +276,47 @@ def test_processor_save_load_round_trip(tiny_processor, tmp_path):
     assert Phi3VProcessor.from_pretrained(tmp_path, num_crops=16).image_processor.num_crops == 16
 
 
-def test_hub_processor_save_load(hub_processor, tmp_path):
+def test_hub_processor_save_load(hub_processor, reference_dir, tmp_path):
     hub_processor.save_pretrained(tmp_path)
-    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    assert "auto_map" not in tokenizer_config
-    assert tokenizer_config["tokenizer_class"] == "LlamaTokenizer"  # as on the Hub, for runtimes that read it
-    assert "auto_map" not in json.loads((tmp_path / "preprocessor_config.json").read_text())
+    # The Hub's files as they are, but for auto_map entries that name the repo of the code they point at.
+    for name in ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        hub = json.loads((reference_dir / "phi35v_hub_files" / name).read_text())
+        hub["auto_map"] = {key: f"microsoft/Phi-3.5-vision-instruct--{value}" for key, value in hub["auto_map"].items()}
+        assert json.loads((tmp_path / name).read_text()) == hub, name
     loaded = Phi3VProcessor.from_pretrained(tmp_path)
     text = PROMPT.format("<|image_1|>\nWhat is shown in this image?")
     assert loaded.encode_prompt(text, [757]) == hub_processor.encode_prompt(text, [757])
+
+
+@pytest.mark.parametrize("which", ["tiny_processor", "hub_processor"])
+def test_saved_tokenizer_reads_like_transformers_4(which, request, tmp_path):
+    """tokenizer_config.json in the Hub's form: transformers 4.4x builds the same tokenizer and chat template."""
+    import jinja2
+    from helpers import HUB_TOKENIZER_KEYS, tokenizer_like_transformers_4
+
+    processor = request.getfixturevalue(which)
+    processor.save_pretrained(tmp_path)
+    backend, config = tokenizer_like_transformers_4(tmp_path)
+    assert HUB_TOKENIZER_KEYS <= set(config)
+    assert not {"backend", "is_local", "local_files_only", "extra_special_tokens"} & set(config)  # transformers 5's
+    assert config["auto_map"] == {"AutoProcessor": "microsoft/Phi-3.5-vision-instruct--processing_phi3_v.Phi3VProcessor"}
+    tokenizer = processor.tokenizer
+    for text in ["The quick brown fox, 42 dollars!", PROMPT.format("<|image_1|>\nWhat is shown?") + "A cat.<|end|>"]:
+        assert backend.encode(text).ids == tokenizer(text)["input_ids"]
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]
+    rendered = jinja2.Environment().from_string(config["chat_template"]).render(messages=messages, add_generation_prompt=False)
+    assert rendered == tokenizer.apply_chat_template(messages, tokenize=False)
+    # and our own loading reads the same files to the same tokenizer
+    loaded = Phi3VProcessor.from_pretrained(tmp_path).tokenizer
+    assert loaded.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    assert loaded.added_tokens_decoder == tokenizer.added_tokens_decoder
+    assert loaded.chat_template == tokenizer.chat_template
+
+
+def test_what_serving_runtimes_call(tiny_processor):
+    """vLLM's Phi-3-V support calls these on the processor it loads (the original one's names)."""
+    assert tiny_processor.img_tokens[:2] == ["<|image_1|>", "<|image_2|>"]  # what prompts tag images with
+    image = _image(500, 300)
+    count = tiny_processor.calc_num_image_tokens_from_image_size(width=500, height=300)
+    assert count == tiny_processor.image_processor.num_image_tokens(500, 300) == 757  # num_crops 4
+    assert tiny_processor(PROMPT.format("<|image_1|>"), [image])["input_ids"].lt(0).sum() == count

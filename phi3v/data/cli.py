@@ -1,4 +1,4 @@
-"""`python -m phi3v.data validate DATA_DIR`: checks a converted-data folder before training."""
+"""`python -m phi3v.data validate DATA`: checks a data folder or file (jsonl, LLaVA JSON, CSV) before training."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .converted import MAX_PROBLEMS_SHOWN, SPLITS, FileReport, Problem, ValidationError, find_split_file, validate_file
+from .converted import MAX_PROBLEMS_SHOWN, SPLITS, FileReport, Problem, ValidationError, find_split_file
+from .formats import SUFFIXES, data_files, validate_data_file
 
 DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
 
@@ -55,16 +56,21 @@ def _split_order(path: Path) -> tuple[int, str]:
 
 
 def validate_command(args: argparse.Namespace) -> int:
-    data_dir = Path(args.data_dir)
+    path = Path(args.data)
     try:
-        files = ([find_split_file(data_dir, s) for s in args.splits] if args.splits
-                 else sorted(data_dir.glob("*.jsonl"), key=_split_order) if data_dir.is_dir() else [])
+        if path.is_file():
+            files = [path]
+        elif args.splits:
+            files = [find_split_file(path, split, SUFFIXES) for split in args.splits]
+        else:
+            files = sorted(data_files(path), key=_split_order) if path.is_dir() else []
     except ValidationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if not files:
-        print(f"error: {data_dir}: no *.jsonl files (is it the folder convert_ucf101.py wrote?)", file=sys.stderr)
+        print(f"error: {path}: no data files ({', '.join('*' + s for s in SUFFIXES)})", file=sys.stderr)
         return 1
+    images_dir = Path(args.image_folder) if args.image_folder else (path if path.is_dir() else path.parent) / "images"
 
     processor = None
     if not args.no_token_count:
@@ -83,7 +89,7 @@ def validate_command(args: argparse.Namespace) -> int:
 
     all_problems = []
     for file in files:
-        report = validate_file(file, data_dir / "images", full_check=args.full_check, progress=not args.no_tqdm)
+        report = validate_data_file(file, images_dir, full_check=args.full_check, progress=not args.no_tqdm)
         images = sum(len(s) for s in report.image_sizes)
         lines = []
         if processor is not None and report.records:
@@ -104,16 +110,20 @@ def validate_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m phi3v.data", description="Tools for the converted-data format.")
+    parser = argparse.ArgumentParser(prog="python -m phi3v.data", description="Tools for your own data.")
     commands = parser.add_subparsers(dest="command", required=True)
     validate = commands.add_parser(
-        "validate", help="Check a data folder: every jsonl line, every image, and the token counts.",
-        description="Checks that every line of every *.jsonl in DATA_DIR parses and has the schema, that every "
-                    "image exists, opens and lies inside DATA_DIR/images, that image tags match the images, and "
-                    "reports the tokens per sample. Exit status 1 when anything is wrong.")
-    validate.add_argument("data_dir", metavar="DATA_DIR", help="Folder with images/ and the *.jsonl files.")
+        "validate", help="Check a data folder or file: every record, every image, and the token counts.",
+        description="Checks every record of every data file in DATA (a folder: its *.jsonl, *.json and *.csv; or "
+                    "one file): that it parses and has the schema (converted jsonl, LLaVA/ShareGPT JSON, or CSV with "
+                    "image, question, answer columns), that every image exists, opens and lies inside the image "
+                    "folder, that image tags match the images, and reports the tokens per sample. Exit status 1 "
+                    "when anything is wrong.")
+    validate.add_argument("data", metavar="DATA", help="A data folder (images/ and the data files) or one data file.")
+    validate.add_argument("--image_folder", default=None,
+                          help="Folder the image paths are relative to (default: images/ beside the data files).")
     validate.add_argument("--splits", nargs="+", metavar="SPLIT",
-                          help="Check only these splits (train val test); default: every *.jsonl in DATA_DIR.")
+                          help="Check only these splits (train val test); default: every data file in DATA.")
     validate.add_argument("--num_crops", type=int, default=None,
                           help="Crops per image for the token counts (default: the processor's, 4 for Phi-3.5-vision; "
                                "use the value you will train with, e.g. 4 for video frames, 16 for documents).")

@@ -13,7 +13,8 @@ Check a folder (schema, images, token counts) before training:
     python -m phi3v.data validate DATA_DIR [--num_crops 4 --max_seq_length 8192 --model_name_or_path M]
 
 The training scripts run the same checks through `load_jsonl_dataset` and stop at a bad line with
-FILE:LINE and what is wrong.
+FILE:LINE and what is wrong. LLaVA JSON and CSV files are read into this form (`phi3v.data.formats`) and
+checked by the same code (`check_records`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from PIL import Image
 
 from ..chat import IMAGE_TAG, image_tag_problem
 from ..errors import SetupError
@@ -37,14 +40,21 @@ MAX_PROBLEMS_SHOWN = 20
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with the data, at FILE:LINE (line None: the file or folder as a whole)."""
+    """One thing wrong with the data, at FILE:LINE (line None: the file or folder as a whole).
+
+    `record`: the record's position in a JSON list (LLaVA files), counted from 0 as in `data[3]`; its line
+    is the one where the record starts.
+    """
 
     path: str
     line: int | None
     message: str
+    record: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.message}" if self.line is not None else f"{self.path}: {self.message}"
+        where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        record = f"record [{self.record}]: " if self.record is not None else ""
+        return f"{where}: {record}{self.message}"
 
 
 class ValidationError(SetupError, ValueError):
@@ -173,31 +183,104 @@ def validate_record(
 
 # ----------------------------------------------------------------------------- files and folders
 
-def find_split_file(data_dir: str | Path, split: str) -> Path:
-    """The jsonl of a split: ucf101_{split}.jsonl, else {split}.jsonl, else the one *_{split}.jsonl."""
+def find_split_file(data_dir: str | Path, split: str, suffixes: Sequence[str] = (".jsonl",),
+                    missing_ok: bool = False) -> Path | None:
+    """The data file of a split: ucf101_{split}.jsonl, else {split}.EXT, else the one *_{split}.EXT (EXT one of
+    `suffixes`). None when there is none and `missing_ok`; several are an error."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise ValidationError(f"no such folder (expected images/ and {split} jsonl files in it)", data_dir)
-    for name in (f"ucf101_{split}.jsonl", f"{split}.jsonl"):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    matches = sorted(data_dir.glob(f"*_{split}.jsonl"))
+        raise ValidationError(f"no such folder (expected images/ and {split} data files in it)", data_dir)
+    if ".jsonl" in suffixes and (data_dir / f"ucf101_{split}.jsonl").is_file():
+        return data_dir / f"ucf101_{split}.jsonl"
+    matches = [data_dir / f"{split}{suffix}" for suffix in suffixes if (data_dir / f"{split}{suffix}").is_file()]
+    if not matches:
+        matches = sorted(path for suffix in suffixes for path in data_dir.glob(f"*_{split}{suffix}"))
     if len(matches) == 1:
         return matches[0]
     if matches:
         raise ValidationError(f"several {split} files ({', '.join(m.name for m in matches)}): keep one", data_dir)
-    raise ValidationError(f"no {split} data: expected ucf101_{split}.jsonl (or {split}.jsonl) in it", data_dir)
+    if missing_ok:
+        return None
+    names = " or ".join(f"{split}{suffix}" for suffix in suffixes)
+    raise ValidationError(f"no {split} data: expected {names} (or NAME_{split}{suffixes[0]}) in it", data_dir)
 
 
 @dataclass
 class FileReport:
-    """What validating one jsonl file found."""
+    """What validating one data file found: its valid records (converted form), their image sizes and lines."""
 
     path: Path
     records: list[dict] = field(default_factory=list)
     image_sizes: list[list[tuple[int, int]]] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+
+
+# What a reader makes of a file: per record (its line, its position in a JSON list or None, the record in the
+# converted form or the Problem with it).
+NumberedRecords = list[tuple[int | None, int | None, Any]]
+
+
+def read_jsonl(jsonl: str | Path) -> NumberedRecords:
+    """The JSON object of every non-empty line, or the Problem of a line that is not JSON."""
+    jsonl = Path(jsonl)
+    lines = jsonl.read_bytes().split(b"\n")
+    items: NumberedRecords = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            items.append((number, None, json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))))
+        except UnicodeDecodeError as e:
+            items.append((number, None, Problem(str(jsonl), number, f"not UTF-8 text ({e})")))
+        except json.JSONDecodeError as e:
+            items.append((number, None, Problem(str(jsonl), number, f"not valid JSON ({e})")))
+    return items
+
+
+def check_records(
+    path: str | Path,
+    items: NumberedRecords,
+    images_dir: str | Path | None = None,
+    *,
+    check_images: bool = True,
+    full_check: bool = False,
+    progress: bool = False,
+) -> FileReport:
+    """Checks records read from `path` (`validate_record`, unique ids, images under images_dir, which defaults
+    to the images/ folder beside the file). Collects all problems instead of stopping."""
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    images_dir = Path(images_dir) if images_dir is not None else path.parent / "images"
+    report = FileReport(path)
+    where = str(path)
+    no_images_dir = check_images and not images_dir.is_dir()
+    if no_images_dir:
+        check_images = False  # reported once below, if any record has images
+    seen: dict[str, str] = {}
+    cache: dict[str, tuple[int, int]] = {}
+    for line, index, record in tqdm(items, desc=f"Checking {path.name}", unit="record", disable=not progress):
+        if isinstance(record, Problem):
+            report.problems.append(record)
+            continue
+        try:
+            sizes = validate_record(record, images_dir if check_images else None, path=where, line=line,
+                                    full_check=full_check, size_cache=cache)
+        except ValidationError as e:
+            report.problems.extend(replace(problem, record=index) for problem in e.problems)
+            continue
+        key = str(record["id"])
+        if key in seen:
+            report.problems.append(Problem(where, line, f"id {key!r} already used on {seen[key]}", index))
+            continue
+        seen[key] = f"line {line}" if index is None else f"record [{index}] (line {line})"
+        report.records.append(record)
+        report.image_sizes.append(sizes)
+        report.lines.append(line)
+    if no_images_dir and any(record_images(r) for r in report.records):
+        report.problems.insert(0, Problem(where, None, f"no images folder {images_dir} (image paths are relative to it)"))
+    return report
 
 
 def validate_file(
@@ -210,48 +293,18 @@ def validate_file(
 ) -> FileReport:
     """Checks every line of a jsonl file (JSON, schema, unique ids, images under images_dir, which
     defaults to the images/ folder beside the file). Collects all problems instead of stopping."""
-    jsonl = Path(jsonl)
-    images_dir = Path(images_dir) if images_dir is not None else jsonl.parent / "images"
-    report = FileReport(jsonl)
-    where = str(jsonl)
-    no_images_dir = check_images and not images_dir.is_dir()
-    if no_images_dir:
-        check_images = False  # reported once below, if any record has images
-    ids: dict[str, int] = {}
-    cache: dict[str, tuple[int, int]] = {}
-    lines = jsonl.read_bytes().split(b"\n")
-    if lines and not lines[-1].strip():
-        lines.pop()  # the final newline
-    from tqdm.auto import tqdm
+    return check_records(jsonl, read_jsonl(jsonl), images_dir, check_images=check_images, full_check=full_check,
+                         progress=progress)
 
-    for number, raw in enumerate(tqdm(lines, desc=f"Checking {jsonl.name}", unit="line", disable=not progress), 1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
-        except UnicodeDecodeError as e:
-            report.problems.append(Problem(where, number, f"not UTF-8 text ({e})"))
-            continue
-        except json.JSONDecodeError as e:
-            report.problems.append(Problem(where, number, f"not valid JSON ({e})"))
-            continue
-        try:
-            sizes = validate_record(record, images_dir if check_images else None, path=where, line=number,
-                                    full_check=full_check, size_cache=cache)
-        except ValidationError as e:
-            report.problems.extend(e.problems)
-            continue
-        key = str(record["id"])
-        if key in ids:
-            report.problems.append(Problem(where, number, f"id {key!r} already used on line {ids[key]}"))
-            continue
-        ids[key] = number
-        report.records.append(record)
-        report.image_sizes.append(sizes)
-        report.lines.append(number)
-    if no_images_dir and any(record_images(r) for r in report.records):
-        report.problems.insert(0, Problem(where, None, f"no images folder {images_dir} (image paths are relative to it)"))
-    return report
+
+def valid_records(report: FileReport) -> Records:
+    """The report's records with the FILE:LINE of each; raises ValidationError listing every problem
+    (FILE:LINE: what is wrong), or saying the file has no records."""
+    if report.problems:
+        raise ValidationError(report.problems)
+    if not report.records:
+        raise ValidationError("no records", report.path)
+    return Records(report.records, [f"{report.path}:{line}" for line in report.lines])
 
 
 def load_jsonl_dataset(data_dir: str | Path, split: str, *, check_images: bool = True,
@@ -259,10 +312,19 @@ def load_jsonl_dataset(data_dir: str | Path, split: str, *, check_images: bool =
     """The records of one split (`find_split_file`), all validated (see `validate_file`), with their FILE:LINE.
 
     Raises ValidationError listing every bad line as FILE:LINE: what is wrong."""
-    report = validate_file(find_split_file(data_dir, split), Path(data_dir) / "images",
-                           check_images=check_images, full_check=full_check)
-    if report.problems:
-        raise ValidationError(report.problems)
-    if not report.records:
-        raise ValidationError("no records", report.path)
-    return Records(report.records, [f"{report.path}:{line}" for line in report.lines])
+    return valid_records(validate_file(find_split_file(data_dir, split), Path(data_dir) / "images",
+                                       check_images=check_images, full_check=full_check))
+
+
+def record_example(record: dict, images_dir: str | Path) -> tuple[list[dict], list]:
+    """A converted record -> (conversation, images), as a recipe's `format_example` returns it.
+
+    Images are opened, not decoded: counting tokens at start reads only their sizes, and the
+    processor decodes (and converts to RGB) the ones it trains on.
+    """
+    return record["conversations"], [Image.open(Path(images_dir) / path) for path in record_images(record)]
+
+
+def first_image(records: Sequence[dict], images_dir: str | Path) -> str | None:
+    """The path of the first image of the records (for the "Try it with" command), None without images."""
+    return next((str(Path(images_dir) / path) for record in records for path in record_images(record)), None)

@@ -49,16 +49,25 @@ class ModelArguments:
         default="microsoft/Phi-3.5-vision-instruct",
         metadata={"help": "Hub id or local directory of a Phi-3(.5)-vision checkpoint."},
     )
-    num_crops: int = field(default=16, metadata={"help": "Max 336x336 crops per image (HD transform)."})
+    num_crops: int | None = field(
+        default=16, metadata={"help": "Max 336x336 crops per image (HD transform). None only until a recipe picks "
+                              "its default from the data (finetune_hf_trainer_custom.py)."}
+    )
     use_flash_attention: bool = field(
         default=False, metadata={"help": "Use flash-attn 2 (bf16/fp16 on GPU); SDPA when flash-attn is not installed."}
     )
     freeze_vision_model: bool = field(
         default=False, metadata={"help": "Freeze the image encoder (CLIP, projection and separators)."}
     )
+    remote_code_repo: str | None = field(
+        default=None,
+        metadata={"help": "Hub repo of the original code that the saved config.json and processor files name in "
+                  "their auto_map, for vLLM and trust_remote_code readers (default: the repo the model came from; "
+                  "microsoft/Phi-3.5-vision-instruct for a local copy)."},
+    )
 
     def __post_init__(self):
-        if self.num_crops < 1:
+        if self.num_crops is not None and self.num_crops < 1:
             raise FlagError(f"--num_crops must be at least 1, got {self.num_crops}")
 
 

@@ -31,6 +31,7 @@ from ..evaluation import evaluate as evaluate_rows
 from ..generation import try_command
 from ..metrics import Metric, resolve_metric
 from ..processing import Phi3VProcessor
+from ..remote_code import set_code_repo
 from .arguments import RecipeArguments
 from .checkpoints import (CheckpointError, copy_model_files, find_resume_point, load_model_weights, log_history,
                           run_is_complete, trained_steps)
@@ -100,6 +101,8 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         raise SetupError(f"{len(rows.unreadable)} training rows cannot be read (listed above), more than "
                          f"--max_bad_samples {max_bad}: fix or remove them")
     model = load_for_training(args, processor)
+    if args.model.remote_code_repo:
+        set_code_repo(args.model.remote_code_repo, model.config, processor.image_processor)
 
     if point.checkpoint is not None:
         print_once(f"Resuming from {point.checkpoint} (pass --no_auto_resume to start over)")
@@ -159,8 +162,12 @@ def stopped(stopper: StopAtStepEnd, trainer: Trainer, bad: list[str], max_bad: i
 
 
 def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[Any], format_example: FormatExample,
-             metric: str | Metric, args: RecipeArguments, when: str) -> dict:
-    """Batched, sharded evaluation written to `output_dir/eval_{when}.json`; returns the summary."""
+             metric: str | Metric, args: RecipeArguments, when: str) -> dict | None:
+    """Batched, sharded evaluation written to `output_dir/eval_{when}.json`; returns the summary (None
+    without rows: nothing is evaluated)."""
+    if not rows:
+        print_once(f"Evaluation {when} training skipped: no evaluation rows")
+        return None
     if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
         model.to(args.training.device)  # before training the Trainer hasn't placed it yet
     summary = evaluate_rows(
@@ -178,8 +185,12 @@ def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[A
     )
     for item in summary.get("skipped", []):
         print_once(f"  unreadable, not evaluated: {item['where']}: {item['reason']}")
-    print_once(f"Evaluation {when} training: {summary['metric']} {100 * summary['score']:.2f} "
-               f"on {summary['num_examples']} examples")
+    if summary["score"] is None:  # metric "none"
+        print_once(f"Evaluation {when} training: {summary['num_examples']} answers written to eval_{when}.json "
+                   "(metric none: not scored)")
+    else:
+        print_once(f"Evaluation {when} training: {summary['metric']} {100 * summary['score']:.2f} "
+                   f"on {summary['num_examples']} examples")
     return summary
 
 

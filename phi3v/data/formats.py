@@ -1,0 +1,114 @@
+"""Your own data in the formats it usually comes in: which reader reads a file, and a dataset from a folder or a file.
+
+| file     | what it holds                                                                          |
+|----------|----------------------------------------------------------------------------------------|
+| `.jsonl` | one record per line: the converted format (`converted`), or LLaVA / ShareGPT records   |
+| `.json`  | one JSON list of LLaVA / ShareGPT records (`llava`), or of converted records            |
+| `.csv`   | a table with image, question and answer columns (`csv_table`)                          |
+
+A record's own keys say which form it has. Every reader turns its records into the converted form, which
+`converted.check_records` checks the same way for all: schema, image tags, every image opening inside the
+image folder, unique ids; problems are named FILE:LINE (plus `record [N]` in a JSON list).
+
+A dataset is a folder (`train.EXT`, optionally `test.EXT`, and the images under `images/`) or a single file;
+without test data, evaluation rows are held out from the training ones (`load_own_data`).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+from .converted import (FileReport, NumberedRecords, Problem, ValidationError, check_records, find_split_file,
+                        read_jsonl, record_images, valid_records)
+from .csv_table import read_csv
+from .llava import convert_llava_record, is_llava_record, read_json_list
+
+SUFFIXES = (".jsonl", ".json", ".csv")
+# Samples with this many images or more are taken for video frames (UCF-101's are 8 frames).
+VIDEO_FRAMES = 4
+
+
+def read_records(path: str | Path) -> NumberedRecords:
+    """The records of a data file in the converted form (or the Problem with each bad one), with their lines."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return read_csv(path)
+    if suffix not in SUFFIXES:
+        raise ValidationError(f"not a data file: expected {', '.join(SUFFIXES)}", path)
+    items = read_jsonl(path) if suffix == ".jsonl" else read_json_list(path)
+    return [(line, index, _converted(record, path, line, index)) for line, index, record in items]
+
+
+def _converted(record, path: Path, line: int | None, index: int | None):
+    if not is_llava_record(record):
+        return record  # a converted record, a Problem, or something check_records rejects with its reason
+    try:
+        return convert_llava_record(record)
+    except ValueError as e:
+        return Problem(str(path), line, str(e), index)
+
+
+def validate_data_file(path: str | Path, images_dir: str | Path | None = None, *, check_images: bool = True,
+                       full_check: bool = False, progress: bool = False) -> FileReport:
+    """Reads and checks a data file of any format; images_dir defaults to the images/ folder beside it."""
+    return check_records(path, read_records(path), images_dir, check_images=check_images, full_check=full_check,
+                         progress=progress)
+
+
+def data_files(folder: str | Path) -> list[Path]:
+    """The data files (.jsonl, .json, .csv) in a folder, by name."""
+    return sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in SUFFIXES and path.is_file())
+
+
+class OwnData(NamedTuple):
+    """A dataset ready for a recipe: its records in the converted form and where their images are."""
+
+    train: list[dict]
+    eval: list[dict]
+    images_dir: Path
+    eval_source: str  # where the evaluation rows come from, in words
+
+
+def load_own_data(path: str | Path, images_dir: str | Path | None = None, eval_fraction: float = 0.05,
+                  seed: int = 0) -> OwnData:
+    """The training and evaluation records of a data folder or a single data file, all checked.
+
+    A folder holds `train.EXT` and optionally `test.EXT` (EXT: jsonl, json or csv; `NAME_train.EXT` also
+    does) and, by default, the images in `images/`; a file's images are by default in `images/` beside it.
+    Without test data, `eval_fraction` of the training records (at least one, chosen with `seed`) are held
+    out for evaluation; 0 means no evaluation. Raises ValidationError naming every problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValidationError("no such file or folder", path)
+    folder = path if path.is_dir() else path.parent
+    images_dir = Path(images_dir) if images_dir is not None else folder / "images"
+    train_file = find_split_file(path, "train", SUFFIXES) if path.is_dir() else path
+    test_file = find_split_file(path, "test", SUFFIXES, missing_ok=True) if path.is_dir() else None
+    train = valid_records(validate_data_file(train_file, images_dir))
+    if test_file is not None:
+        test = valid_records(validate_data_file(test_file, images_dir))
+        return OwnData(train, test, images_dir, f"the {len(test)} record(s) of {test_file.name}")
+    train, held_out = hold_out(train, eval_fraction, seed)
+    source = (f"{len(held_out)} record(s) held out from {train_file.name} (--eval_fraction {eval_fraction})"
+              if held_out else "nothing (no test file, and nothing held out)")
+    return OwnData(train, held_out, images_dir, source)
+
+
+def hold_out(records: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(kept, held out): `fraction` of the records (at least one, and never all) picked at random with `seed`,
+    both in their original order. A fraction of 0 holds out nothing."""
+    count = min(max(1, round(len(records) * fraction)), len(records) - 1) if fraction > 0 else 0
+    chosen = set(random.Random(seed).sample(range(len(records)), count))
+    return ([r for i, r in enumerate(records) if i not in chosen], [r for i, r in enumerate(records) if i in chosen])
+
+
+def is_video_like(records: Sequence[dict]) -> bool:
+    """Whether most samples with images have VIDEO_FRAMES or more (frames of clips rather than photos)."""
+    counts = [n for n in (len(record_images(record)) for record in records) if n]
+    return bool(counts) and statistics.median(counts) >= VIDEO_FRAMES
