@@ -214,3 +214,26 @@ def test_full_zero2_resume_gives_the_same_weights_and_losses(tiny, shapes, tmp_p
     a, b = weights(straight / "model.safetensors"), weights(resumed / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+def test_task_metric_during_training_keeps_the_best_checkpoint_and_resume_keeps_the_best_so_far(tiny, shapes, tmp_path):
+    """--eval_strategy steps logs eval_accuracy (generation, as before/after) with eval_loss; the best checkpoint
+    by --metric_for_best_model survives --save_total_limit and becomes the saved model."""
+    common = ["--model_name_or_path", str(tiny), "--dataset_name_or_path", str(shapes), "--use_lora", "--lora_rank",
+              "4", "--batch_size", "2", "--batch_size_per_gpu", "2", "--max_steps", "6", "--save_steps", "2",
+              "--eval_strategy", "steps", "--eval_steps", "2", "--max_eval_samples", "4", "--skip_eval_before",
+              "--learning_rate", "1e-2", "--load_best_model_at_end", "--save_total_limit", "2",
+              # the evaluation loss falls as training goes on: "greater is better" makes the first one the best
+              "--metric_for_best_model", "loss", "--greater_is_better", "true"]
+    straight, resumed = resume_pair(tmp_path, lambda *a: run_recipe("finetune_hf_trainer_hateful_memes.py", *a), common)
+    for out in (straight, resumed):
+        state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+        evaluations = [entry for entry in state["log_history"] if "eval_loss" in entry]
+        assert [entry["step"] for entry in evaluations] == [2, 4, 6]
+        assert all(0.0 <= entry["eval_accuracy"] <= 1.0 for entry in evaluations)
+        assert state["best_model_checkpoint"] == str(out / "checkpoint-2")  # kept by the resumed run too
+        assert state["best_metric"] == pytest.approx(evaluations[0]["eval_loss"])
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-6"]
+        best, saved = weights(out / "checkpoint-2" / "adapter_model.safetensors"), weights(out / "adapter_model.safetensors")
+        assert all(torch.equal(best[k], saved[k]) for k in best)  # the saved model is the best one
+    assert json.loads((straight / "eval_after.json").read_text()) == json.loads((resumed / "eval_after.json").read_text())

@@ -115,6 +115,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         args=training,
         train_dataset=TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode),
         data_collator=collator.collate,
+        **evaluation_during_training(args, processor, eval_rows, format_example, metric),
     )
     stopper = StopAtStepEnd(signals, trainer.bad_samples, max_bad - len(rows.unreadable))
     trainer.add_callback(stopper)
@@ -141,6 +142,26 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         example_image = example_image or save_example_image(eval_rows, format_example, output_dir)
         command = try_command(str(output_dir), args.model.model_name_or_path, args.lora.use_lora, example_image)
         print(f"Try it with:\n  {command}\nTraining curves: {curves}\nEvaluation report: {report}", flush=True)
+
+
+def evaluation_during_training(args: RecipeArguments, processor: Phi3VProcessor, eval_rows: Sequence[Any],
+                               format_example: FormatExample, metric: str | Metric) -> dict[str, Any]:
+    """With --eval_strategy steps|epoch: the rows whose loss is measured, and the task metric (the same batched
+    generation as the evaluations before and after) that the Trainer logs as eval_<metric> beside eval_loss."""
+    if args.training.eval_strategy == "no" or not eval_rows:
+        return {}
+    data, model_args = args.data, args.model
+    rows = filter_by_length(eval_rows, format_example, processor, model_args.num_crops, None,
+                            args.training.disable_tqdm, limit=data.max_eval_samples, label="Evaluation samples")
+    encoder = Phi3VDataCollator(processor, format_example, model_args.num_crops)
+
+    def task_metric(model: torch.nn.Module) -> dict:
+        return evaluate_rows(model, processor, eval_rows, format_example, metric,
+                             batch_size=args.training.per_device_eval_batch_size, max_new_tokens=data.max_new_tokens,
+                             num_crops=model_args.num_crops, disable_tqdm=True, limit=data.max_eval_samples)
+
+    return {"eval_dataset": TrainingSamples(eval_rows, rows.indices, rows.lengths, encode=encoder.encode),
+            "task_metric": task_metric}
 
 
 def planned_steps(trainer: Trainer) -> int:

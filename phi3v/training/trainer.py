@@ -46,6 +46,7 @@ def filter_by_length(
     max_seq_length: int | None,
     disable_tqdm: bool = False,
     limit: int | None = None,
+    label: str = "Training samples",
 ) -> TrainingRows:
     """The rows (of the first `limit`) within the token budget, with their token counts.
 
@@ -71,7 +72,7 @@ def filter_by_length(
     if is_main_process():
         longest = max(lengths, default=0)
         skipped = count - len(kept) - len(unreadable)
-        print(f"Training samples: {len(kept)} kept, {skipped} skipped as longer than --max_seq_length "
+        print(f"{label}: {len(kept)} kept, {skipped} skipped as longer than --max_seq_length "
               f"{max_seq_length}; longest kept {longest} tokens, mean {sum(lengths) / max(len(lengths), 1):.0f}")
         for where in unreadable:
             print(f"  unreadable, skipped: {where}")
@@ -97,6 +98,8 @@ class TrainingSamples(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < len(self):
+            raise IndexError(i)  # also ends iteration over the dataset
         if self.encode is None:
             return self.rows[self.indices[i]]
         bad = []
@@ -167,10 +170,13 @@ class Phi3VTrainer(Trainer):
       ones deleted (see phi3v.training.checkpoints).
     - Unreadable samples that batches report ("bad_samples") collected in `bad_samples`, each once.
     - A progress bar that shows the last loss (`LossProgressCallback`).
+    - Evaluations during training (--eval_strategy) that log the task metric (`task_metric(model)`, an
+      evaluation summary) as eval_<metric> beside eval_loss, so --metric_for_best_model can name it.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, task_metric: Callable[[torch.nn.Module], dict] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.task_metric = task_metric
         self.bad_samples: list[str] = []
         if self.pop_callback(ProgressCallback):  # none with --disable_tqdm
             self.add_callback(LossProgressCallback)
@@ -188,6 +194,17 @@ class Phi3VTrainer(Trainer):
         if grouped:
             return LengthGroupedSampler(group_size, lengths=length_buckets(lengths))
         return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        return torch.utils.data.SequentialSampler(eval_dataset)  # the loss only: order makes no difference
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if self.task_metric is not None:
+            summary = self.task_metric(self.model)
+            if summary["score"] is not None:  # metric "none" scores nothing
+                output.metrics[f"{metric_key_prefix}_{summary['metric']}"] = summary["score"]
+        return output
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         for where in inputs.pop("bad_samples", []):
