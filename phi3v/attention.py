@@ -17,8 +17,6 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-FLASH_ATTN_MISSING = ("flash_attention_2 was requested but flash-attn is not installed: using SDPA attention. "
-                      "Install flash-attn (GPU only) to use it.")
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
@@ -36,7 +34,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     outputs = [
         F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
                                        dropout_p=dropout, scale=scaling)
@@ -53,10 +52,28 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def flash_attn_unusable() -> str | None:
+    """Why flash-attn 2 cannot run here (None when it can): it needs a CUDA GPU of compute capability 8.0 or
+    newer (Ampere: A100, RTX 30xx; Hopper) and a wheel built for this torch."""
+    if not flash_attn_installed():
+        return "flash-attn is not installed (GPU only: pip install flash-attn --no-build-isolation)"
+    if not torch.cuda.is_available():
+        return "there is no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"this GPU (compute capability {major}.{minor}) is older than Ampere (8.0)"
+    try:
+        importlib.import_module("flash_attn")
+    except Exception as e:  # noqa: BLE001 - a wheel built for another torch or CUDA fails in many ways
+        return f"flash-attn does not load ({type(e).__name__}: {e})"
+    return None
+
+
 def training_attention(flash_attention: bool, packing: bool) -> str:
-    """flash_attention_2 when asked for and installed; else SDPA, per sample on packed rows."""
-    if flash_attention and flash_attn_installed():
-        return "flash_attention_2"
+    """flash_attention_2 when asked for and usable; else SDPA (per sample on packed rows), saying why."""
     if flash_attention:
-        logger.warning_once(FLASH_ATTN_MISSING)
+        reason = flash_attn_unusable()
+        if reason is None:
+            return "flash_attention_2"
+        logger.warning_once(f"--use_flash_attention: {reason}; using SDPA attention.")
     return "sdpa_packed" if packing else "sdpa"

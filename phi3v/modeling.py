@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 from transformers.utils import logging
 
-from .attention import FLASH_ATTN_MISSING, flash_attn_installed
+from .attention import flash_attn_unusable
 from .configuration import Phi3VConfig
 
 logger = logging.get_logger(__name__)
@@ -150,8 +150,9 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
         # The Hub config.json asks for flash_attention_2; without flash-attn installed we run SDPA
         # instead of refusing to load.
-        if attn_implementation == "flash_attention_2" and not flash_attn_installed():
-            logger.warning_once(FLASH_ATTN_MISSING)
+        reason = flash_attn_unusable() if attn_implementation == "flash_attention_2" else None
+        if reason:
+            logger.warning_once(f"flash_attention_2 was requested but {reason}: using SDPA attention.")
             attn_implementation = "sdpa"
             self.config._attn_implementation = attn_implementation  # the setter reaches the CLIP sub-config
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
@@ -216,7 +217,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         crop = embedding.crop_size
         blank = torch.zeros(1, 2, 3, crop, crop, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
         sizes = torch.tensor([[crop, crop]], device=inputs_embeds.device)
-        return 0.0 * embedding(blank, sizes).sum().to(inputs_embeds.dtype)
+        # Zeroed before the sum: a half-precision sum of ~10^6 features can overflow, and 0 x inf is NaN.
+        return (embedding(blank, sizes) * 0).sum().to(inputs_embeds.dtype)
 
     def forward(
         self,

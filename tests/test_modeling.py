@@ -405,3 +405,16 @@ def test_generate_expands_each_prompts_images_with_it():
         expanded = model(input_ids=ids, **kwargs).logits[:, -1]
         single = model(**inputs).logits[:, -1]
     torch.testing.assert_close(expanded, single.repeat_interleave(3, dim=0), atol=1e-5, rtol=0)
+
+
+def test_the_vision_term_of_text_only_batches_stays_finite_in_fp16():
+    """It sums ~10^6 image features; in fp16 that sum overflows, and 0 x inf would be NaN."""
+    model = Phi3VForCausalLM(tiny_config()).to(torch.float16).train()
+    with torch.no_grad():
+        model.model.vision_embed_tokens.img_projection[2].weight.fill_(60.0)  # features near fp16's limit
+    embeds = torch.zeros(1, 3, model.config.hidden_size, dtype=torch.float16)
+    features = model.model.vision_embed_tokens(torch.zeros(1, 2, 3, 336, 336, dtype=torch.float16),
+                                               torch.tensor([[336, 336]]))
+    assert torch.isinf(features.sum())  # what a sum-then-zero would have multiplied
+    term = model.model.unused_vision_term(embeds)
+    assert torch.isfinite(term) and term.item() == 0.0 and term.requires_grad

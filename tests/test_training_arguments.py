@@ -142,3 +142,23 @@ def test_help_lists_the_flags_in_groups(capsys):
     for group in ("model:", "LoRA:", "data and evaluation:", "training (every transformers TrainingArguments flag):"):
         assert f"\n{group}\n" in out
     assert "--batch_size_per_gpu" in out and "--wd" in out and "--optim" in out
+
+
+def test_several_gpus_in_one_process_are_refused(tmp_path, monkeypatch, capsys):
+    """Without torchrun the Trainer would use nn.DataParallel, which pairs images and prompts wrongly."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(SystemExit) as exit_info:
+        parse(tmp_path, "--use_lora")
+    assert exit_info.value.code == 2
+    assert "4 GPUs are visible to one process: run it with torchrun --nproc_per_node=4" in capsys.readouterr().err
+
+
+def test_zero2_accumulates_gradients_in_fp32():
+    """bf16/fp16 gradients summed over 8-16 micro-batches lose precision (DeepSpeed warns): fp32 accumulation."""
+    import json
+
+    config = json.loads(DEFAULT_DEEPSPEED_CONFIG.read_text())
+    assert config["data_types"]["grad_accum_dtype"] == "fp32" and config["zero_optimization"]["stage"] == 2

@@ -48,3 +48,63 @@ def test_lora_target_modules(tiny_model):
     assert len(clip) == 12
     assert not any(".encoder.layers.2." in name for name in with_vision)
     assert not any("post_layernorm" in name or "patch_embedding" in name for name in with_vision)
+
+
+@pytest.fixture
+def half_only_attention(monkeypatch):
+    """A stand-in for transformers' flash attention: fp32 queries go to the dtype `get_target_dtype` picks (the
+    autocast dtype, else the layer's weights'), and like flash-attn it refuses what is still fp32."""
+    from transformers import AttentionInterface
+    from transformers.integrations.flash_attention import get_target_dtype
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from phi3v.training import modes
+
+    seen = []
+
+    def half_only(module, query, key, value, *args, **kwargs):
+        dtype = get_target_dtype(query, module) or query.dtype
+        seen.append(dtype)
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise RuntimeError(f"FlashAttention only supports fp16 and bf16, got {dtype}")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+    AttentionInterface.register("half_only", half_only)
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    ALL_MASK_ATTENTION_FUNCTIONS.register("half_only", sdpa_mask)
+    monkeypatch.setattr(modes, "training_attention", lambda flash, packing: "half_only")
+    return seen
+
+
+@pytest.mark.parametrize("mode", [["--deepspeed", "none"], ["--deepspeed", "none", "--freeze_vision_model"],
+                                  ["--use_lora", "--lora_rank", "4"]], ids=["full", "frozen vision", "LoRA"])
+def test_evaluation_before_and_after_training_feeds_the_kernel_half_precision(tiny, shapes, tmp_path, mode,
+                                                                              half_only_attention):
+    """Full fine-tuning keeps fp32 weights (AMP): evaluating them must still run in the training precision."""
+    from test_recipes import run_recipe
+
+    run_recipe("finetune_hf_trainer_hateful_memes.py", "--model_name_or_path", str(tiny), "--dataset_name_or_path",
+               str(shapes), "--output_dir", str(tmp_path / "out"), "--bf16", "--batch_size", "2",
+               "--batch_size_per_gpu", "2", "--max_steps", "1", "--max_eval_samples", "2", *mode)
+    assert (tmp_path / "out" / "eval_before.json").is_file() and (tmp_path / "out" / "eval_after.json").is_file()
+    assert half_only_attention and set(half_only_attention) == {torch.bfloat16}
+
+
+def test_weights_are_loaded_in_the_precision_the_mode_trains(tiny, tmp_path, monkeypatch):
+    """LoRA's base and DeepSpeed's weights load in half precision (DeepSpeed keeps its own fp32 master copy);
+    plain AMP updates fp32 weights."""
+    from phi3v.training import parse_args
+    from phi3v.training.modes import load_for_training, load_processor
+
+    processor = load_processor(str(tiny))
+    for argv, dtype in ((["--use_lora", "--bf16"], torch.bfloat16), (["--deepspeed", "none", "--bf16"], torch.float32)):
+        args = parse_args(argv=["--model_name_or_path", str(tiny), "--output_dir", str(tmp_path), *argv])
+        model = load_for_training(args, processor)
+        assert next(p for n, p in model.named_parameters() if "qkv_proj.weight" in n or "qkv_proj.base_layer" in n
+                    ).dtype == dtype
+    args = parse_args(argv=["--model_name_or_path", str(tiny), "--output_dir", str(tmp_path), "--deepspeed", "none",
+                            "--bf16"])
+    args.training.deepspeed = "ds_config_zero2.json"  # as under torchrun: only the dtype choice is looked at here
+    assert load_for_training(args, processor).model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16

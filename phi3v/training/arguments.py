@@ -211,6 +211,12 @@ class Phi3VTrainingArguments(TrainingArguments):
                 f"{world_size} x {self.per_device_train_batch_size} = {per_step}"
             )
         self.gradient_accumulation_steps = self.batch_size // per_step
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() and not self.use_cpu else 0
+        if gpus > 1 and "LOCAL_RANK" not in os.environ:
+            # The Trainer would wrap the model in nn.DataParallel, which splits pixel_values by image and
+            # input_ids by sample (pairing them wrongly) and multiplies the global batch by the GPU count.
+            raise FlagError(f"{gpus} GPUs are visible to one process: run it with torchrun --nproc_per_node={gpus} "
+                            f"{Path(sys.argv[0]).name} ... (or CUDA_VISIBLE_DEVICES=0 for one GPU)")
         # `gradient_checkpointing` is the guide's name for `activation_checkpointing` (transformers
         # deprecates it): the one the user set wins, the other mirrors it.
         if self.activation_checkpointing is None:

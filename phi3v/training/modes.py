@@ -108,9 +108,10 @@ def load_for_training(args: RecipeArguments, processor: Phi3VProcessor) -> torch
     half = torch.bfloat16 if training.bf16 else (torch.float16 if on_gpu else torch.float32)
     kwargs: dict[str, Any] = {
         "attn_implementation": training_attention(model_args.use_flash_attention, args.data.packing),
-        # Full fine-tuning keeps fp32 master weights (DeepSpeed/AMP run the half precision);
-        # LoRA's frozen base can live in half precision.
-        "dtype": half if lora.use_lora else torch.float32,
+        # LoRA's frozen base lives in half precision. So do the weights DeepSpeed trains: it keeps its own
+        # fp32 master copy, so an fp32 model per process (16.6 GB of host memory each at full size) would
+        # only be cast down. Plain AMP (--deepspeed none) needs the fp32 weights it updates.
+        "dtype": half if lora.use_lora or training.deepspeed else torch.float32,
     }
     if lora.use_qlora:
         kwargs["quantization_config"] = quantization_config(half)

@@ -156,9 +156,11 @@ def evaluation_during_training(args: RecipeArguments, processor: Phi3VProcessor,
     encoder = Phi3VDataCollator(processor, format_example, model_args.num_crops)
 
     def task_metric(model: torch.nn.Module) -> dict:
-        return evaluate_rows(model, processor, eval_rows, format_example, metric,
-                             batch_size=args.training.per_device_eval_batch_size, max_new_tokens=data.max_new_tokens,
-                             num_crops=model_args.num_crops, disable_tqdm=True, limit=data.max_eval_samples)
+        with half_precision(args, model):
+            return evaluate_rows(model, processor, eval_rows, format_example, metric,
+                                 batch_size=args.training.per_device_eval_batch_size,
+                                 max_new_tokens=data.max_new_tokens, num_crops=model_args.num_crops,
+                                 disable_tqdm=True, limit=data.max_eval_samples)
 
     return {"eval_dataset": TrainingSamples(eval_rows, rows.indices, rows.lengths, encode=encoder.encode),
             "task_metric": task_metric}
@@ -191,19 +193,20 @@ def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[A
         return None
     if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
         model.to(args.training.device)  # before training the Trainer hasn't placed it yet
-    summary = evaluate_rows(
-        model,
-        processor,
-        rows,
-        format_example,
-        metric,
-        batch_size=args.training.per_device_eval_batch_size,
-        max_new_tokens=args.data.max_new_tokens,
-        num_crops=args.model.num_crops,
-        output_file=Path(args.training.output_dir) / f"eval_{when}.json",
-        disable_tqdm=args.training.disable_tqdm,
-        limit=args.data.max_eval_samples,
-    )
+    with half_precision(args, model):
+        summary = evaluate_rows(
+            model,
+            processor,
+            rows,
+            format_example,
+            metric,
+            batch_size=args.training.per_device_eval_batch_size,
+            max_new_tokens=args.data.max_new_tokens,
+            num_crops=args.model.num_crops,
+            output_file=Path(args.training.output_dir) / f"eval_{when}.json",
+            disable_tqdm=args.training.disable_tqdm,
+            limit=args.data.max_eval_samples,
+        )
     for item in summary.get("skipped", []):
         print_once(f"  unreadable, not evaluated: {item['where']}: {item['reason']}")
     if summary["score"] is None:  # metric "none"
@@ -213,6 +216,15 @@ def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[A
         print_once(f"Evaluation {when} training: {summary['metric']} {100 * summary['score']:.2f} "
                    f"on {summary['num_examples']} examples")
     return summary
+
+
+def half_precision(args: RecipeArguments, model: torch.nn.Module):
+    """Evaluation in the precision training computes in (autocast to bf16/fp16), also for fp32 weights:
+    flash attention takes half-precision inputs only, and a 4B model needs twice the memory in fp32."""
+    training = args.training
+    dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else None
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
 
 def save(trainer: Trainer, processor: Phi3VProcessor, args: RecipeArguments, from_checkpoint: Path | None = None) -> None:
