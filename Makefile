@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean gpu-check
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: venv
 		--output_dir demo_output/run --batch_size 8 --batch_size_per_gpu 4 --num_crops 1 \
 		--num_train_epochs 3 --learning_rate 3e-3 --warmup_steps 5 --max_eval_samples 48 \
 		--gradient_checkpointing false --dataloader_num_workers 0 --save_steps 1000
+
+# Run first on a GPU machine: every recipe mode for a few steps at full size, then the bench (see phi3v/gpu_check.py).
+gpu-check: venv
+	$(PY) -m phi3v.gpu_check
 
 test: venv
 	$(PY) -m pytest -q tests

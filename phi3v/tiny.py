@@ -163,18 +163,23 @@ def tiny_config(vocab_size: int = 412, **overrides) -> Phi3VConfig:
     return Phi3VConfig(**settings)
 
 
-def build_tiny_checkpoint(out_dir: str | Path, num_crops: int = 4, seed: int = 0) -> Path:
-    """Writes a random tiny Phi-3-V (config.json, safetensors, tokenizer, preprocessor) in the Hub layout."""
+def build_tiny_checkpoint(out_dir: str | Path, num_crops: int = 4, seed: int = 0, full_size: bool = False) -> Path:
+    """Writes a random tiny Phi-3-V (config.json, safetensors, tokenizer, preprocessor) in the Hub layout.
+
+    `full_size`: Phi-3.5-vision-instruct's own config instead (4.15B parameters, bf16 as on the Hub, built
+    on the GPU when there is one), with the tiny tokenizer: for GPU checks of memory and speed.
+    """
     processor = build_tiny_processor(num_crops=num_crops)
     tokenizer = processor.tokenizer
-    config = tiny_config(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids("</s>"),
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("</s>"),
+               pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = Phi3VForCausalLM(config)
+    if full_size:
+        hub = json.loads((Path(__file__).resolve().parent / "configs" / "phi-3.5-vision-instruct.json").read_text())
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Phi3VForCausalLM(Phi3VConfig(**{**hub, **ids})).to(torch.bfloat16)
+    else:
+        model = Phi3VForCausalLM(tiny_config(vocab_size=len(tokenizer), **ids))
     use_chat_stop_tokens(model, processor)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -186,8 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="Directory to write (config.json, model.safetensors, tokenizer, preprocessor).")
     parser.add_argument("--num_crops", type=int, default=4, help="num_crops saved in preprocessor_config.json.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
+    parser.add_argument("--full_size", action="store_true",
+                        help="Phi-3.5-vision's real sizes (4.15B parameters, 8.3 GB in bf16), for GPU checks.")
     args = parser.parse_args(argv)
-    path = build_tiny_checkpoint(args.out_dir, args.num_crops, args.seed)
+    path = build_tiny_checkpoint(args.out_dir, args.num_crops, args.seed, args.full_size)
     size = sum(f.stat().st_size for f in path.iterdir())
     print(f"Wrote a tiny random Phi-3-V ({size / 1e6:.1f} MB) to {path}")
 
