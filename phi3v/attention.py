@@ -20,17 +20,20 @@ logger = logging.get_logger(__name__)
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
-                          **kwargs):
+                          packed_bounds=None, **kwargs):
     """SDPA that runs each sample of a packed row on its own ("sdpa_packed").
 
     A packed row (batch 1, position ids restarting at 0 per sample) through plain SDPA computes
     attention over the whole row and masks the cross-sample part away; here each sample's causal
     attention runs alone, so only the useful work is done. The boundaries come from
-    `cu_seq_lens_q` (phi3v.collator.pack_batch). Anything else goes to plain SDPA, which keeps
-    packed rows given by position ids alone apart with a block-diagonal mask.
+    `cu_seq_lens_q` (phi3v.collator.pack_batch), read once per forward pass as `packed_bounds` by the
+    model. Anything else goes to plain SDPA, which keeps packed rows given by position ids alone
+    apart with a block-diagonal mask.
     """
     one_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]  # and no cache
-    bounds = cu_seq_lens_q.tolist() if one_row and cu_seq_lens_q is not None else []
+    if packed_bounds is None and cu_seq_lens_q is not None:
+        packed_bounds = cu_seq_lens_q.tolist()
+    bounds = packed_bounds if one_row and packed_bounds is not None else []
     if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]

@@ -230,6 +230,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     ):
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+        if self.config._attn_implementation == "sdpa_packed" and kwargs.get("cu_seq_lens_q") is not None:
+            # The sample boundaries read once per forward pass, not in every layer (a GPU-to-host copy each).
+            kwargs["packed_bounds"] = kwargs["cu_seq_lens_q"].tolist()
         return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)
 
 

@@ -418,3 +418,25 @@ def test_the_vision_term_of_text_only_batches_stays_finite_in_fp16():
     assert torch.isinf(features.sum())  # what a sum-then-zero would have multiplied
     term = model.model.unused_vision_term(embeds)
     assert torch.isfinite(term) and term.item() == 0.0 and term.requires_grad
+
+
+def test_packed_sample_boundaries_are_read_once_per_forward_pass(monkeypatch):
+    """"sdpa_packed" gets the boundaries as a list from the model: no GPU-to-host copy in every layer."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from phi3v.attention import packed_sdpa_attention
+
+    received = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        received.append(kwargs.get("packed_bounds"))
+        return packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa_packed", spy)
+    model = Phi3VForCausalLM(tiny_config(attn_implementation="sdpa_packed")).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 1, 8, 9]])
+    cu = torch.tensor([0, 4, 7], dtype=torch.int32)
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2]]), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+              max_length_q=4, max_length_k=4, use_cache=False)
+    assert received == [[0, 4, 7]] * model.config.num_hidden_layers
