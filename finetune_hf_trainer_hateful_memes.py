@@ -8,7 +8,7 @@ Data: HuggingFaceM4/the_cauldron, config "hateful_memes" (or a local copy: --dat
 The first 500 rows are held out for evaluation; the metric is exact-match accuracy.
 """
 
-from phi3v.data import cauldron_example, hold_out, load_hf_dataset
+from phi3v.data import cauldron_example, hold_out_first, load_hf_dataset
 from phi3v.training import parse_args, run
 
 DATASET, CONFIG, NUM_EVAL, METRIC = "HuggingFaceM4/the_cauldron", "hateful_memes", 500, "accuracy"
@@ -16,7 +16,7 @@ DATASET, CONFIG, NUM_EVAL, METRIC = "HuggingFaceM4/the_cauldron", "hateful_memes
 
 def load_data(args):
     """(train rows, eval rows)."""
-    return hold_out(load_hf_dataset(args.data.dataset_name_or_path or DATASET, CONFIG, split="train"), NUM_EVAL)
+    return hold_out_first(load_hf_dataset(args.data.dataset_name_or_path or DATASET, CONFIG, split="train"), NUM_EVAL)
 
 
 def format_example(row):

@@ -7,7 +7,7 @@ Data: HuggingFaceM4/the_cauldron, config "nlvr2" (or a local copy: --dataset_nam
 The first 500 rows are held out for evaluation; the metric is exact-match accuracy.
 """
 
-from phi3v.data import cauldron_example, hold_out, load_hf_dataset
+from phi3v.data import cauldron_example, hold_out_first, load_hf_dataset
 from phi3v.training import parse_args, run
 
 DATASET, CONFIG, NUM_EVAL, METRIC = "HuggingFaceM4/the_cauldron", "nlvr2", 500, "accuracy"
@@ -15,7 +15,7 @@ DATASET, CONFIG, NUM_EVAL, METRIC = "HuggingFaceM4/the_cauldron", "nlvr2", 500, 
 
 def load_data(args):
     """(train rows, eval rows)."""
-    return hold_out(load_hf_dataset(args.data.dataset_name_or_path or DATASET, CONFIG, split="train"), NUM_EVAL)
+    return hold_out_first(load_hf_dataset(args.data.dataset_name_or_path or DATASET, CONFIG, split="train"), NUM_EVAL)
 
 
 def format_example(row):

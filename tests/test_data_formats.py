@@ -9,7 +9,7 @@ from test_data_csv_table import write_csv
 from test_data_llava import CONVERTED, GOOD, write_llava
 
 from phi3v.data.converted import ValidationError
-from phi3v.data.formats import hold_out, is_video_like, load_own_data, read_records
+from phi3v.data.formats import hold_out_at_random, is_video_like, load_own_data, read_records
 
 
 def test_a_folder_with_train_and_test_files_of_any_format(tmp_path):
@@ -54,12 +54,12 @@ def test_a_single_file_holds_out_its_evaluation_rows(tmp_path):
 
 def test_hold_out():
     records = [{"id": i} for i in range(100)]
-    kept, held = hold_out(records, 0.1, seed=0)
+    kept, held = hold_out_at_random(records, 0.1, seed=0)
     assert len(held) == 10 and kept + held != records and sorted(kept + held, key=lambda r: r["id"]) == records
     assert held == sorted(held, key=lambda r: r["id"])  # original order
-    assert hold_out(records, 0.1, seed=1)[1] != held
-    assert len(hold_out(records, 0.001, seed=0)[1]) == 1  # at least one...
-    assert hold_out(records[:1], 0.5, seed=0) == (records[:1], [])  # ...but never all
+    assert hold_out_at_random(records, 0.1, seed=1)[1] != held
+    assert len(hold_out_at_random(records, 0.001, seed=0)[1]) == 1  # at least one...
+    assert hold_out_at_random(records[:1], 0.5, seed=0) == (records[:1], [])  # ...but never all
 
 
 def test_video_like_data_is_many_images_per_sample():

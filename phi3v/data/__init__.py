@@ -12,8 +12,8 @@ copies of them).
 from .converted import (ValidationError, first_image, load_jsonl_dataset, record_example, record_images, validate_file,
                         validate_record)
 from .formats import OwnData, is_video_like, load_own_data, validate_data_file
-from .hub import DatasetError, cauldron_example, hold_out, load_hf_dataset, sizes_only
+from .hub import DatasetError, cauldron_example, hold_out_first, load_hf_dataset, sizes_only
 
-__all__ = ["DatasetError", "OwnData", "ValidationError", "cauldron_example", "hold_out", "first_image", "is_video_like", "load_hf_dataset",
+__all__ = ["DatasetError", "OwnData", "ValidationError", "cauldron_example", "hold_out_first", "first_image", "is_video_like", "load_hf_dataset",
            "load_jsonl_dataset", "load_own_data", "record_example", "record_images", "sizes_only",
            "validate_data_file", "validate_file", "validate_record"]

@@ -94,13 +94,13 @@ def load_own_data(path: str | Path, images_dir: str | Path | None = None, eval_f
     if test_file is not None:
         test = valid_records(validate_data_file(test_file, images_dir))
         return OwnData(train, test, images_dir, f"the {len(test)} record(s) of {test_file.name}")
-    train, held_out = hold_out(train, eval_fraction, seed)
+    train, held_out = hold_out_at_random(train, eval_fraction, seed)
     source = (f"{len(held_out)} record(s) held out from {train_file.name} (--eval_fraction {eval_fraction})"
               if held_out else "nothing (no test file, and nothing held out)")
     return OwnData(train, held_out, images_dir, source)
 
 
-def hold_out(records: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def hold_out_at_random(records: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(kept, held out): `fraction` of the records (at least one, and never all) picked at random with `seed`,
     both in their original order. A fraction of 0 holds out nothing."""
     count = min(max(1, round(len(records) * fraction)), len(records) - 1) if fraction > 0 else 0

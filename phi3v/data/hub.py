@@ -73,7 +73,7 @@ def _load(name_or_path: str, config_name: str | None, split: str):
     return datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split="train")
 
 
-def hold_out(rows, num_eval: int):
+def hold_out_first(rows, num_eval: int):
     """(train rows, eval rows): the first `num_eval` rows evaluate, the rest train."""
     if len(rows) <= num_eval:
         raise DatasetError(f"the dataset has {len(rows)} rows, and its first {num_eval} are held out for evaluation: "
