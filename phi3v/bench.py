@@ -40,7 +40,7 @@ from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
 from .image_processing import CROP_SIZE, hd_image_size, num_image_tokens
 from .modeling import Phi3VForCausalLM
-from .sizing import meta_model, state_bytes, step_cost
+from .training.sizing import meta_model, state_bytes, step_cost
 from .training.arguments import LoraArguments, ModelArguments
 from .training.modes import quantization_config, setup_mode
 from .training.trainer import length_buckets

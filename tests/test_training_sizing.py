@@ -1,4 +1,4 @@
-"""phi3v.sizing: full-size step costs on the meta device match what the real model executes, and the bytes per
+"""phi3v.training.sizing: full-size step costs on the meta device match what the real model executes, and the bytes per
 GPU follow each mode's layout."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from phi3v import bench
-from phi3v.sizing import NF4_BYTES, meta_model, state_bytes, step_cost
+from phi3v.training.sizing import NF4_BYTES, meta_model, state_bytes, step_cost
 from phi3v.tiny import tiny_config
 
 

@@ -19,10 +19,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from transformers import AttentionInterface
 
-from .configuration import Phi3VConfig
-from .modeling import Phi3VForCausalLM
-from .training.arguments import LoraArguments, ModelArguments
-from .training.modes import setup_mode
+from ..configuration import Phi3VConfig
+from ..modeling import Phi3VForCausalLM
+from .arguments import LoraArguments, ModelArguments
+from .modes import setup_mode
 
 MODES = ("full", "frozen", "lora", "qlora")
 # Bytes per parameter of an NF4 weight with double quantisation: 4 bits, plus an 8-bit scale per 64 weights
