@@ -40,7 +40,7 @@ from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
 from .image_processing import CROP_SIZE, hd_image_size, num_image_tokens
 from .modeling import Phi3VForCausalLM
-from .training.sizing import meta_model, state_bytes, step_cost
+from .training.sizing import Layout, meta_model, mode_arguments, sample_layout, state_bytes, step_cost
 from .training.arguments import LoraArguments, ModelArguments
 from .training.modes import quantization_config, setup_mode
 from .training.trainer import length_buckets
@@ -342,24 +342,26 @@ def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str])
               "longest, GB per GPU for 1/2/4/8 GPUs", flush=True)
         measured = {}  # QLoRA computes as LoRA does (its 4-bit base is dequantised to 16-bit): measured once
         for mode in modes:
-            model = meta_model(config, mode)
+            model_args, lora = mode_arguments(mode)
+            model = meta_model(config, model_args, lora)
             same_as = "lora" if mode == "qlora" else mode
             if same_as in measured:
                 row = {**measured[same_as], "config": mode,
-                       "GB per GPU": {gpus: (state_bytes(model, mode, gpus).total + measured[same_as]["activations GB"]
+                       "GB per GPU": {gpus: (state_bytes(model, lora, gpus).total + measured[same_as]["activations GB"]
                                              * 1e9) / 1e9 for gpus in GPU_COUNTS}}
                 rows.append(row)
                 print(format_meta_row(row), flush=True)
                 continue
 
             def mean_flops(**reference) -> float:
-                return sum(step_cost(model, *sample_layout(s), **reference).flops for s in samples) / len(samples)
+                return sum(step_cost(model, *layout(s), **reference).flops for s in samples) / len(samples)
 
             ours, real_logits, reference = mean_flops(), mean_flops(crop_slots=slots), mean_flops(crop_slots=slots,
                                                                                                   full_logits=True)
-            activations = step_cost(model, *sample_layout(longest)).activation_bytes
-            no_checkpointing = step_cost(meta_model(config, mode, checkpointing=False), *sample_layout(longest))
-            per_gpu = {gpus: (state_bytes(model, mode, gpus).total + activations) / 1e9 for gpus in GPU_COUNTS}
+            activations = step_cost(model, *layout(longest)).activation_bytes
+            no_checkpointing = step_cost(meta_model(config, model_args, lora, checkpointing=False),
+                                         *layout(longest))
+            per_gpu = {gpus: (state_bytes(model, lora, gpus).total + activations) / 1e9 for gpus in GPU_COUNTS}
             row = {"config": mode, "distribution": distribution, "TFLOP/sample": ours / 1e12,
                    "reference TFLOP/sample": reference / 1e12, "saved by real crops": (real_logits - ours) / reference,
                    "saved by answer-only logits": (reference - real_logits) / reference,
@@ -380,9 +382,8 @@ def format_meta_row(row: dict) -> str:
             "without checkpointing)  per GPU " + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU"].values()))
 
 
-def sample_layout(sample: Sample) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """(input ids, labels, sub-crop grid of each image): what `step_cost` measures."""
-    return sample.input_ids, sample.labels, [(h // CROP_SIZE, w // CROP_SIZE) for h, w in sample.image_sizes.tolist()]
+def layout(sample: Sample) -> Layout:
+    return sample_layout(sample.input_ids, sample.labels, sample.image_sizes)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,12 +6,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from phi3v import bench
-from phi3v.training.sizing import NF4_BYTES, meta_model, state_bytes, step_cost
+from phi3v.training.sizing import NF4_BYTES, meta_model, mode_arguments, state_bytes, step_cost
 from phi3v.tiny import tiny_config
 
 
 def config():
     return tiny_config(vocab_size=32064, pad_token_id=32000)
+
+
+def model(mode, checkpointing=True):
+    return meta_model(config(), *mode_arguments(mode), checkpointing=checkpointing)
 
 
 @pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
@@ -23,18 +27,18 @@ def test_meta_step_flops_equal_a_real_training_step(mode):
     batch = bench.collate([sample], packing=False)
     with FlopCounterMode(display=False) as counter:
         real(**batch).loss.backward()
-    measured = step_cost(meta_model(config(), mode), *bench.sample_layout(sample))
+    measured = step_cost(model(mode), *bench.layout(sample))
     assert measured.flops == pytest.approx(counter.get_total_flops(), rel=0.01)
 
 
 def test_meta_step_costs_follow_checkpointing_crops_and_logits():
     sample = bench.make_samples("docvqa", 1)[0]
-    layout = bench.sample_layout(sample)
-    full, frozen = meta_model(config(), "full"), meta_model(config(), "frozen")
+    layout = bench.layout(sample)
+    full, frozen = model("full"), model("frozen")
     ours = step_cost(full, *layout)
     reference = step_cost(full, *layout, crop_slots=17, full_logits=True)
     padded_crops = step_cost(full, *layout, crop_slots=17)
-    no_checkpointing = step_cost(meta_model(config(), "full", checkpointing=False), *layout)
+    no_checkpointing = step_cost(model("full", checkpointing=False), *layout)
     assert ours.flops < padded_crops.flops < reference.flops  # padded crop slots, then full-vocabulary logits
     assert no_checkpointing.flops < ours.flops  # no recomputation
     assert no_checkpointing.activation_bytes > 2 * ours.activation_bytes > 0
@@ -42,21 +46,22 @@ def test_meta_step_costs_follow_checkpointing_crops_and_logits():
 
 
 def test_bytes_per_gpu_of_each_mode():
-    full, lora = meta_model(config(), "full"), meta_model(config(), "lora")
+    full, lora = model("full"), model("lora")
+    full_args, lora_args, qlora_args = mode_arguments("full")[1], mode_arguments("lora")[1], mode_arguments("qlora")[1]
     params = sum(p.numel() for p in full.parameters())
     trainable = sum(p.numel() for p in full.parameters() if p.requires_grad)
-    one, eight = state_bytes(full, "full", 1), state_bytes(full, "full", 8)
+    one, eight = state_bytes(full, full_args, 1), state_bytes(full, full_args, 8)
     assert one.weights == eight.weights == 2 * params  # ZeRO-2: the 16-bit weights on every GPU
     assert (one.gradients, one.optimizer) == (4 * trainable, 12 * trainable)  # fp32 grads, master, 2 moments
     assert eight.optimizer == 12 * trainable // 8
-    assert state_bytes(full, "full", 8, deepspeed=False).total == 16 * trainable + 4 * (params - trainable)
-    assert state_bytes(lora, "lora", 1) == state_bytes(lora, "lora", 8)  # DDP: nothing is split
+    assert state_bytes(full, full_args, 8, deepspeed=False).total == 16 * trainable + 4 * (params - trainable)
+    assert state_bytes(lora, lora_args, 1) == state_bytes(lora, lora_args, 8)  # DDP: nothing is split
     linear = sum(m.weight.numel() for n, m in full.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     frozen = sum(p.numel() for p in lora.parameters() if not p.requires_grad)
     assert frozen == params  # LoRA freezes every base weight
     adapters = 4 * sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    assert state_bytes(lora, "lora", 1).weights == 2 * params + adapters
-    assert state_bytes(lora, "qlora", 1).weights == round(NF4_BYTES * linear) + 2 * (params - linear) + adapters
+    assert state_bytes(lora, lora_args, 1).weights == 2 * params + adapters
+    assert state_bytes(lora, qlora_args, 1).weights == round(NF4_BYTES * linear) + 2 * (params - linear) + adapters
 
 
 def test_bench_on_the_meta_device_reports_flops_and_bytes_per_gpu(tmp_path, capsys):

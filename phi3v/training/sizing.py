@@ -1,9 +1,10 @@
 """What a training step costs at full size, with no GPU and no weights: FLOPs and activation bytes measured on
 the meta device, and the bytes of weights, gradients and optimizer states each GPU holds.
 
-    model = meta_model(config, "lora")                      # 4.15B parameters, no memory allocated
-    cost = step_cost(model, sample, baseline=False)         # FLOPs and activations of one sample's step
-    state = state_bytes(model, "lora", gpus=8)              # weights, gradients, optimizer states per GPU
+    model_args, lora = mode_arguments("lora")
+    model = meta_model(config, model_args, lora)                   # 4.15B parameters, no memory allocated
+    cost = step_cost(model, input_ids, labels, crops_hw)           # FLOPs and activations of one sample's step
+    state = state_bytes(model, lora, gpus=8)                       # weights, gradients, optimizer states per GPU
 
 Meta tensors carry shapes and dtypes only, so torch's flop counter and a live-tensor count give the figures a
 GPU would see (the allocator's rounding and caching aside) in seconds on any machine.
@@ -11,6 +12,7 @@ GPU would see (the allocator's rounding and caching aside) in seconds on any mac
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AttentionInterface
 
 from ..configuration import Phi3VConfig
+from ..image_processing import CROP_SIZE
 from ..modeling import Phi3VForCausalLM
 from .arguments import LoraArguments, ModelArguments
 from .modes import setup_mode
@@ -41,14 +44,23 @@ def flash_kernel_attention(module, query, key, value, attention_mask, dropout=0.
 AttentionInterface.register("meta_fused_sdpa", flash_kernel_attention)
 
 
-def meta_model(config: Phi3VConfig, mode: str, checkpointing: bool = True) -> torch.nn.Module:
-    """The model on the meta device in 16-bit, set up for `mode` as the recipes set it up (QLoRA as LoRA: the
-    4-bit base computes in 16-bit, see `state_bytes` for its size), attention as a GPU's flash kernel runs it."""
+def mode_arguments(mode: str) -> tuple[ModelArguments, LoraArguments]:
+    """The recipes' flags for one of MODES, with their defaults otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+    return (ModelArguments(freeze_vision_model=mode == "frozen"),
+            LoraArguments(use_lora=mode in ("lora", "qlora"), use_qlora=mode == "qlora"))
+
+
+def meta_model(config: Phi3VConfig, model_args: ModelArguments, lora: LoraArguments,
+               checkpointing: bool = True) -> torch.nn.Module:
+    """The model on the meta device in 16-bit, set up as the recipes set it up for these flags (QLoRA as LoRA:
+    the 4-bit base computes in 16-bit, see `state_bytes` for its size), attention as a GPU's flash kernel runs it."""
+    config = copy.deepcopy(config)  # the caller's model keeps its attention
     config._attn_implementation = "meta_fused_sdpa"
     with torch.device("meta"):
         model = Phi3VForCausalLM(config).to(torch.bfloat16)
-        lora = LoraArguments(use_lora=mode in ("lora", "qlora"))
-        model = setup_mode(model, ModelArguments(freeze_vision_model=mode == "frozen"), lora)
+        model = setup_mode(model, model_args, LoraArguments(**{**vars(lora), "use_qlora": False}))
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -83,6 +95,15 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         for tensor, nbytes in self.outputs[0].items():
             storages[tensor.untyped_storage()._cdata] = nbytes  # views share their storage: count it once
         return sum(storages.values())
+
+
+Layout = tuple[list[int], list[int], list[tuple[int, int]]]
+
+
+def sample_layout(input_ids: list[int], labels: list[int], image_sizes: torch.Tensor | None) -> Layout:
+    """What `step_cost` measures of an encoded sample: (input ids, labels, sub-crop grid of each image)."""
+    sizes = [] if image_sizes is None else image_sizes.tolist()
+    return list(input_ids), list(labels), [(h // CROP_SIZE, w // CROP_SIZE) for h, w in sizes]
 
 
 def step_cost(model: torch.nn.Module, input_ids: list[int], labels: list[int], crops_hw: list[tuple[int, int]],
@@ -144,8 +165,8 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int, int]:
     return total, trainable, quantised
 
 
-def state_bytes(model: torch.nn.Module, mode: str, gpus: int, deepspeed: bool = True) -> StateBytes:
-    """Weights, gradients and AdamW states per GPU as the recipes train `mode` on `gpus` GPUs.
+def state_bytes(model: torch.nn.Module, lora: LoraArguments, gpus: int, deepspeed: bool = True) -> StateBytes:
+    """Weights, gradients and AdamW states per GPU as the recipes train a `meta_model` on `gpus` GPUs.
 
     Full and frozen-vision under DeepSpeed ZeRO-2 (ds_config_zero2.json): 16-bit weights on every GPU; the
     fp32 gradients (fp32 accumulation), fp32 master weights and Adam's two moments of the trainable
@@ -156,9 +177,9 @@ def state_bytes(model: torch.nn.Module, mode: str, gpus: int, deepspeed: bool = 
     """
     total, trainable, quantised = parameter_counts(model)
     frozen = total - trainable
-    if mode in ("full", "frozen"):
+    if not lora.use_lora:
         if not deepspeed:
             return StateBytes(4 * total, 4 * trainable, 8 * trainable)
         return StateBytes(2 * total, 4 * trainable // gpus, 12 * trainable // gpus)
-    base = 2 * frozen if mode == "lora" else round(NF4_BYTES * quantised) + 2 * (frozen - quantised)
+    base = round(NF4_BYTES * quantised) + 2 * (frozen - quantised) if lora.use_qlora else 2 * frozen
     return StateBytes(base + 4 * trainable, 4 * trainable, 8 * trainable)
