@@ -233,8 +233,9 @@ def loss_of(model, batch: dict, full_logits: bool) -> tuple[torch.Tensor, int]:
     return loss, logits.numel() * 4
 
 
-def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device, dtype: torch.dtype, workdir: Path):
-    """A random model set up as the recipes set up each mode."""
+def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device, dtype: torch.dtype, workdir: Path,
+                checkpointing: bool = True):
+    """A random model set up as the recipes set up each mode, every layer checkpointed or none."""
     config._attn_implementation = attn
     if mode == "qlora":
         path = workdir / "random-checkpoint"
@@ -249,7 +250,8 @@ def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device,
     lora = LoraArguments(use_lora=mode in ("lora", "qlora"), use_qlora=mode == "qlora")
     model = setup_mode(model, ModelArguments(freeze_vision_model=mode == "frozen"), lora)
     model.train()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -441,19 +443,22 @@ def main(argv: list[str] | None = None) -> None:
                   f"{padding_fraction(grouped):.1%} length-grouped", flush=True)
             configs = []
             if not args.no_baseline:
-                configs.append(("baseline (reference)", "full", "eager", batches(samples, 1, False), False, True))
+                configs.append(("baseline (reference)", "full", "eager", batches(samples, 1, False), False, True, True))
             flash = args.attn == "flash_attention_2"
             attn, packed_attn = training_attention(flash, packing=False), training_attention(flash, packing=True)
             for mode in args.modes:
-                configs.append((f"{mode} b1", mode, attn, batches(samples, 1, False), False, False))
-                configs.append((f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped, False, False))
-                configs.append((f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order, True, False))
+                configs.append((f"{mode} b1", mode, attn, batches(samples, 1, False), False, False, True))
+                # What --gradient_checkpointing auto picks when memory allows: no layer recomputed.
+                configs.append((f"{mode} b1 not checkpointed", mode, attn, batches(samples, 1, False), False, False,
+                                False))
+                configs.append((f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped, False, False, True))
+                configs.append((f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order, True, False, True))
             base_speed = {}
-            for name, mode, attn, groups, packing, full_logits in configs:
+            for name, mode, attn, groups, packing, full_logits, checkpointing in configs:
                 torch.manual_seed(0)
                 try:
                     model = build_model(config, mode, attn, device, amp_dtype if mode != "full" else torch.float32,
-                                        Path(workdir))
+                                        Path(workdir), checkpointing)
                     if full_logits:
                         embedding = model.get_submodule("model.vision_embed_tokens")
                         embedding.forward = types.MethodType(all_crops_embedding, embedding)
