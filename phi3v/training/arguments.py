@@ -27,6 +27,7 @@ from transformers.utils import logging
 
 from ..distributed import print_once
 from ..errors import SetupError, report_setup_errors
+from .sharding import enable_fsdp_on_cpu
 
 logger = logging.get_logger(__name__)
 
@@ -190,8 +191,9 @@ class Phi3VTrainingArguments(TrainingArguments):
     )
     deepspeed: str | None = field(
         default=None,
-        metadata={"help": "DeepSpeed config for full fine-tuning (default: ds_config_zero2.json; 'none' to train "
-                  "without DeepSpeed). LoRA/QLoRA run plain DDP."},
+        metadata={"help": "DeepSpeed config for full fine-tuning (default: ds_config_zero2.json; ds_config_zero3.json "
+                  "shards the weights too; 'none' to train without DeepSpeed). Not with --fsdp. LoRA/QLoRA run plain "
+                  "DDP."},
     )
     no_auto_resume: bool = field(
         default=False,
@@ -227,6 +229,8 @@ class Phi3VTrainingArguments(TrainingArguments):
         if not torch.cuda.is_available():
             # Without use_cpu, accelerate finds no backend for DeepSpeed/gloo runs on CPU.
             self.use_cpu = True
+        if self.fsdp and self.use_cpu:
+            enable_fsdp_on_cpu()
         if not self.bf16 and not self.fp16:
             if self.use_cpu:  # the Trainer has no fp16 autocast on CPU: it would silently run fp32
                 logger.warning("No GPU: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 "
@@ -247,9 +251,14 @@ class RecipeArguments:
     task: Any = None
 
 
-def deepspeed_config(value: str | None, use_lora: bool) -> str | None:
-    """The DeepSpeed config a run uses: the default ZeRO-2 file for full fine-tuning, None for LoRA or 'none'."""
+def deepspeed_config(value: str | None, use_lora: bool, fsdp: Any = None) -> str | None:
+    """The DeepSpeed config a run uses: the default ZeRO-2 file for full fine-tuning, None for LoRA, 'none' or
+    --fsdp (FSDP shards the model instead; asking for both is a FlagError)."""
     if (value or "").lower() == "none":
+        return None
+    if fsdp:
+        if value:
+            raise FlagError(f"--deepspeed {value} and --fsdp both shard the model: pass one of them")
         return None
     if use_lora:
         if value:
@@ -329,7 +338,7 @@ def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = 
             raise FlagError(f"--output_dir {values['output_dir']}: a file, not a folder")
         warn_ignored_flags(parser, values, lora)
         # The mode decides what the Trainer runs under, so these resolve before the Trainer's arguments exist.
-        values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora)
+        values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora, values["fsdp"])
         if (not data.group_by_length or data.packing) and values["train_sampling_strategy"] == "group_by_length":
             values["train_sampling_strategy"] = "random"
         training = build(Phi3VTrainingArguments)

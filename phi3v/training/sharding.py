@@ -68,3 +68,29 @@ def keep_used_key_conversions(model: torch.nn.Module) -> None:
     conversions = getattr(model, "_weight_conversions", None)
     if conversions:
         model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Lets accelerate run FSDP on CPU processes (gloo), as it does on GPUs: for CPU-only CI and checks.
+
+    accelerate turns FSDP on only for multi-GPU-like runs (accelerate/state.py, `AcceleratorState.__init__`:
+    the FSDP branch sits under `self.distributed_type in [MULTI_GPU, MULTI_NPU, ...]`), so a CPU run with
+    --fsdp would silently train as plain DDP. torch's FSDP2 itself shards CPU tensors over gloo.
+    """
+    from accelerate import state
+    from accelerate.utils import DistributedType
+
+    if getattr(state.AcceleratorState.__init__, "fsdp_on_cpu", False):
+        return
+    original = state.AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            self.distributed_type = state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    __init__.fsdp_on_cpu = True
+    state.AcceleratorState.__init__ = __init__
