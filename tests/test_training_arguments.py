@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from phi3v.training.arguments import DEFAULT_DEEPSPEED_CONFIG, Phi3VTrainingArguments, parse_args
+from phi3v.training.arguments import DEFAULT_DEEPSPEED_CONFIG, Phi3VTrainingArguments, deepspeed_config, parse_args
 
 
 @pytest.fixture(autouse=True)
@@ -162,3 +162,12 @@ def test_zero2_accumulates_gradients_in_fp32():
 
     config = json.loads(DEFAULT_DEEPSPEED_CONFIG.read_text())
     assert config["data_types"]["grad_accum_dtype"] == "fp32" and config["zero_optimization"]["stage"] == 2
+
+
+def test_fsdp_turns_the_default_deepspeed_config_off_and_both_are_refused(tmp_path, capsys):
+    assert deepspeed_config(None, use_lora=False, fsdp=True) is None  # FSDP shards instead of ZeRO-2
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "ds_config_zero3.json", "--fsdp"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--deepspeed ds_config_zero3.json and --fsdp both shard the model: pass one of them" in err[-1]
