@@ -224,6 +224,12 @@ class Phi3VTrainingArguments(TrainingArguments):
         if self.activation_checkpointing is None:
             self.activation_checkpointing = self.gradient_checkpointing
         self.gradient_checkpointing = None
+        if self.activation_checkpointing and self.fsdp:
+            # FSDP checkpoints activations itself: the Trainer's way would all-gather each layer's weights a
+            # second time in the backward pass (transformers refuses both at once).
+            config = self.fsdp_config if isinstance(self.fsdp_config, dict) else json_file("fsdp_config", self.fsdp_config)
+            self.fsdp_config = {**config, "activation_checkpointing": True}
+            self.activation_checkpointing = False
         if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         if not torch.cuda.is_available():
@@ -251,6 +257,18 @@ class RecipeArguments:
     task: Any = None
 
 
+def json_file(flag: str, path: str | None) -> dict:
+    """The JSON config file a flag names (None: an empty config); a missing or broken file is a FlagError."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise FlagError(f"--{flag} {path}: no such file")
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise FlagError(f"--{flag} {path}: not valid JSON ({e})") from None
+
+
 def deepspeed_config(value: str | None, use_lora: bool, fsdp: Any = None) -> str | None:
     """The DeepSpeed config a run uses: the default ZeRO-2 file for full fine-tuning, None for LoRA, 'none' or
     --fsdp (FSDP shards the model instead; asking for both is a FlagError)."""
@@ -266,12 +284,7 @@ def deepspeed_config(value: str | None, use_lora: bool, fsdp: Any = None) -> str
                        file=sys.stderr)
         return None
     path = value or str(DEFAULT_DEEPSPEED_CONFIG)
-    if not Path(path).is_file():
-        raise FlagError(f"--deepspeed {path}: no such file")
-    try:
-        json.loads(Path(path).read_text())
-    except ValueError as e:
-        raise FlagError(f"--deepspeed {path}: not valid JSON ({e})") from None
+    json_file("deepspeed", path)
     if "LOCAL_RANK" not in os.environ:
         raise FlagError(
             "full fine-tuning runs under DeepSpeed, which needs torchrun even for one process: "
