@@ -90,3 +90,15 @@ def test_zero3_run_stopped_after_its_last_step_finishes_from_the_checkpoint(tiny
     assert "is the last step of training: finishing from it" in result.stdout
     assert json.loads((finished / "eval_after.json").read_text()) == json.loads((first / "eval_after.json").read_text())
     assert weights(finished / "model.safetensors").keys() == weights(first / "model.safetensors").keys()
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_sharded_frozen_vision_trains_the_language_model_only(strategy, tiny, mixed, tmp_path):
+    out = tmp_path / "out"
+    result = torchrun_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--freeze_vision_model",
+                             "--max_steps", "2", "--skip_eval_before", "--max_eval_samples", "2", "--output_dir", str(out))
+    assert "full fine-tuning (vision frozen), trainable 134,976 of 331,392 parameters" in result.stdout
+    before, after = weights(tiny / "model.safetensors"), weights(out / "model.safetensors")
+    vision = [name for name in before if name.startswith("model.vision_embed_tokens.")]
+    assert vision and all(torch.equal(before[name], after[name]) for name in vision)
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
