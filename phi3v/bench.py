@@ -2,6 +2,7 @@
 
     python -m phi3v.bench                      # CPU: small model, DocVQA-like, full + LoRA (1-2 minutes)
     python -m phi3v.bench --size full --device cuda --distribution all --modes full frozen lora qlora --steps 10
+    python -m phi3v.bench --size full --device meta --distribution all --modes full frozen lora qlora   # no GPU
 
 Trains for a fixed number of steps on generated inputs (random weights, no download) and prints one
 row per configuration: samples/s, tokens/s (real tokens), peak memory of a training step (GPU: the
@@ -39,6 +40,7 @@ from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
 from .image_processing import CROP_SIZE, hd_image_size, num_image_tokens
 from .modeling import Phi3VForCausalLM
+from .training.sizing import Layout, meta_model, mode_arguments, sample_layout, state_bytes, step_cost
 from .training.arguments import LoraArguments, ModelArguments
 from .training.modes import quantization_config, setup_mode
 from .training.trainer import length_buckets
@@ -52,10 +54,13 @@ DISTRIBUTIONS = {
     "memes": (1, 16, (300, 900), (300, 900), (20, 40), (1, 2)),
     "nlvr2": (2, 4, (300, 800), (200, 600), (15, 35), (1, 2)),
 }
-# Model sizes: "small" keeps the real vocabulary (so logits cost what they do) with narrow layers.
+# Model sizes: "small" keeps the real vocabulary (so logits cost what they do) with narrow layers; "clip" is
+# the full-size CLIP ViT-L/14-336 tower with a 2-layer, 64-wide LM: the vision tower dominates, as it does in
+# frozen-vision and vision-LoRA steps at full size.
 SIZES = {
     "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)),
+    "clip": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, vision=None),
     "tiny": None,  # phi3v.tiny's config with the real vocabulary: for smoke tests
     "full": None,
 }
@@ -157,7 +162,8 @@ def make_config(size: str) -> Phi3VConfig:
         **settings, vocab_size=32064, pad_token_id=32000, max_position_embeddings=131072,
         original_max_position_embeddings=4096,
         rope_scaling={"type": "su", "short_factor": [1.0] * (head_dim // 2), "long_factor": [4.0] * (head_dim // 2)},
-        img_processor={"image_dim_out": vision["hidden_size"], "vision_config": vision},
+        img_processor={"image_dim_out": 1024} if vision is None else  # CLIP ViT-L/14-336
+        {"image_dim_out": vision["hidden_size"], "vision_config": vision},
     )
 
 
@@ -317,6 +323,69 @@ def run_config(name, model, groups, packing, full_logits, steps, device, amp_dty
     return row
 
 
+META_SAMPLES = 4  # samples per distribution whose steps are measured on the meta device
+GPU_COUNTS = (1, 2, 4, 8)
+
+
+def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str]) -> list[dict]:
+    """Per mode and distribution, at the size of `config` with no memory allocated: FLOPs of one sample's
+    step against the reference recipe's (all crop slots through CLIP, logits at every position; both with
+    gradient checkpointing, which the reference forces), the activations of the longest sample, and the
+    bytes per GPU (weights, gradients, optimizer states + those activations) for 1-8 GPUs."""
+    rows = []
+    for distribution in distributions:
+        samples = make_samples(distribution, META_SAMPLES)
+        slots = DISTRIBUTIONS[distribution][1] + 1  # crop slots per image, padding included
+        longest = max(samples, key=lambda s: len(s.input_ids))
+        print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f}"
+              f" tokens, longest {len(longest.input_ids)}; FLOPs per sample's step (batch 1), activations of the "
+              "longest, GB per GPU for 1/2/4/8 GPUs", flush=True)
+        measured = {}  # QLoRA computes as LoRA does (its 4-bit base is dequantised to 16-bit): measured once
+        for mode in modes:
+            model_args, lora = mode_arguments(mode)
+            model = meta_model(config, model_args, lora)
+            same_as = "lora" if mode == "qlora" else mode
+            if same_as in measured:
+                row = {**measured[same_as], "config": mode,
+                       "GB per GPU": {gpus: (state_bytes(model, lora, gpus).total + measured[same_as]["activations GB"]
+                                             * 1e9) / 1e9 for gpus in GPU_COUNTS}}
+                rows.append(row)
+                print(format_meta_row(row), flush=True)
+                continue
+
+            def mean_flops(**reference) -> float:
+                return sum(step_cost(model, *layout(s), **reference).flops for s in samples) / len(samples)
+
+            ours, real_logits, reference = mean_flops(), mean_flops(crop_slots=slots), mean_flops(crop_slots=slots,
+                                                                                                  full_logits=True)
+            activations = step_cost(model, *layout(longest)).activation_bytes
+            no_checkpointing = step_cost(meta_model(config, model_args, lora, checkpointing=False),
+                                         *layout(longest))
+            per_gpu = {gpus: (state_bytes(model, lora, gpus).total + activations) / 1e9 for gpus in GPU_COUNTS}
+            row = {"config": mode, "distribution": distribution, "TFLOP/sample": ours / 1e12,
+                   "reference TFLOP/sample": reference / 1e12, "saved by real crops": (real_logits - ours) / reference,
+                   "saved by answer-only logits": (reference - real_logits) / reference,
+                   "activations GB": activations / 1e9,
+                   "activations GB, no checkpointing": no_checkpointing.activation_bytes / 1e9,
+                   "TFLOP/sample, no checkpointing": no_checkpointing.flops / 1e12, "GB per GPU": per_gpu}
+            measured[mode] = row
+            rows.append(row)
+            print(format_meta_row(row), flush=True)
+    return rows
+
+
+def format_meta_row(row: dict) -> str:
+    return (f"  {row['config']:<7} {row['TFLOP/sample']:7.1f} TFLOP (reference {row['reference TFLOP/sample']:.1f}: "
+            f"{row['saved by real crops']:.1%} less from real crops, {row['saved by answer-only logits']:.1%} from "
+            f"answer-only logits)  activations {row['activations GB']:.2f} GB "
+            f"({row['activations GB, no checkpointing']:.1f} GB and {row['TFLOP/sample, no checkpointing']:.1f} TFLOP "
+            "without checkpointing)  per GPU " + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU"].values()))
+
+
+def layout(sample: Sample) -> Layout:
+    return sample_layout(sample.input_ids, sample.labels, sample.image_sizes)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="small", help="Model size (random weights).")
@@ -327,7 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="Timed optimizer steps per configuration.")
     parser.add_argument("--num_samples", type=int, default=400, help="Generated samples (padding statistics).")
     parser.add_argument("--no_baseline", action="store_true", help="Skip the reference-like baseline rows.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda; meta: no timing, FLOPs and memory per GPU at any size in seconds (sizing).")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"],
                         help="Attention of the non-baseline rows (packed rows without flash-attn: SDPA per sample).")
     parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak dense TFLOPS for MFU (default: by GPU name; none on CPU).")
@@ -335,6 +405,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if device.type == "meta":
+        rows = meta_report(make_config(args.size), list(DISTRIBUTIONS) if args.distribution == "all"
+                           else [args.distribution], args.modes)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     amp_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = args.peak_tflops
     if device.type == "cuda" and peak is None:

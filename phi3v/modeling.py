@@ -22,7 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 from transformers.utils import logging
 
-from .attention import flash_attn_unusable
+from .attention import flash_attn_unusable, sample_bounds
 from .configuration import Phi3VConfig
 
 logger = logging.get_logger(__name__)
@@ -246,9 +246,10 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     ):
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
-        if self.config._attn_implementation == "sdpa_packed" and kwargs.get("cu_seq_lens_q") is not None:
+        cache = kwargs.get("past_key_values")
+        if self.config._attn_implementation == "sdpa_packed" and (cache is None or cache.get_seq_length() == 0):
             # The sample boundaries read once per forward pass, not in every layer (a GPU-to-host copy each).
-            kwargs["packed_bounds"] = kwargs["cu_seq_lens_q"].tolist()
+            kwargs["packed_bounds"] = sample_bounds(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
         return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)
 
 

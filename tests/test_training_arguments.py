@@ -183,3 +183,19 @@ def test_under_fsdp_activations_are_checkpointed_by_fsdp_itself(tmp_path):
     assert args.training.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "Phi3DecoderLayer,CLIPEncoderLayer"
     off = parse_args(argv=["--output_dir", str(tmp_path), "--fsdp", "--gradient_checkpointing", "false"])
     assert "activation_checkpointing" not in off.training.fsdp_plugin_args
+
+
+def test_gradient_checkpointing_auto_by_default_true_false_and_the_budget(tmp_path, capsys):
+    auto = parse(tmp_path).training
+    assert auto.auto_checkpointing and auto.activation_checkpointing is True  # the plan turns layers off
+    for argv, on in ((["--gradient_checkpointing"], True), (["--gradient_checkpointing", "True"], True),
+                     (["--gradient_checkpointing", "false"], False), (["--no_gradient_checkpointing"], False),
+                     (["--activation_checkpointing", "true"], True)):
+        training = parse(tmp_path, *argv).training
+        assert (training.activation_checkpointing, training.auto_checkpointing) == (on, False), argv
+    assert parse(tmp_path, "--memory_budget_gb", "40").training.memory_budget_gb == 40
+    for argv, message in ((["--gradient_checkpointing", "sometimes"], "--gradient_checkpointing sometimes"),
+                          (["--memory_budget_gb", "0"], "--memory_budget_gb 0")):
+        with pytest.raises(SystemExit) as exit:
+            parse(tmp_path, *argv)
+        assert exit.value.code == 2 and message in capsys.readouterr().err

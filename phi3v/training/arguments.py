@@ -166,11 +166,19 @@ class Phi3VTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
     save_steps: float = field(default=500, metadata={"help": "Save a checkpoint every N optimizer steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints in output_dir."})
-    gradient_checkpointing: bool = field(
-        default=True,
-        metadata={"help": "Recompute activations in backward (same as --activation_checkpointing; "
-                  "--no_gradient_checkpointing to turn off)."},
+    gradient_checkpointing: str = field(
+        default="auto",
+        metadata={"help": "Recompute activations in the backward pass: auto (only as many layers as memory needs, "
+                  "see --memory_budget_gb; on CPU without it every layer), true (every layer) or false "
+                  "(--no_gradient_checkpointing). --activation_checkpointing true|false, when given, wins.",
+                  "nargs": "?", "const": "true"},
     )
+    memory_budget_gb: float | None = field(
+        default=None,
+        metadata={"help": "GB per GPU a training step may use, for --gradient_checkpointing auto (default: 90%% of "
+                  "the GPU's memory)."},
+    )
+    auto_checkpointing: bool = field(default=False, init=False, metadata={"help": "Set from --gradient_checkpointing."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per GPU."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars.", "aliases": ["--no-tqdm", "--no_tqdm"]})
     report_to: str | None = field(
@@ -220,16 +228,23 @@ class Phi3VTrainingArguments(TrainingArguments):
             raise FlagError(f"{gpus} GPUs are visible to one process: run it with torchrun --nproc_per_node={gpus} "
                             f"{Path(sys.argv[0]).name} ... (or CUDA_VISIBLE_DEVICES=0 for one GPU)")
         # `gradient_checkpointing` is the guide's name for `activation_checkpointing` (transformers
-        # deprecates it): the one the user set wins, the other mirrors it.
+        # deprecates it), plus "auto": the one the user set wins, the other mirrors it.
+        choice = CHECKPOINTING_CHOICES.get(str(self.gradient_checkpointing).lower())
+        if choice is None:
+            raise FlagError(f"--gradient_checkpointing {self.gradient_checkpointing}: auto, true or false")
         if self.activation_checkpointing is None:
-            self.activation_checkpointing = self.gradient_checkpointing
+            self.activation_checkpointing = choice != "false"
+            self.auto_checkpointing = choice == "auto"
         self.gradient_checkpointing = None
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise FlagError(f"--memory_budget_gb {self.memory_budget_gb}: must be positive")
         if self.activation_checkpointing and self.fsdp:
-            # FSDP checkpoints activations itself: the Trainer's way would all-gather each layer's weights a
-            # second time in the backward pass (transformers refuses both at once).
+            # FSDP checkpoints activations itself, in every layer it wraps (no per-layer auto plan): the Trainer's
+            # way would all-gather each layer's weights a second time in the backward pass (transformers
+            # refuses both at once).
             config = self.fsdp_config if isinstance(self.fsdp_config, dict) else json_file("fsdp_config", self.fsdp_config)
             self.fsdp_config = {**config, "activation_checkpointing": True}
-            self.activation_checkpointing = False
+            self.activation_checkpointing = self.auto_checkpointing = False
         if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         if not torch.cuda.is_available():
@@ -314,6 +329,10 @@ class RecipeArgumentParser(HfArgumentParser):
         super().error(message)
 
 
+CHECKPOINTING_CHOICES = {"auto": "auto", "true": "true", "yes": "true", "1": "true", "false": "false", "no": "false",
+                         "0": "false"}
+
+
 def build_parser(task_arguments: type | None = None) -> RecipeArgumentParser:
     groups = [ModelArguments, LoraArguments, DataArguments, Phi3VTrainingArguments]
     return RecipeArgumentParser(groups + ([task_arguments] if task_arguments else []))
@@ -338,7 +357,9 @@ def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = 
     report_setup_errors()
     parser = build_parser(task_arguments)
     parser.set_defaults(**defaults)
-    namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = ["--gradient_checkpointing=false" if a == "--no_gradient_checkpointing" else a
+            for a in (sys.argv[1:] if argv is None else argv)]
+    namespace = parser.parse_args(argv)
     values = vars(namespace)
 
     def build(dataclass: type):

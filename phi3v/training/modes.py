@@ -117,8 +117,10 @@ def load_for_training(args: RecipeArguments, processor: Phi3VProcessor) -> torch
     }
     if lora.use_qlora:
         kwargs["quantization_config"] = quantization_config(half)
-        if on_gpu:
-            kwargs["device_map"] = {"": training.device}  # this process's GPU, as the Trainer counts them
+    if on_gpu and lora.use_lora:
+        # Straight onto this process's GPU as the Trainer counts them (never the raw LOCAL_RANK: with one GPU
+        # visible per task it is cuda:0), not into every rank's host memory first.
+        kwargs["device_map"] = {"": training.device}
     if is_deepspeed_zero3_enabled():
         start_deepspeed_comm()  # before zero.Init partitions the weights as they load
     model = Phi3VForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
