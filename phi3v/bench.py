@@ -329,57 +329,70 @@ GPU_COUNTS = (1, 2, 4, 8)
 
 def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str]) -> list[dict]:
     """Per mode and distribution, at the size of `config` with no memory allocated: FLOPs of one sample's
-    step against the reference recipe's (all crop slots through CLIP, logits at every position; both with
-    gradient checkpointing, which the reference forces), the activations of the longest sample, and the
-    bytes per GPU (weights, gradients, optimizer states + those activations) for 1-8 GPUs."""
+    step (mean of META_SAMPLES), against the reference recipe's (all crop slots through CLIP, logits at every
+    position, gradient checkpointing forced on); ours with every layer checkpointed, with none (what
+    --gradient_checkpointing auto picks when memory allows) and, for frozen vision, with cached image
+    features (--cache_vision_features, epoch 2 on); the activations of the longest sample; and the bytes
+    per GPU (weights, gradients, optimizer states + activations) for 1-8 GPUs."""
     rows = []
     for distribution in distributions:
         samples = make_samples(distribution, META_SAMPLES)
         slots = DISTRIBUTIONS[distribution][1] + 1  # crop slots per image, padding included
         longest = max(samples, key=lambda s: len(s.input_ids))
         print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f}"
-              f" tokens, longest {len(longest.input_ids)}; FLOPs per sample's step (batch 1), activations of the "
-              "longest, GB per GPU for 1/2/4/8 GPUs", flush=True)
+              f" tokens, longest {len(longest.input_ids)}; TFLOP per sample's step (batch 1) and speed-up in FLOPs "
+              "over the reference recipe's step; activations of the longest; GB per GPU for 1/2/4/8 GPUs", flush=True)
         measured = {}  # QLoRA computes as LoRA does (its 4-bit base is dequantised to 16-bit): measured once
         for mode in modes:
             model_args, lora = mode_arguments(mode)
             model = meta_model(config, model_args, lora)
             same_as = "lora" if mode == "qlora" else mode
-            if same_as in measured:
-                row = {**measured[same_as], "config": mode,
-                       "GB per GPU": {gpus: (state_bytes(model, lora, gpus).total + measured[same_as]["activations GB"]
-                                             * 1e9) / 1e9 for gpus in GPU_COUNTS}}
-                rows.append(row)
-                print(format_meta_row(row), flush=True)
-                continue
-
-            def mean_flops(**reference) -> float:
-                return sum(step_cost(model, *layout(s), **reference).flops for s in samples) / len(samples)
-
-            ours, real_logits, reference = mean_flops(), mean_flops(crop_slots=slots), mean_flops(crop_slots=slots,
-                                                                                                  full_logits=True)
-            activations = step_cost(model, *layout(longest)).activation_bytes
-            no_checkpointing = step_cost(meta_model(config, model_args, lora, checkpointing=False),
-                                         *layout(longest))
-            per_gpu = {gpus: (state_bytes(model, lora, gpus).total + activations) / 1e9 for gpus in GPU_COUNTS}
-            row = {"config": mode, "distribution": distribution, "TFLOP/sample": ours / 1e12,
-                   "reference TFLOP/sample": reference / 1e12, "saved by real crops": (real_logits - ours) / reference,
-                   "saved by answer-only logits": (reference - real_logits) / reference,
-                   "activations GB": activations / 1e9,
-                   "activations GB, no checkpointing": no_checkpointing.activation_bytes / 1e9,
-                   "TFLOP/sample, no checkpointing": no_checkpointing.flops / 1e12, "GB per GPU": per_gpu}
-            measured[mode] = row
+            if same_as not in measured:
+                measured[same_as] = measure_mode(config, model, meta_model(config, model_args, lora, False),
+                                                 samples, longest, slots, cached=model_args.freeze_vision_model)
+            row = {"config": mode, "distribution": distribution, **measured[same_as]}
+            for key, activations in (("GB per GPU", row["activations GB"]),
+                                     ("GB per GPU, no checkpointing", row["activations GB, no checkpointing"])):
+                row[key] = {gpus: state_bytes(model, lora, gpus).total / 1e9 + activations for gpus in GPU_COUNTS}
             rows.append(row)
             print(format_meta_row(row), flush=True)
     return rows
 
 
+def measure_mode(config: Phi3VConfig, model: torch.nn.Module, unchecked: torch.nn.Module, samples: list[Sample],
+                 longest: Sample, slots: int, cached: bool) -> dict:
+    """The FLOPs and activations of `meta_report`'s row for one mode (`model` checkpointed, `unchecked` not)."""
+
+    def mean_flops(model: torch.nn.Module, **options) -> float:
+        return sum(step_cost(model, *layout(s), **options).flops for s in samples) / len(samples)
+
+    ours, free = mean_flops(model), mean_flops(unchecked)
+    real_logits, reference = mean_flops(model, crop_slots=slots), mean_flops(model, crop_slots=slots, full_logits=True)
+    row = {"TFLOP/sample": ours / 1e12, "TFLOP/sample, no checkpointing": free / 1e12,
+           "reference TFLOP/sample": reference / 1e12, "x vs reference": reference / ours,
+           "x vs reference, no checkpointing": reference / free,
+           "saved by real crops": (real_logits - ours) / reference,
+           "saved by answer-only logits": (reference - real_logits) / reference,
+           "activations GB": step_cost(model, *layout(longest)).activation_bytes / 1e9,
+           "activations GB, no checkpointing": step_cost(unchecked, *layout(longest)).activation_bytes / 1e9}
+    if cached:
+        features = mean_flops(unchecked, cached_features=True)
+        row.update({"TFLOP/sample, cached features": features / 1e12, "x vs reference, cached features":
+                    reference / features})
+    return row
+
+
 def format_meta_row(row: dict) -> str:
-    return (f"  {row['config']:<7} {row['TFLOP/sample']:7.1f} TFLOP (reference {row['reference TFLOP/sample']:.1f}: "
-            f"{row['saved by real crops']:.1%} less from real crops, {row['saved by answer-only logits']:.1%} from "
-            f"answer-only logits)  activations {row['activations GB']:.2f} GB "
-            f"({row['activations GB, no checkpointing']:.1f} GB and {row['TFLOP/sample, no checkpointing']:.1f} TFLOP "
-            "without checkpointing)  per GPU " + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU"].values()))
+    cached = (f", cached features {row['TFLOP/sample, cached features']:.2f} (x{row['x vs reference, cached features']:.2f})"
+              if "TFLOP/sample, cached features" in row else "")
+    return (f"  {row['config']:<7} checkpointed {row['TFLOP/sample']:.2f} TFLOP (x{row['x vs reference']:.2f}), "
+            f"not {row['TFLOP/sample, no checkpointing']:.2f} (x{row['x vs reference, no checkpointing']:.2f}){cached}; "
+            f"reference {row['reference TFLOP/sample']:.2f}: {row['saved by real crops']:.1%} less from real crops, "
+            f"{row['saved by answer-only logits']:.1%} from answer-only logits\n"
+            f"          activations {row['activations GB']:.2f} GB checkpointed, "
+            f"{row['activations GB, no checkpointing']:.1f} GB not; per GPU "
+            + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU"].values()) + " GB checkpointed, "
+            + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU, no checkpointing"].values()) + " GB not")
 
 
 def layout(sample: Sample) -> Layout:

@@ -66,8 +66,8 @@ def test_bytes_per_gpu_of_each_mode():
 
 def test_bench_on_the_meta_device_reports_flops_and_bytes_per_gpu(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    bench.main(["--size", "tiny", "--device", "meta", "--distribution", "nlvr2", "--modes", "full", "lora", "qlora",
-                "--json", str(out)])
+    bench.main(["--size", "tiny", "--device", "meta", "--distribution", "nlvr2", "--modes", "full", "frozen", "lora",
+                "qlora", "--json", str(out)])
     import json
 
     rows = {row["config"]: row for row in json.loads(out.read_text())}
@@ -76,5 +76,11 @@ def test_bench_on_the_meta_device_reports_flops_and_bytes_per_gpu(tmp_path, caps
     per_gpu = rows["full"]["GB per GPU"]
     assert per_gpu["1"] > per_gpu["2"] > per_gpu["8"]
     assert rows["qlora"]["TFLOP/sample"] == rows["lora"]["TFLOP/sample"]
+    for mode in ("full", "frozen", "lora"):  # no recomputation: fewer FLOPs, more activations
+        assert rows[mode]["x vs reference, no checkpointing"] > rows[mode]["x vs reference"] > 1
+        assert rows[mode]["activations GB, no checkpointing"] > rows[mode]["activations GB"]
+    frozen = rows["frozen"]  # cached features: no CLIP at all
+    assert frozen["TFLOP/sample, cached features"] < frozen["TFLOP/sample, no checkpointing"]
+    assert "TFLOP/sample, cached features" not in rows["full"]
     assert rows["qlora"]["GB per GPU"]["1"] < rows["lora"]["GB per GPU"]["1"] == rows["lora"]["GB per GPU"]["8"]
     assert "per GPU" in capsys.readouterr().out

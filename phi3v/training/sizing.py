@@ -107,11 +107,12 @@ def sample_layout(input_ids: list[int], labels: list[int], image_sizes: torch.Te
 
 
 def step_cost(model: torch.nn.Module, input_ids: list[int], labels: list[int], crops_hw: list[tuple[int, int]],
-              crop_slots: int | None = None, full_logits: bool = False) -> StepCost:
+              crop_slots: int | None = None, full_logits: bool = False, cached_features: bool = False) -> StepCost:
     """FLOPs and saved activations of one sample's step on a `meta_model`.
 
     Our step runs CLIP on the real crops (1 + rows x columns per image) and the LM head at the labelled
-    positions only. The reference recipe's step (`crop_slots`: crops per image, padding slots included;
+    positions only; with `cached_features` the image tokens come from the cache of a frozen tower (no CLIP,
+    no projection). The reference recipe's step (`crop_slots`: crops per image, padding slots included;
     `full_logits`) runs every slot through CLIP and the head over every position.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -122,10 +123,13 @@ def step_cost(model: torch.nn.Module, input_ids: list[int], labels: list[int], c
     live = LiveBytes()
     with FlopCounterMode(display=False) as counter:
         with live:
-            features = embedding.img_processor(torch.zeros(crops, 3, embedding.crop_size, embedding.crop_size,
-                                                           dtype=torch.bfloat16, device="meta"))
-            features = features[: sum(1 + h * w for h, w in crops_hw)]  # padding slots are dropped after CLIP
-            tokens = embedding.image_tokens(features, crops_hw)
+            if cached_features:
+                tokens = torch.zeros(image_tokens, lm.config.hidden_size, dtype=torch.bfloat16, device="meta")
+            else:
+                features = embedding.img_processor(torch.zeros(crops, 3, embedding.crop_size, embedding.crop_size,
+                                                               dtype=torch.bfloat16, device="meta"))
+                features = features[: sum(1 + h * w for h, w in crops_hw)]  # padding slots are dropped after CLIP
+                tokens = embedding.image_tokens(features, crops_hw)
             text = lm.embed_tokens(torch.zeros(1, length - image_tokens, dtype=torch.long, device="meta"))
             hidden = torch.cat([tokens[None].to(text.dtype), text], dim=1)
             # The decoder layers as Phi3Model runs them (a causal mask over one unpadded sequence is SDPA's flag).
