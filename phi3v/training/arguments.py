@@ -27,6 +27,7 @@ from transformers.utils import logging
 
 from ..distributed import print_once
 from ..errors import SetupError, report_setup_errors
+from .sharding import enable_fsdp_on_cpu
 
 logger = logging.get_logger(__name__)
 
@@ -198,8 +199,9 @@ class Phi3VTrainingArguments(TrainingArguments):
     )
     deepspeed: str | None = field(
         default=None,
-        metadata={"help": "DeepSpeed config for full fine-tuning (default: ds_config_zero2.json; 'none' to train "
-                  "without DeepSpeed). LoRA/QLoRA run plain DDP."},
+        metadata={"help": "DeepSpeed config for full fine-tuning (default: ds_config_zero2.json; ds_config_zero3.json "
+                  "shards the weights too; 'none' to train without DeepSpeed). Not with --fsdp. LoRA/QLoRA run plain "
+                  "DDP."},
     )
     no_auto_resume: bool = field(
         default=False,
@@ -236,11 +238,20 @@ class Phi3VTrainingArguments(TrainingArguments):
         self.gradient_checkpointing = None
         if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
             raise FlagError(f"--memory_budget_gb {self.memory_budget_gb}: must be positive")
+        if self.activation_checkpointing and self.fsdp:
+            # FSDP checkpoints activations itself, in every layer it wraps (no per-layer auto plan): the Trainer's
+            # way would all-gather each layer's weights a second time in the backward pass (transformers
+            # refuses both at once).
+            config = self.fsdp_config if isinstance(self.fsdp_config, dict) else json_file("fsdp_config", self.fsdp_config)
+            self.fsdp_config = {**config, "activation_checkpointing": True}
+            self.activation_checkpointing = self.auto_checkpointing = False
         if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         if not torch.cuda.is_available():
             # Without use_cpu, accelerate finds no backend for DeepSpeed/gloo runs on CPU.
             self.use_cpu = True
+        if self.fsdp and self.use_cpu:
+            enable_fsdp_on_cpu()
         if not self.bf16 and not self.fp16:
             if self.use_cpu:  # the Trainer has no fp16 autocast on CPU: it would silently run fp32
                 logger.warning("No GPU: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 "
@@ -261,9 +272,26 @@ class RecipeArguments:
     task: Any = None
 
 
-def deepspeed_config(value: str | None, use_lora: bool) -> str | None:
-    """The DeepSpeed config a run uses: the default ZeRO-2 file for full fine-tuning, None for LoRA or 'none'."""
+def json_file(flag: str, path: str | None) -> dict:
+    """The JSON config file a flag names (None: an empty config); a missing or broken file is a FlagError."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise FlagError(f"--{flag} {path}: no such file")
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise FlagError(f"--{flag} {path}: not valid JSON ({e})") from None
+
+
+def deepspeed_config(value: str | None, use_lora: bool, fsdp: Any = None) -> str | None:
+    """The DeepSpeed config a run uses: the default ZeRO-2 file for full fine-tuning, None for LoRA, 'none' or
+    --fsdp (FSDP shards the model instead; asking for both is a FlagError)."""
     if (value or "").lower() == "none":
+        return None
+    if fsdp:
+        if value:
+            raise FlagError(f"--deepspeed {value} and --fsdp both shard the model: pass one of them")
         return None
     if use_lora:
         if value:
@@ -271,12 +299,7 @@ def deepspeed_config(value: str | None, use_lora: bool) -> str | None:
                        file=sys.stderr)
         return None
     path = value or str(DEFAULT_DEEPSPEED_CONFIG)
-    if not Path(path).is_file():
-        raise FlagError(f"--deepspeed {path}: no such file")
-    try:
-        json.loads(Path(path).read_text())
-    except ValueError as e:
-        raise FlagError(f"--deepspeed {path}: not valid JSON ({e})") from None
+    json_file("deepspeed", path)
     if "LOCAL_RANK" not in os.environ:
         raise FlagError(
             "full fine-tuning runs under DeepSpeed, which needs torchrun even for one process: "
@@ -349,7 +372,7 @@ def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = 
             raise FlagError(f"--output_dir {values['output_dir']}: a file, not a folder")
         warn_ignored_flags(parser, values, lora)
         # The mode decides what the Trainer runs under, so these resolve before the Trainer's arguments exist.
-        values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora)
+        values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora, values["fsdp"])
         if (not data.group_by_length or data.packing) and values["train_sampling_strategy"] == "group_by_length":
             values["train_sampling_strategy"] = "random"
         training = build(Phi3VTrainingArguments)

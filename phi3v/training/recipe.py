@@ -39,6 +39,7 @@ from .checkpoints import (CheckpointError, copy_model_files, find_resume_point, 
 from .modes import load_for_training, load_processor
 from .output_lock import OutputDirBusy, OutputDirLock
 from .report import save_example_image, write_pictures
+from .sharding import full_weights
 from .sizing import sample_layout
 from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
 from .trainer import Phi3VTrainer, TrainingSamples, filter_by_length
@@ -199,7 +200,7 @@ def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[A
         return None
     if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
         model.to(args.training.device)  # before training the Trainer hasn't placed it yet
-    with half_precision(args, model):
+    with half_precision(args, model), full_weights(model):
         summary = evaluate_rows(
             model,
             processor,

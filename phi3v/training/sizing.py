@@ -187,3 +187,23 @@ def state_bytes(model: torch.nn.Module, lora: LoraArguments, gpus: int, deepspee
         return StateBytes(2 * total, 4 * trainable // gpus, 12 * trainable // gpus)
     base = round(NF4_BYTES * quantised) + 2 * (frozen - quantised) if lora.use_qlora else 2 * frozen
     return StateBytes(base + 4 * trainable, 4 * trainable, 8 * trainable)
+
+
+SHARDED_STRATEGIES = ("zero3", "fsdp2")
+
+
+def sharded_state_bytes(total: int, trainable: int, gpus: int, strategy: str) -> StateBytes:
+    """Weights, gradients and AdamW states per GPU for full or frozen-vision training with sharded weights.
+
+    `total` and `trainable` count parameters (`parameter_counts`). ZeRO-3 (ds_config_zero3.json) holds what
+    ZeRO-2 holds in `state_bytes` (16-bit weights, fp32 gradients, fp32 master weights and Adam's two moments),
+    FSDP2 (fsdp_config.json) what plain AMP holds (fp32 weights that are also the master copy, fp32 gradients,
+    Adam's moments), each with every term split across the GPUs. On top: activations, the one or two layers
+    gathered whole at a time, communication buffers.
+    """
+    if strategy not in SHARDED_STRATEGIES:
+        raise ValueError(f"strategy must be one of {SHARDED_STRATEGIES}, got {strategy!r}")
+    if gpus < 1 or not 0 <= trainable <= total:
+        raise ValueError(f"need gpus >= 1 and 0 <= trainable <= total, got {gpus}, {trainable}, {total}")
+    weights, master = (2, 4) if strategy == "zero3" else (4, 0)
+    return StateBytes(weights * total // gpus, 4 * trainable // gpus, (master + 8) * trainable // gpus)
