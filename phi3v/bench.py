@@ -40,7 +40,7 @@ from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
 from .image_processing import CROP_SIZE, hd_image_size, num_image_tokens
 from .modeling import Phi3VForCausalLM
-from .training.sizing import Layout, meta_model, mode_arguments, sample_layout, state_bytes, step_cost
+from .training.sizing import STRATEGIES, Layout, meta_model, mode_arguments, sample_layout, state_bytes, step_cost
 from .training.arguments import LoraArguments, ModelArguments
 from .training.modes import quantization_config, setup_mode
 from .training.trainer import length_buckets
@@ -356,6 +356,10 @@ def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str])
             for key, activations in (("GB per GPU", row["activations GB"]),
                                      ("GB per GPU, no checkpointing", row["activations GB, no checkpointing"])):
                 row[key] = {gpus: state_bytes(model, lora, gpus).total / 1e9 + activations for gpus in GPU_COUNTS}
+            if not lora.use_lora:  # the other ways to train all weights (LoRA always runs under DDP)
+                row["GB per GPU by strategy"] = {
+                    strategy: {gpus: state_bytes(model, lora, gpus, strategy).total / 1e9 + row["activations GB"]
+                               for gpus in GPU_COUNTS} for strategy in STRATEGIES}
             rows.append(row)
             print(format_meta_row(row), flush=True)
     return rows
@@ -394,7 +398,9 @@ def format_meta_row(row: dict) -> str:
             f"          activations {row['activations GB']:.2f} GB checkpointed, "
             f"{row['activations GB, no checkpointing']:.1f} GB not; per GPU "
             + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU"].values()) + " GB checkpointed, "
-            + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU, no checkpointing"].values()) + " GB not")
+            + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU, no checkpointing"].values()) + " GB not"
+            + "".join(f"\n          {strategy}: " + " / ".join(f"{gb:.1f}" for gb in per_gpu.values()) + " GB checkpointed"
+                      for strategy, per_gpu in row.get("GB per GPU by strategy", {}).items()))
 
 
 def layout(sample: Sample) -> Layout:

@@ -20,7 +20,7 @@ def tiny_model(mode):
 
 def plan(model, mode, budget):
     layout = bench.layout(bench.make_samples("nlvr2", 1)[0])
-    return plan_checkpointing(model, *mode_arguments(mode), layout, batch_size=2, gpus=1, deepspeed=True,
+    return plan_checkpointing(model, *mode_arguments(mode), layout, batch_size=2, gpus=1, strategy="zero2",
                               budget_bytes=budget)
 
 
@@ -63,7 +63,7 @@ def test_a_partial_plan_trains_exactly_as_full_checkpointing_with_less_recomputa
     tight = plan(model, mode, budget=1)
     first = max(tight.groups, key=lambda g: g.flops / g.saved_bytes)
     budget_gb = (tight.needed_bytes + 2 * first.saved_bytes) / 1e9
-    applied = apply_auto_checkpointing(model, *mode_arguments(mode), bench.layout(sample), 2, 1, True, budget_gb,
+    applied = apply_auto_checkpointing(model, *mode_arguments(mode), bench.layout(sample), 2, 1, "zero2", budget_gb,
                                        torch.device("cpu"))
     assert [layer.gradient_checkpointing for layer in first.layers] != [True] * len(first.layers)
     assert "Gradient checkpointing auto: checkpointing" in capsys.readouterr().out
@@ -78,7 +78,7 @@ def test_a_partial_plan_trains_exactly_as_full_checkpointing_with_less_recomputa
 def test_on_cpu_without_a_budget_every_layer_stays_checkpointed(capsys):
     model = tiny_model("full")
     assert apply_auto_checkpointing(model, *mode_arguments("full"), bench.layout(bench.make_samples("nlvr2", 1)[0]),
-                                    1, 1, True, None, torch.device("cpu")) is None
+                                    1, 1, "zero2", None, torch.device("cpu")) is None
     assert all(layer.gradient_checkpointing for group in checkpointable_layers(model).values() for layer in group)
     assert "every layer checkpointed" in capsys.readouterr().out
 

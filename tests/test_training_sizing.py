@@ -54,7 +54,7 @@ def test_bytes_per_gpu_of_each_mode():
     assert one.weights == eight.weights == 2 * params  # ZeRO-2: the 16-bit weights on every GPU
     assert (one.gradients, one.optimizer) == (4 * trainable, 12 * trainable)  # fp32 grads, master, 2 moments
     assert eight.optimizer == 12 * trainable // 8
-    assert state_bytes(full, full_args, 8, deepspeed=False).total == 16 * trainable + 4 * (params - trainable)
+    assert state_bytes(full, full_args, 8, "ddp").total == 16 * trainable + 4 * (params - trainable)
     assert state_bytes(lora, lora_args, 1) == state_bytes(lora, lora_args, 8)  # DDP: nothing is split
     linear = sum(m.weight.numel() for n, m in full.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     frozen = sum(p.numel() for p in lora.parameters() if not p.requires_grad)
@@ -82,5 +82,9 @@ def test_bench_on_the_meta_device_reports_flops_and_bytes_per_gpu(tmp_path, caps
     frozen = rows["frozen"]  # cached features: no CLIP at all
     assert frozen["TFLOP/sample, cached features"] < frozen["TFLOP/sample, no checkpointing"]
     assert "TFLOP/sample, cached features" not in rows["full"]
+    by_strategy = rows["full"]["GB per GPU by strategy"]
+    assert by_strategy["zero2"] == rows["full"]["GB per GPU"]
+    assert by_strategy["zero3"]["8"] < by_strategy["zero2"]["8"] and by_strategy["ddp"]["1"] == by_strategy["ddp"]["8"]
+    assert "GB per GPU by strategy" not in rows["lora"]
     assert rows["qlora"]["GB per GPU"]["1"] < rows["lora"]["GB per GPU"]["1"] == rows["lora"]["GB per GPU"]["8"]
     assert "per GPU" in capsys.readouterr().out

@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from ..distributed import print_once
 from .arguments import LoraArguments, ModelArguments, RecipeArguments
+from .sharding import sharding_strategy
 from .sizing import Layout, StepCost, meta_model, state_bytes, step_cost
 
 GPU_MEMORY_SHARE = 0.9  # of the GPU's memory: the rest for the allocator's cache, DeepSpeed's buckets, CUDA
@@ -66,7 +67,7 @@ def set_checkpointing(groups: dict[str, list[torch.nn.Module]], counts: dict[str
 
 def plan_checkpointing(model: torch.nn.Module, model_args: ModelArguments, lora: LoraArguments,
                        layout: Layout, batch_size: int, gpus: int,
-                       deepspeed: bool, budget_bytes: int) -> CheckpointingPlan:
+                       strategy: str, budget_bytes: int) -> CheckpointingPlan:
     """The fewest checkpointed layers whose step fits `budget_bytes`, for the longest sample (`layout`, as
     `step_cost` takes it) `batch_size` times.
 
@@ -89,7 +90,7 @@ def plan_checkpointing(model: torch.nn.Module, model_args: ModelArguments, lora:
             groups.append(LayerGroup(name, checkpointable_layers(model)[name],
                                      math.ceil((without.activation_bytes - everything.activation_bytes) / len(group)),
                                      (everything.flops - without.flops) // len(group), len(group)))
-    state = state_bytes(meta, lora, gpus, deepspeed).total
+    state = state_bytes(meta, lora, gpus, strategy).total
     transient = max((g.saved_bytes for g in groups), default=0)
     needed = state + batch_size * (everything.activation_bytes + transient)
     for group in sorted(groups, key=lambda g: g.flops / max(g.saved_bytes, 1), reverse=True):
@@ -111,14 +112,14 @@ def memory_budget(budget_gb: float | None, device: torch.device) -> int | None:
 
 def apply_auto_checkpointing(model: torch.nn.Module, model_args: ModelArguments, lora: LoraArguments,
                              layout: Layout, batch_size: int, gpus: int,
-                             deepspeed: bool, budget_gb: float | None, device: torch.device) -> CheckpointingPlan | None:
+                             strategy: str, budget_gb: float | None, device: torch.device) -> CheckpointingPlan | None:
     """Plans and sets per-layer checkpointing on `model`; says what it chose. None (every layer checkpointed)
     on CPU without a budget."""
     budget = memory_budget(budget_gb, device)
     if budget is None:
         print_once("Gradient checkpointing auto: every layer checkpointed (on CPU without --memory_budget_gb).")
         return None
-    plan = plan_checkpointing(model, model_args, lora, layout, batch_size, gpus, deepspeed, budget)
+    plan = plan_checkpointing(model, model_args, lora, layout, batch_size, gpus, strategy, budget)
     set_checkpointing({g.name: g.layers for g in plan.groups}, {g.name: g.checkpointed for g in plan.groups})
     print_once(plan.describe())
     return plan
@@ -134,4 +135,4 @@ class AutoCheckpointing(TrainerCallback):
         training = self.args.training
         self.plan = apply_auto_checkpointing(model, self.args.model, self.args.lora, self.longest,
                                              training.per_device_train_batch_size, training.world_size,
-                                             bool(training.deepspeed), training.memory_budget_gb, training.device)
+                                             sharding_strategy(training), training.memory_budget_gb, training.device)

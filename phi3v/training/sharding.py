@@ -14,7 +14,18 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from transformers import TrainingArguments
 from transformers.integrations import is_deepspeed_zero3_enabled
+
+
+def sharding_strategy(training: TrainingArguments) -> str:
+    """How a full or frozen-vision run keeps its state (see phi3v.training.sizing.state_bytes): "fsdp2",
+    "zero3", "zero2" (also for ZeRO-1) or "ddp" (no DeepSpeed, no FSDP)."""
+    if training.fsdp:
+        return "fsdp2"
+    if not training.deepspeed:
+        return "ddp"
+    return "zero3" if is_deepspeed_zero3_enabled() else "zero2"
 
 
 def start_deepspeed_comm() -> None:

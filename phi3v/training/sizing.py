@@ -169,41 +169,33 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int, int]:
     return total, trainable, quantised
 
 
-def state_bytes(model: torch.nn.Module, lora: LoraArguments, gpus: int, deepspeed: bool = True) -> StateBytes:
+STRATEGIES = ("zero2", "zero3", "fsdp2", "ddp")
+
+
+def state_bytes(model: torch.nn.Module, lora: LoraArguments, gpus: int, strategy: str = "zero2") -> StateBytes:
     """Weights, gradients and AdamW states per GPU as the recipes train a `meta_model` on `gpus` GPUs.
 
-    Full and frozen-vision under DeepSpeed ZeRO-2 (ds_config_zero2.json): 16-bit weights on every GPU; the
-    fp32 gradients (fp32 accumulation), fp32 master weights and Adam's two moments of the trainable
-    parameters split across the GPUs. Without DeepSpeed (`deepspeed=False`, plain AMP under DDP): fp32
-    weights, fp32 gradients and Adam moments on every GPU. LoRA and QLoRA (DDP): the 16-bit (QLoRA: NF4)
-    base on every GPU, and the fp32 adapters with their gradients and moments. DeepSpeed's communication
-    buckets (up to 2 x 5e8 16-bit elements) and the activations come on top.
+    Full and frozen-vision training, by `strategy` (what each keeps, and what it splits across the GPUs):
+    - "zero2" (ds_config_zero2.json, the default): 16-bit weights on every GPU; fp32 gradients (fp32
+      accumulation), fp32 master weights and Adam's two moments of the trainable parameters split.
+    - "zero3" (ds_config_zero3.json): the same, the 16-bit weights split too.
+    - "fsdp2" (fsdp_config.json): fp32 weights (also the master copy), fp32 gradients, Adam's moments, all split.
+    - "ddp" (--deepspeed none, plain AMP): fp32 weights, gradients and Adam's moments on every GPU.
+    LoRA and QLoRA always train under DDP: the 16-bit (QLoRA: NF4) base on every GPU, and the fp32 adapters
+    with their gradients and moments. Activations, the layers ZeRO-3/FSDP gather whole at a time and the
+    communication buffers (ZeRO's buckets: up to 2 x 5e8 16-bit elements) come on top.
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if gpus < 1:
+        raise ValueError(f"need gpus >= 1, got {gpus}")
     total, trainable, quantised = parameter_counts(model)
     frozen = total - trainable
-    if not lora.use_lora:
-        if not deepspeed:
-            return StateBytes(4 * total, 4 * trainable, 8 * trainable)
-        return StateBytes(2 * total, 4 * trainable // gpus, 12 * trainable // gpus)
-    base = round(NF4_BYTES * quantised) + 2 * (frozen - quantised) if lora.use_qlora else 2 * frozen
-    return StateBytes(base + 4 * trainable, 4 * trainable, 8 * trainable)
-
-
-SHARDED_STRATEGIES = ("zero3", "fsdp2")
-
-
-def sharded_state_bytes(total: int, trainable: int, gpus: int, strategy: str) -> StateBytes:
-    """Weights, gradients and AdamW states per GPU for full or frozen-vision training with sharded weights.
-
-    `total` and `trainable` count parameters (`parameter_counts`). ZeRO-3 (ds_config_zero3.json) holds what
-    ZeRO-2 holds in `state_bytes` (16-bit weights, fp32 gradients, fp32 master weights and Adam's two moments),
-    FSDP2 (fsdp_config.json) what plain AMP holds (fp32 weights that are also the master copy, fp32 gradients,
-    Adam's moments), each with every term split across the GPUs. On top: activations, the one or two layers
-    gathered whole at a time, communication buffers.
-    """
-    if strategy not in SHARDED_STRATEGIES:
-        raise ValueError(f"strategy must be one of {SHARDED_STRATEGIES}, got {strategy!r}")
-    if gpus < 1 or not 0 <= trainable <= total:
-        raise ValueError(f"need gpus >= 1 and 0 <= trainable <= total, got {gpus}, {trainable}, {total}")
-    weights, master = (2, 4) if strategy == "zero3" else (4, 0)
-    return StateBytes(weights * total // gpus, 4 * trainable // gpus, (master + 8) * trainable // gpus)
+    if lora.use_lora:
+        base = round(NF4_BYTES * quantised) + 2 * (frozen - quantised) if lora.use_qlora else 2 * frozen
+        return StateBytes(base + 4 * trainable, 4 * trainable, 8 * trainable)
+    if strategy == "ddp":
+        return StateBytes(4 * total, 4 * trainable, 8 * trainable)
+    weights, master = (4, 0) if strategy == "fsdp2" else (2, 4)
+    weight_shards = 1 if strategy == "zero2" else gpus
+    return StateBytes(weights * total // weight_shards, 4 * trainable // gpus, (master + 8) * trainable // gpus)
