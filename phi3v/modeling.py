@@ -17,6 +17,7 @@ those positions is replaced, in row-major (batch, position) order, by the image 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
@@ -156,6 +157,19 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             attn_implementation = "sdpa"
             self.config._attn_implementation = attn_implementation  # the setter reaches the CLIP sub-config
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        """transformers' switch, except for a frozen vision tower: it is never checkpointed.
+
+        Nothing in a frozen tower needs a gradient, so there is nothing to recompute; its layers run as
+        plain modules (no checkpoint wrapper, no "None of the inputs have requires_grad" warnings).
+        """
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        for module in self.modules():
+            if isinstance(module, Phi3VVisionTower) and not any(p.requires_grad for p in module.parameters()):
+                for layer in module.vision_model.encoder.layers:
+                    layer.gradient_checkpointing = False
 
     def enable_input_require_grads(self) -> None:
         """Make the token embeddings' output require grad (adapters with checkpointing), and nothing else.
