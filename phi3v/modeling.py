@@ -199,21 +199,27 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features written at the positions where `input_ids < 0`."""
+        """Token embeddings with image features written at the positions where `input_ids < 0`.
+
+        The features are `vision_embed_tokens(pixel_values, image_sizes)`, or `image_features` when given:
+        that output computed before ([image tokens, hidden], images in order; a frozen tower's, see
+        phi3v.training.vision_cache).
+        """
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
         image_positions = (input_ids < 0).nonzero(as_tuple=True)
         if image_positions[0].numel() == 0:
             return inputs_embeds + self.unused_vision_term(inputs_embeds)
-        if pixel_values is None or image_sizes is None:
+        if image_features is None and (pixel_values is None or image_sizes is None):
             raise ValueError(
                 "input_ids contain image positions (negative ids) but no pixel_values/image_sizes were given; "
                 "build inputs with Phi3VProcessor(text, images)."
             )
-        features = self.vision_embed_tokens(pixel_values, image_sizes)
+        features = self.vision_embed_tokens(pixel_values, image_sizes) if image_features is None else image_features
         if features.shape[0] != image_positions[0].numel():
             raise ValueError(
-                f"input_ids have {image_positions[0].numel()} image positions but the {len(image_sizes)} images give "
+                f"input_ids have {image_positions[0].numel()} image positions but the images give "
                 f"{features.shape[0]} tokens: were the prompts and images processed with the same num_crops?"
             )
         return inputs_embeds.index_put(image_positions, features.to(inputs_embeds.dtype))
@@ -240,10 +246,11 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ):
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_features)
         if self.config._attn_implementation == "sdpa_packed" and kwargs.get("cu_seq_lens_q") is not None:
             # The sample boundaries read once per forward pass, not in every layer (a GPU-to-host copy each).
             kwargs["packed_bounds"] = kwargs["cu_seq_lens_q"].tolist()
@@ -252,6 +259,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
 
 class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     """Phi-3(.5)-vision for generation and fine-tuning.
+
+    Images come as `pixel_values` and `image_sizes`, or as `image_features`: the image embedding's output
+    computed before (a frozen tower's features, cached).
 
     With `labels`, the loss is computed from the hidden states at the labelled positions only:
     the 32,064-wide logits of prompt and image positions are never materialised, and `logits`
@@ -279,6 +289,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if labels is not None and use_cache is None:
@@ -291,6 +302,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            image_features=image_features,
             use_cache=use_cache,
             **kwargs,
         )

@@ -40,6 +40,7 @@ from .output_lock import OutputDirBusy, OutputDirLock
 from .report import save_example_image, write_pictures
 from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
 from .trainer import Phi3VTrainer, TrainingSamples, filter_by_length
+from .vision_cache import VisionFeatureCache
 
 
 def run(
@@ -110,10 +111,11 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         evaluate(model, processor, eval_rows, format_example, metric, args, "before")
 
     collator = Phi3VDataCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
+    cache = VisionFeatureCache(output_dir / "vision_features") if args.model.cache_vision_features else None
     trainer = Phi3VTrainer(
         model=model,
         args=training,
-        train_dataset=TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode),
+        train_dataset=TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode, features=cache),
         data_collator=collator.collate,
         **evaluation_during_training(args, processor, eval_rows, format_example, metric),
     )
@@ -124,6 +126,11 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         print_once(f"{point.checkpoint} is the last step of training: finishing from it.")
         load_model_weights(model, point.checkpoint)
     else:
+        if cache is not None:
+            computed = cache.fill(model, train_rows, rows.indices, collator.encode, args.model.num_crops,
+                                  autocast=trainer.accelerator.autocast, device=training.device,
+                                  num_workers=training.dataloader_num_workers, disable_tqdm=training.disable_tqdm)
+            print_once(f"Image features of the training samples are in {cache.directory} ({computed} computed now)")
         with signals.deferring():
             trainer.train(resume_from_checkpoint=str(point.checkpoint) if point.checkpoint else None)
     bad = rows.unreadable + sorted(set(gather_lists(trainer.bad_samples)))
@@ -133,6 +140,8 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         stopped(stopper, trainer, bad, max_bad)
 
     save(trainer, processor, args, from_checkpoint=point.checkpoint if finished else None)
+    if cache is not None and is_main_process():
+        cache.remove()  # training is over: nothing reads them again
     after = evaluate(model if finished else trainer.model, processor, eval_rows, format_example, metric, args, "after")
     if bad:
         print_once(f"{len(bad)} unreadable sample(s) were skipped (listed above).")
