@@ -98,43 +98,68 @@ class Phi3VImageEmbedding(nn.Module):
         grid = patches.reshape(crops, side // 2, 2, side // 2, 2, dim)
         return grid.permute(0, 1, 3, 2, 4, 5).reshape(crops, side // 2, side // 2, 4 * dim)
 
-    def with_row_separators(self, grid: torch.Tensor) -> torch.Tensor:
-        """[rows, cols, d] -> [rows * (cols + 1), d]: `sub_GN` appended to every row, flattened."""
-        separator = self.sub_GN.reshape(1, 1, -1).expand(grid.shape[0], 1, -1)
-        return torch.cat([grid, separator.to(grid.dtype)], dim=1).flatten(0, 1)
-
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """Image tokens for all images, concatenated in image order: [total_tokens, hidden].
 
         pixel_values: [images, max_crops, 3, 336, 336], crop slot 0 the global view, then the
         h x w sub-crops in raster order, then zero padding. image_sizes: [images, 2] (H, W).
         """
-        crops_hw = self.crop_grids(image_sizes)
+        crop_index, token_index = self.layout(image_sizes, pixel_values.shape[1])
         # CLIP runs on the real crops only: the zero padding slots contribute nothing.
-        real_crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(crops_hw)])
+        real_crops = pixel_values.flatten(0, 1)[crop_index.to(pixel_values.device)]
         dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
-        return self.image_tokens(self.img_processor(real_crops.to(dtype)), crops_hw)
+        return self.project(self.img_processor(real_crops.to(dtype)), token_index)
+
+    @torch.compiler.disable
+    def layout(self, image_sizes: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop slots of the real crops in `pixel_values.flatten(0, 1)`, `token_index` of their tokens).
+
+        Computed on the host from the image sizes, and left out of torch.compile: traced, every new mix of
+        crop grids in a batch would compile new graphs; as index tensors, they are inputs of one graph.
+        """
+        crops_hw = self.crop_grids(image_sizes)
+        crop_index = [i * slots + j for i, (h, w) in enumerate(crops_hw) for j in range(1 + h * w)]
+        return torch.tensor(crop_index, dtype=torch.long), self.token_index(crops_hw)
 
     def crop_grids(self, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         """(rows, columns) of the sub-crops of each image."""
         return [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
 
+    def token_index(self, crops_hw: list[tuple[int, int]]) -> torch.Tensor:
+        """Where each image token comes from, image after image, in the rows of `project`'s table (merged tokens
+        of all real crops in (crop, row, column) order, then `sub_GN`, then `glb_GN`).
+
+        An image's tokens: its h x w sub-crops as one (h*side) x (w*side) grid in raster order, then
+        `glb_GN`, then the global view's side x side grid; `sub_GN` ends every row of both grids.
+        """
+        side = self.crop_size // self.img_processor.vision_model.config.patch_size // 2
+        per_crop = side * side
+        sub_gn = sum(1 + h * w for h, w in crops_hw) * per_crop
+        glb_gn = sub_gn + 1
+        index, start = [], 0  # start: the image's global view, its sub-crops follow
+        for h, w in crops_hw:
+            for row in range(h * side):
+                first_crop = start + 1 + (row // side) * w
+                index += [(first_crop + col // side) * per_crop + (row % side) * side + col % side
+                          for col in range(w * side)]
+                index.append(sub_gn)
+            index.append(glb_gn)
+            for row in range(side):
+                index += [start * per_crop + row * side + col for col in range(side)]
+                index.append(sub_gn)
+            start += 1 + h * w
+        return torch.tensor(index, dtype=torch.long)
+
+    def project(self, crop_features: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """CLIP features of the real crops (CLS first) -> the image tokens `token_index` lays out, projected."""
+        merged = self.merge_patches(crop_features[:, 1:]).flatten(0, 2)  # drop CLS
+        separators = [self.sub_GN.reshape(1, -1).to(merged.dtype), self.glb_GN.reshape(1, -1).to(merged.dtype)]
+        table = torch.cat([merged, *separators])
+        return self.img_projection(table[token_index.to(table.device)])
+
     def image_tokens(self, crop_features: torch.Tensor, crops_hw: list[tuple[int, int]]) -> torch.Tensor:
         """CLIP features of the real crops (CLS first), image after image -> projected image tokens."""
-        merged = self.merge_patches(crop_features[:, 1:])  # drop CLS
-        side = merged.shape[1]
-        tokens, start = [], 0
-        for h, w in crops_hw:
-            global_view, sub_crops = merged[start], merged[start + 1 : start + 1 + h * w]
-            start += 1 + h * w
-            # h x w crops of side x side tokens -> one (h*side) x (w*side) grid, rows in raster order
-            sub_grid = sub_crops.reshape(h, w, side, side, -1).permute(0, 2, 1, 3, 4).reshape(h * side, w * side, -1)
-            tokens += [
-                self.with_row_separators(sub_grid),
-                self.glb_GN.reshape(1, -1).to(merged.dtype),
-                self.with_row_separators(global_view),
-            ]
-        return self.img_projection(torch.cat(tokens))
+        return self.project(crop_features, self.token_index(crops_hw))
 
 
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):
@@ -208,21 +233,24 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         phi3v.training.vision_cache).
         """
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
-        image_positions = (input_ids < 0).nonzero(as_tuple=True)
-        if image_positions[0].numel() == 0:
+        image_positions = (input_ids < 0).unsqueeze(-1)
+        # The checks read the ids on the host: not under torch.compile, where they would split the graph.
+        checked = not torch.compiler.is_compiling()
+        if pixel_values is None and image_features is None:
+            if checked and image_positions.any():
+                raise ValueError(
+                    "input_ids contain image positions (negative ids) but no pixel_values/image_sizes were given; "
+                    "build inputs with Phi3VProcessor(text, images)."
+                )
             return inputs_embeds + self.unused_vision_term(inputs_embeds)
-        if image_features is None and (pixel_values is None or image_sizes is None):
-            raise ValueError(
-                "input_ids contain image positions (negative ids) but no pixel_values/image_sizes were given; "
-                "build inputs with Phi3VProcessor(text, images)."
-            )
         features = self.vision_embed_tokens(pixel_values, image_sizes) if image_features is None else image_features
-        if features.shape[0] != image_positions[0].numel():
+        if checked and features.shape[0] != int(image_positions.sum()):
             raise ValueError(
-                f"input_ids have {image_positions[0].numel()} image positions but the images give "
+                f"input_ids have {int(image_positions.sum())} image positions but the images give "
                 f"{features.shape[0]} tokens: were the prompts and images processed with the same num_crops?"
             )
-        return inputs_embeds.index_put(image_positions, features.to(inputs_embeds.dtype))
+        # Image tokens fill the image positions in row-major (batch, position) order.
+        return inputs_embeds.masked_scatter(image_positions, features.to(inputs_embeds.dtype))
 
     def unused_vision_term(self, inputs_embeds: torch.Tensor) -> torch.Tensor | float:
         """Zero that still depends on every trainable image-embedding weight, for text-only batches.
@@ -336,7 +364,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         passes it (so gradient accumulation weights every token equally).
         """
         targets = labels[:, 1:]
-        keep = targets != -100
+        keep = (targets != -100).nonzero(as_tuple=True)  # one data-dependent shape (one graph break under compile)
         logits = self.lm_head(hidden_states[:, :-1][keep]).float()
         if num_items_in_batch is None:
             return F.cross_entropy(logits, targets[keep]) if logits.shape[0] else logits.sum()
