@@ -69,8 +69,9 @@ def test_the_pre_pass_keeps_what_it_computed_until_the_model_changes(rows, tiny_
         assert torch.equal(cached["image_features"], model.model.vision_embed_tokens(sample["pixel_values"],
                                                                                      sample["image_sizes"]))
     assert "image_features" not in cache.attach(1, encode(rows[1]))
-    # A resumed run computes nothing again; other weights or num_crops start over.
+    # A resumed run computes nothing again (reads no row either); other weights or num_crops start over.
     assert cache.fill(model, rows, [0, 1, 2], encode, num_crops=1, disable_tqdm=True) == 0
+    assert cache.fill(model, rows, [0, 1, 2], None, num_crops=1, disable_tqdm=True) == 0
     assert cache.fill(model, rows, [0, 1, 2], encode, num_crops=2, disable_tqdm=True) == 2
     with torch.no_grad():
         model.model.vision_embed_tokens.img_projection[0].bias.add_(1)

@@ -92,7 +92,8 @@ class VisionFeatureCache:
              encode: Callable[[Any], dict[str, Any]], num_crops: int,
              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
              device: torch.device | None = None, num_workers: int = 0, disable_tqdm: bool = False) -> int:
-        """The pre-pass: computes the features of the rows at `indices` that have none yet; returns how many.
+        """The pre-pass: computes the features of the rows at `indices` that have none yet; returns for how many rows
+        (with images) it did.
 
         Run the way training runs the tower (same `autocast`, train mode, no gradient), so the features are
         the ones the uncached run computes, on `device` (where training runs; the model may not be there yet
@@ -135,7 +136,8 @@ class VisionFeatureCache:
     def compute(self, embedding: Phi3VImageEmbedding, rows: Sequence[Any], indices: list[int],
                 encode: Callable[[Any], dict[str, Any]], autocast: Callable[[], contextlib.AbstractContextManager],
                 num_workers: int, disable_tqdm: bool) -> int:
-        """Computes and writes the features of the rows at `indices` (unreadable rows are skipped); returns how many."""
+        """Computes and writes the features of the rows at `indices` (unreadable rows are skipped); returns for how
+        many rows with images."""
         if not indices:
             return 0
         samples = torch.utils.data.DataLoader(
@@ -148,7 +150,10 @@ class VisionFeatureCache:
         computed = 0
         try:
             for index, sample in tqdm(samples, desc="Caching image features", disable=disable_tqdm):
-                if sample is None or sample["pixel_values"] is None:
+                if sample is None:
+                    continue  # unreadable: training replaces it (TrainingSamples)
+                if sample["pixel_values"] is None:  # text only: nothing to compute, but done
+                    self.store(index, torch.zeros(0), "no images")
                     continue
                 with torch.no_grad(), autocast():
                     features = embedding(sample["pixel_values"].to(device), sample["image_sizes"].to(device))
