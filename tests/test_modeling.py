@@ -333,6 +333,23 @@ def test_a_frozen_tower_runs_its_forward_once_per_step_under_checkpointing(reent
     assert trained_step > 3 * one_forward  # forward, recomputed forward, backward (about twice a forward)
 
 
+def test_precomputed_image_features_give_the_same_loss_without_running_the_tower(model):
+    """`image_features` (a frozen tower's output, cached by --cache_vision_features) in place of pixel values."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    crops = [(2, 1), (1, 1)]
+    ids = torch.tensor([prompt_ids(crops)])
+    labels = ids.masked_fill(ids < 0, -100)
+    pixel_values, image_sizes = image_inputs(crops)
+    with torch.no_grad():
+        loss = model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=labels).loss
+        features = model.model.vision_embed_tokens(pixel_values, image_sizes)
+        with FlopCounterMode(display=False) as flops:
+            cached = model(input_ids=ids, image_features=features, labels=labels).loss
+    assert torch.equal(loss, cached)
+    assert "Phi3VForCausalLM.model.vision_embed_tokens" not in flops.get_flop_counts()
+
+
 def test_answer_only_loss_equals_full_logits_cross_entropy(model):
     crops = [(1, 1)]
     ids = torch.tensor([prompt_ids(crops)])
