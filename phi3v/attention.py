@@ -18,7 +18,6 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cu_seq_lens_q=None,
                           packed_bounds=None, **kwargs):
     """SDPA that runs each sample of a packed row on its own ("sdpa_packed").
@@ -26,13 +25,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     A packed row (batch 1, position ids restarting at 0 per sample) through plain SDPA computes
     attention over the whole row and masks the cross-sample part away; here each sample's causal
     attention runs alone, so only the useful work is done. The boundaries come from
-    `cu_seq_lens_q` (phi3v.collator.pack_batch), read once per forward pass as `packed_bounds` by the
-    model. Anything else goes to plain SDPA, which keeps packed rows given by position ids alone
-    apart with a block-diagonal mask.
+    `cu_seq_lens_q` (phi3v.collator.pack_batch) or the position ids, read once per forward pass as
+    `packed_bounds` by the model (see `sample_bounds`). Anything else (padded batches, cached
+    generation) goes to plain SDPA.
     """
     one_row = query.shape[0] == 1 and query.shape[2] == key.shape[2]  # and no cache
-    if packed_bounds is None and cu_seq_lens_q is not None:
-        packed_bounds = cu_seq_lens_q.tolist()
+    if packed_bounds is None and one_row:
+        packed_bounds = sample_bounds(kwargs.get("position_ids"), cu_seq_lens_q)
     bounds = packed_bounds if one_row and packed_bounds is not None else []
     if len(bounds) < 3 or bounds[0] != 0 or bounds[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -47,8 +46,36 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def sample_bounds(position_ids: torch.Tensor | None, cu_seq_lens: torch.Tensor | None) -> list[int] | None:
+    """Sample boundaries of one packed row, [0, end of sample 1, ..., row length], read to the host once.
+
+    From `cu_seq_lens` when the collator passes them; else where the position ids of a single row
+    stop counting up by one (transformers' own rule for packed rows). None for padded batches.
+    """
+    if cu_seq_lens is not None:
+        return cu_seq_lens.tolist()
+    if position_ids is None or position_ids.shape[0] != 1:
+        return None
+    row = position_ids[0]
+    starts = (row[1:] != row[:-1] + 1).nonzero().flatten() + 1
+    return [0, *starts.tolist(), row.shape[0]]
+
+
+def packed_rows_mask(batch_size: int, q_length: int, kv_length: int, attention_mask=None, **kwargs):
+    """The mask "sdpa_packed" uses: none for a single unpadded row.
+
+    Such a row is one sequence (SDPA's causal flag covers it) or packed samples, which
+    `packed_sdpa_attention` runs one by one; the dense [1, 1, L, L] mask SDPA would get is never
+    built (L x L bytes: 92 MB for four 2,400-token samples). Padded batches get SDPA's mask.
+    """
+    if batch_size == 1 and attention_mask is None and q_length == kv_length:
+        return None
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask,
+                     **kwargs)
+
+
 AttentionInterface.register("sdpa_packed", packed_sdpa_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_packed", sdpa_mask)
+ALL_MASK_ATTENTION_FUNCTIONS.register("sdpa_packed", packed_rows_mask)
 
 
 def flash_attn_installed() -> bool:

@@ -2,6 +2,7 @@
 
     python -m phi3v.bench                      # CPU: small model, DocVQA-like, full + LoRA (1-2 minutes)
     python -m phi3v.bench --size full --device cuda --distribution all --modes full frozen lora qlora --steps 10
+    python -m phi3v.bench --size full --device meta --distribution all --modes full frozen lora qlora   # no GPU
 
 Trains for a fixed number of steps on generated inputs (random weights, no download) and prints one
 row per configuration: samples/s, tokens/s (real tokens), peak memory of a training step (GPU: the
@@ -39,6 +40,7 @@ from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
 from .image_processing import CROP_SIZE, hd_image_size, num_image_tokens
 from .modeling import Phi3VForCausalLM
+from .training.sizing import STRATEGIES, Layout, meta_model, mode_arguments, sample_layout, state_bytes, step_cost
 from .training.arguments import LoraArguments, ModelArguments
 from .training.modes import quantization_config, setup_mode
 from .training.trainer import length_buckets
@@ -52,10 +54,13 @@ DISTRIBUTIONS = {
     "memes": (1, 16, (300, 900), (300, 900), (20, 40), (1, 2)),
     "nlvr2": (2, 4, (300, 800), (200, 600), (15, 35), (1, 2)),
 }
-# Model sizes: "small" keeps the real vocabulary (so logits cost what they do) with narrow layers.
+# Model sizes: "small" keeps the real vocabulary (so logits cost what they do) with narrow layers; "clip" is
+# the full-size CLIP ViT-L/14-336 tower with a 2-layer, 64-wide LM: the vision tower dominates, as it does in
+# frozen-vision and vision-LoRA steps at full size.
 SIZES = {
     "small": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2)),
+    "clip": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, vision=None),
     "tiny": None,  # phi3v.tiny's config with the real vocabulary: for smoke tests
     "full": None,
 }
@@ -157,7 +162,8 @@ def make_config(size: str) -> Phi3VConfig:
         **settings, vocab_size=32064, pad_token_id=32000, max_position_embeddings=131072,
         original_max_position_embeddings=4096,
         rope_scaling={"type": "su", "short_factor": [1.0] * (head_dim // 2), "long_factor": [4.0] * (head_dim // 2)},
-        img_processor={"image_dim_out": vision["hidden_size"], "vision_config": vision},
+        img_processor={"image_dim_out": 1024} if vision is None else  # CLIP ViT-L/14-336
+        {"image_dim_out": vision["hidden_size"], "vision_config": vision},
     )
 
 
@@ -227,8 +233,9 @@ def loss_of(model, batch: dict, full_logits: bool) -> tuple[torch.Tensor, int]:
     return loss, logits.numel() * 4
 
 
-def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device, dtype: torch.dtype, workdir: Path):
-    """A random model set up as the recipes set up each mode."""
+def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device, dtype: torch.dtype, workdir: Path,
+                checkpointing: bool = True):
+    """A random model set up as the recipes set up each mode, every layer checkpointed or none."""
     config._attn_implementation = attn
     if mode == "qlora":
         path = workdir / "random-checkpoint"
@@ -243,7 +250,8 @@ def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device,
     lora = LoraArguments(use_lora=mode in ("lora", "qlora"), use_qlora=mode == "qlora")
     model = setup_mode(model, ModelArguments(freeze_vision_model=mode == "frozen"), lora)
     model.train()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -317,6 +325,88 @@ def run_config(name, model, groups, packing, full_logits, steps, device, amp_dty
     return row
 
 
+META_SAMPLES = 4  # samples per distribution whose steps are measured on the meta device
+GPU_COUNTS = (1, 2, 4, 8)
+
+
+def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str]) -> list[dict]:
+    """Per mode and distribution, at the size of `config` with no memory allocated: FLOPs of one sample's
+    step (mean of META_SAMPLES), against the reference recipe's (all crop slots through CLIP, logits at every
+    position, gradient checkpointing forced on); ours with every layer checkpointed, with none (what
+    --gradient_checkpointing auto picks when memory allows) and, for frozen vision, with cached image
+    features (--cache_vision_features, epoch 2 on); the activations of the longest sample; and the bytes
+    per GPU (weights, gradients, optimizer states + activations) for 1-8 GPUs."""
+    rows = []
+    for distribution in distributions:
+        samples = make_samples(distribution, META_SAMPLES)
+        slots = DISTRIBUTIONS[distribution][1] + 1  # crop slots per image, padding included
+        longest = max(samples, key=lambda s: len(s.input_ids))
+        print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f}"
+              f" tokens, longest {len(longest.input_ids)}; TFLOP per sample's step (batch 1) and speed-up in FLOPs "
+              "over the reference recipe's step; activations of the longest; GB per GPU for 1/2/4/8 GPUs", flush=True)
+        measured = {}  # QLoRA computes as LoRA does (its 4-bit base is dequantised to 16-bit): measured once
+        for mode in modes:
+            model_args, lora = mode_arguments(mode)
+            model = meta_model(config, model_args, lora)
+            same_as = "lora" if mode == "qlora" else mode
+            if same_as not in measured:
+                measured[same_as] = measure_mode(config, model, meta_model(config, model_args, lora, False),
+                                                 samples, longest, slots, cached=model_args.freeze_vision_model)
+            row = {"config": mode, "distribution": distribution, **measured[same_as]}
+            for key, activations in (("GB per GPU", row["activations GB"]),
+                                     ("GB per GPU, no checkpointing", row["activations GB, no checkpointing"])):
+                row[key] = {gpus: state_bytes(model, lora, gpus).total / 1e9 + activations for gpus in GPU_COUNTS}
+            if not lora.use_lora:  # the other ways to train all weights (LoRA always runs under DDP)
+                row["GB per GPU by strategy"] = {
+                    strategy: {gpus: state_bytes(model, lora, gpus, strategy).total / 1e9 + row["activations GB"]
+                               for gpus in GPU_COUNTS} for strategy in STRATEGIES}
+            rows.append(row)
+            print(format_meta_row(row), flush=True)
+    return rows
+
+
+def measure_mode(config: Phi3VConfig, model: torch.nn.Module, unchecked: torch.nn.Module, samples: list[Sample],
+                 longest: Sample, slots: int, cached: bool) -> dict:
+    """The FLOPs and activations of `meta_report`'s row for one mode (`model` checkpointed, `unchecked` not)."""
+
+    def mean_flops(model: torch.nn.Module, **options) -> float:
+        return sum(step_cost(model, *layout(s), **options).flops for s in samples) / len(samples)
+
+    ours, free = mean_flops(model), mean_flops(unchecked)
+    real_logits, reference = mean_flops(model, crop_slots=slots), mean_flops(model, crop_slots=slots, full_logits=True)
+    row = {"TFLOP/sample": ours / 1e12, "TFLOP/sample, no checkpointing": free / 1e12,
+           "reference TFLOP/sample": reference / 1e12, "x vs reference": reference / ours,
+           "x vs reference, no checkpointing": reference / free,
+           "saved by real crops": (real_logits - ours) / reference,
+           "saved by answer-only logits": (reference - real_logits) / reference,
+           "activations GB": step_cost(model, *layout(longest)).activation_bytes / 1e9,
+           "activations GB, no checkpointing": step_cost(unchecked, *layout(longest)).activation_bytes / 1e9}
+    if cached:
+        features = mean_flops(unchecked, cached_features=True)
+        row.update({"TFLOP/sample, cached features": features / 1e12, "x vs reference, cached features":
+                    reference / features})
+    return row
+
+
+def format_meta_row(row: dict) -> str:
+    cached = (f", cached features {row['TFLOP/sample, cached features']:.2f} (x{row['x vs reference, cached features']:.2f})"
+              if "TFLOP/sample, cached features" in row else "")
+    return (f"  {row['config']:<7} checkpointed {row['TFLOP/sample']:.2f} TFLOP (x{row['x vs reference']:.2f}), "
+            f"not {row['TFLOP/sample, no checkpointing']:.2f} (x{row['x vs reference, no checkpointing']:.2f}){cached}; "
+            f"reference {row['reference TFLOP/sample']:.2f}: {row['saved by real crops']:.1%} less from real crops, "
+            f"{row['saved by answer-only logits']:.1%} from answer-only logits\n"
+            f"          activations {row['activations GB']:.2f} GB checkpointed, "
+            f"{row['activations GB, no checkpointing']:.1f} GB not; per GPU "
+            + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU"].values()) + " GB checkpointed, "
+            + " / ".join(f"{gb:.1f}" for gb in row["GB per GPU, no checkpointing"].values()) + " GB not"
+            + "".join(f"\n          {strategy}: " + " / ".join(f"{gb:.1f}" for gb in per_gpu.values()) + " GB checkpointed"
+                      for strategy, per_gpu in row.get("GB per GPU by strategy", {}).items()))
+
+
+def layout(sample: Sample) -> Layout:
+    return sample_layout(sample.input_ids, sample.labels, sample.image_sizes)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="small", help="Model size (random weights).")
@@ -327,7 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="Timed optimizer steps per configuration.")
     parser.add_argument("--num_samples", type=int, default=400, help="Generated samples (padding statistics).")
     parser.add_argument("--no_baseline", action="store_true", help="Skip the reference-like baseline rows.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda; meta: no timing, FLOPs and memory per GPU at any size in seconds (sizing).")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"],
                         help="Attention of the non-baseline rows (packed rows without flash-attn: SDPA per sample).")
     parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak dense TFLOPS for MFU (default: by GPU name; none on CPU).")
@@ -335,6 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if device.type == "meta":
+        rows = meta_report(make_config(args.size), list(DISTRIBUTIONS) if args.distribution == "all"
+                           else [args.distribution], args.modes)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     amp_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = args.peak_tflops
     if device.type == "cuda" and peak is None:
@@ -352,19 +449,22 @@ def main(argv: list[str] | None = None) -> None:
                   f"{padding_fraction(grouped):.1%} length-grouped", flush=True)
             configs = []
             if not args.no_baseline:
-                configs.append(("baseline (reference)", "full", "eager", batches(samples, 1, False), False, True))
+                configs.append(("baseline (reference)", "full", "eager", batches(samples, 1, False), False, True, True))
             flash = args.attn == "flash_attention_2"
             attn, packed_attn = training_attention(flash, packing=False), training_attention(flash, packing=True)
             for mode in args.modes:
-                configs.append((f"{mode} b1", mode, attn, batches(samples, 1, False), False, False))
-                configs.append((f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped, False, False))
-                configs.append((f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order, True, False))
+                configs.append((f"{mode} b1", mode, attn, batches(samples, 1, False), False, False, True))
+                # What --gradient_checkpointing auto picks when memory allows: no layer recomputed.
+                configs.append((f"{mode} b1 not checkpointed", mode, attn, batches(samples, 1, False), False, False,
+                                False))
+                configs.append((f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped, False, False, True))
+                configs.append((f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order, True, False, True))
             base_speed = {}
-            for name, mode, attn, groups, packing, full_logits in configs:
+            for name, mode, attn, groups, packing, full_logits, checkpointing in configs:
                 torch.manual_seed(0)
                 try:
                     model = build_model(config, mode, attn, device, amp_dtype if mode != "full" else torch.float32,
-                                        Path(workdir))
+                                        Path(workdir), checkpointing)
                     if full_logits:
                         embedding = model.get_submodule("model.vision_embed_tokens")
                         embedding.forward = types.MethodType(all_crops_embedding, embedding)

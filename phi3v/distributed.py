@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch.distributed as dist
@@ -79,3 +80,25 @@ def gather_lists(items: list) -> list:
     gathered: list[list] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(gathered, list(items))
     return [item for part in gathered for item in part]
+
+
+@contextlib.contextmanager
+def main_process_first(local: bool = True) -> Iterator[None]:
+    """The block runs on one process first (per node with `local`, else one in the whole job), then on the others.
+
+    For downloads and caches: the first process fetches into the cache, the others then find it there.
+    Per node is right whether the nodes share a filesystem or not: each node's cache gets filled once,
+    and on a shared one the Hub cache's file locks make the other nodes' first processes wait for it.
+    Every process enters the block, the first too when it fails (the others then fail the same way).
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0 if local else dist.get_rank() == 0
+    if not first:
+        dist.barrier()  # wait for the first ones
+    try:
+        yield
+    finally:
+        if first:
+            dist.barrier()  # let the others in

@@ -22,11 +22,14 @@ from tqdm.auto import tqdm
 from .chat import FormatExample, conversation_prompt
 from .distributed import rank_and_world_size
 from .files import write_json
-from .generation import generate_answers, length_sorted_batches
+from .generation import generate_answers, length_sorted_batches, model_device
 from .images import upright_size
 from .data.rows import UNREADABLE, describe_error, row_location
 from .metrics import Metric, resolve_metric
-from .modeling import longrope_limit
+from .modeling import longrope_limit, parameters_are_sharded
+
+# What a rank with no rows left answers while the others generate, when all must step together.
+FILLER_PROMPT = conversation_prompt([{"user": "Hello."}], 0)
 
 
 def _row_id(row: Any, index: int) -> Any:
@@ -120,6 +123,14 @@ def evaluate(
     lengths = [item["length"] for item in shard]
     batches = length_sorted_batches(lengths, batch_size, longrope_limit(model), max_new_tokens)
 
+    # Sharded weights (ZeRO-3, FSDP) are gathered by collectives in every forward pass: all ranks make
+    # the same number of generate calls (a rank out of rows answers a filler prompt, dropped) and
+    # step together within each (synced_gpus), whatever their answers' lengths.
+    synced = world_size > 1 and parameters_are_sharded(model)
+    if synced:
+        most = torch.tensor(len(batches), device=model_device(model))  # NCCL reduces GPU tensors only
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        batches += [[] for _ in range(int(most) - len(batches))]
     records, total = [], 0.0
     was_training = model.training
     model.eval()
@@ -141,6 +152,9 @@ def evaluate(
                         continue
                     batch.append(item)
                 if not batch:
+                    if synced:
+                        generate_answers(model, processor, [FILLER_PROMPT], [[]], max_new_tokens=max_new_tokens,
+                                         do_sample=False, num_beams=1, synced_gpus=True)
                     continue
                 predictions = generate_answers(
                     model,
@@ -151,6 +165,7 @@ def evaluate(
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     num_beams=1,
+                    **({"synced_gpus": True} if synced else {}),
                 )
                 for item, prediction in zip(batch, predictions):
                     records.append(

@@ -6,7 +6,7 @@
 It says which optional packages are there (flash-attn, bitsandbytes, deepspeed), writes a full-size
 random Phi-3.5-vision checkpoint (bf16, the Hub's config) and a small generated dataset, then runs each
 recipe mode for a few steps under torchrun (NCCL): full fine-tuning under ZeRO-2 in bf16 and in fp16,
-frozen vision, LoRA, QLoRA, with flash attention where it runs and SDPA otherwise, packing, the
+under ZeRO-3 and under FSDP2, frozen vision, LoRA, QLoRA, with flash attention where it runs and SDPA otherwise, packing, the
 evaluations before and after, saving, and a resume; then the bench's full-size rows with MFU. It ends
 with a pass/fail table (exit status 1 when a check failed). Checks whose package is missing are skipped.
 """
@@ -58,6 +58,9 @@ def plan(workdir: Path, nproc: int) -> list[Check]:
         recipe("full ZeRO-2 bf16", "--bf16", *flash, needs=("deepspeed",)),
         recipe("full ZeRO-2 fp16", *flash, needs=("deepspeed",)),
         recipe("frozen vision bf16 packed", "--bf16", "--freeze_vision_model", "--packing", *flash, needs=("deepspeed",)),
+        recipe("full ZeRO-3 bf16", "--bf16", "--deepspeed", str(ROOT / "ds_config_zero3.json"), *flash,
+               needs=("deepspeed",)),
+        recipe("full FSDP2 bf16", "--bf16", "--fsdp", "--fsdp_config", str(ROOT / "fsdp_config.json"), *flash),
         recipe("LoRA bf16 packed", "--bf16", "--use_lora", "--packing", *flash),
         recipe("LoRA resumed", "--bf16", "--use_lora", "--packing", "--max_steps", "4", *flash,
                "--resume_from_checkpoint", str(workdir / "runs" / "LoRA-bf16-packed" / "checkpoint-2"),
@@ -86,7 +89,9 @@ def prepare(workdir: Path) -> None:
     from .tiny import build_tiny_checkpoint
 
     if not (workdir / "shapes").exists():
-        make_shapes_dataset(workdir / "shapes", num_train=64, num_eval=500)
+        # Some rows text-only: batches with and without images mix, as in real data (and under ZeRO-3 / FSDP
+        # the ranks' collectives must still match).
+        make_shapes_dataset(workdir / "shapes", num_train=64, num_eval=500, text_only_every=4)
     if not (workdir / "phi35v-random" / "config.json").exists():
         build_tiny_checkpoint(workdir / "phi35v-random", num_crops=4, full_size=True)
 

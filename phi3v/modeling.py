@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
 from transformers.utils import logging
 
-from .attention import flash_attn_unusable
+from .attention import flash_attn_unusable, sample_bounds
 from .configuration import Phi3VConfig
 
 logger = logging.get_logger(__name__)
@@ -37,6 +37,18 @@ def longrope_limit(model: nn.Module) -> int | None:
     """
     rope = getattr(getattr(model, "config", None), "rope_parameters", None) or {}
     return rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
+
+
+def parameters_are_sharded(module: nn.Module) -> bool:
+    """True when `module`'s weights are split over ranks (DeepSpeed ZeRO-3 or FSDP2).
+
+    Each forward pass then gathers the weights of every submodule it calls, a collective that
+    every rank must join in the same order. ZeRO-3 marks its parameters with `ds_id`; FSDP2 turns
+    the modules it wraps into `FSDPModule`s (their parameters are plain tensors while gathered).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(hasattr(p, "ds_id") for p in module.parameters()) or any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 class Phi3VVisionTower(nn.Module):
@@ -257,10 +269,14 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
 
         Under DDP and DeepSpeed ZeRO every rank must produce gradients for the same parameters in
         each step; a rank whose batch has no image would otherwise leave the vision weights out
-        and hang or break the gradient reduction. One blank crop pair costs little.
+        and hang or break the gradient reduction. With sharded weights (ZeRO-3, FSDP) every forward
+        pass, in evaluation and generation too, gathers each module's weights with collectives that
+        all ranks must join: the vision tower then runs on every rank, trainable or not. One blank
+        crop pair costs little.
         """
         embedding = self.vision_embed_tokens
-        if not (self.training and torch.is_grad_enabled() and any(p.requires_grad for p in embedding.parameters())):
+        trains_vision = self.training and torch.is_grad_enabled() and any(p.requires_grad for p in embedding.parameters())
+        if not (trains_vision or parameters_are_sharded(embedding)):
             return 0.0
         crop = embedding.crop_size
         blank = torch.zeros(1, 2, 3, crop, crop, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
@@ -279,9 +295,10 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
     ):
         if inputs_embeds is None and input_ids is not None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_features)
-        if self.config._attn_implementation == "sdpa_packed" and kwargs.get("cu_seq_lens_q") is not None:
+        cache = kwargs.get("past_key_values")
+        if self.config._attn_implementation == "sdpa_packed" and (cache is None or cache.get_seq_length() == 0):
             # The sample boundaries read once per forward pass, not in every layer (a GPU-to-host copy each).
-            kwargs["packed_bounds"] = kwargs["cu_seq_lens_q"].tolist()
+            kwargs["packed_bounds"] = sample_bounds(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
         return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)
 
 

@@ -24,3 +24,43 @@ def test_print_once_and_stop(monkeypatch, capsys, rank, printed):
     captured = capsys.readouterr()
     assert captured.out == ("hello\n" if printed else "")
     assert captured.err == ("error: --data_dir nowhere: no such folder\n" if printed else "")
+
+
+LOADS = """
+import json, os, sys, time
+import torch.distributed as dist
+import phi3v.data.hub as hub
+
+dist.init_process_group("gloo")
+load = hub._load
+def logged_load(*args):
+    with open(sys.argv[2], "a") as log:
+        log.write(json.dumps([dist.get_rank(), "start", time.time()]) + "\\n")
+    time.sleep(1)  # a download
+    rows = load(*args)
+    with open(sys.argv[2], "a") as log:
+        log.write(json.dumps([dist.get_rank(), "end", time.time()]) + "\\n")
+    return rows
+hub._load = logged_load
+assert len(hub.load_hf_dataset(sys.argv[1])) == 4
+dist.destroy_process_group()
+"""
+
+
+def test_one_process_per_node_loads_a_dataset_first_the_others_after(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import datasets
+
+    datasets.Dataset.from_dict({"x": [1, 2, 3, 4]}).save_to_disk(str(tmp_path / "data"))
+    (tmp_path / "loads.py").write_text(LOADS)
+    log = tmp_path / "log.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(tmp_path / "loads.py"), str(tmp_path / "data"), str(log)], check=True, env=env, timeout=300)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(rank, what) for rank, what, _ in sorted(events, key=lambda e: e[2])] == [
+        (0, "start"), (0, "end"), (1, "start"), (1, "end")]  # rank 1 waited for rank 0's load

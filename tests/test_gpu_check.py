@@ -8,7 +8,8 @@ from phi3v import gpu_check
 def test_dry_run_lists_every_mode_with_flags_that_parse(tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for name in ("full ZeRO-2 bf16", "full ZeRO-2 fp16", "frozen vision bf16 packed", "LoRA bf16 packed",
+    for name in ("full ZeRO-2 bf16", "full ZeRO-2 fp16", "frozen vision bf16 packed", "full ZeRO-3 bf16",
+                 "full FSDP2 bf16", "LoRA bf16 packed",
                  "LoRA resumed", "QLoRA bf16", "bench full size"):
         assert f"{name}: flags parse" in out
     assert "optional packages: flash_attn " in out

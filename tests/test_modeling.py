@@ -470,8 +470,10 @@ def test_the_vision_term_of_text_only_batches_stays_finite_in_fp16():
     assert torch.isfinite(term) and term.item() == 0.0 and term.requires_grad
 
 
-def test_packed_sample_boundaries_are_read_once_per_forward_pass(monkeypatch):
-    """"sdpa_packed" gets the boundaries as a list from the model: no GPU-to-host copy in every layer."""
+@pytest.mark.parametrize("boundaries", [True, False])
+def test_packed_sample_boundaries_are_read_once_per_forward_pass_and_no_mask_is_built(monkeypatch, boundaries):
+    """"sdpa_packed" gets the boundaries as a list from the model (from cu_seq_lens or the position ids): no
+    GPU-to-host copy in every layer, and no dense [1, 1, L, L] mask that the per-sample attention would ignore."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from phi3v.attention import packed_sdpa_attention
@@ -479,14 +481,21 @@ def test_packed_sample_boundaries_are_read_once_per_forward_pass(monkeypatch):
     received = []
 
     def spy(module, query, key, value, attention_mask, **kwargs):
-        received.append(kwargs.get("packed_bounds"))
+        received.append((kwargs.get("packed_bounds"), attention_mask))
         return packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa_packed", spy)
     model = Phi3VForCausalLM(tiny_config(attn_implementation="sdpa_packed")).eval()
     ids = torch.tensor([[1, 5, 6, 7, 1, 8, 9]])
     cu = torch.tensor([0, 4, 7], dtype=torch.int32)
+    given = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, max_length_k=4) if boundaries else {}
     with torch.no_grad():
-        model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2]]), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-              max_length_q=4, max_length_k=4, use_cache=False)
-    assert received == [[0, 4, 7]] * model.config.num_hidden_layers
+        model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2]]), **given, use_cache=False)
+    assert received == [([0, 4, 7], None)] * model.config.num_hidden_layers
+    # A padded batch still gets SDPA's padding mask.
+    received.clear()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 6], [0, 1, 8]]), attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]),
+              use_cache=False)
+    bounds, mask = received[0]
+    assert bounds is None and mask is not None and not mask[1, 0, :, 0].any()

@@ -3,8 +3,9 @@
 from dataclasses import dataclass, field
 
 import pytest
+from test_recipes import ROOT
 
-from phi3v.training.arguments import DEFAULT_DEEPSPEED_CONFIG, Phi3VTrainingArguments, parse_args
+from phi3v.training.arguments import DEFAULT_DEEPSPEED_CONFIG, Phi3VTrainingArguments, deepspeed_config, parse_args
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +164,39 @@ def test_zero2_accumulates_gradients_in_fp32():
 
     config = json.loads(DEFAULT_DEEPSPEED_CONFIG.read_text())
     assert config["data_types"]["grad_accum_dtype"] == "fp32" and config["zero_optimization"]["stage"] == 2
+
+
+def test_fsdp_turns_the_default_deepspeed_config_off_and_both_are_refused(tmp_path, capsys):
+    assert deepspeed_config(None, use_lora=False, fsdp=True) is None  # FSDP shards instead of ZeRO-2
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "ds_config_zero3.json", "--fsdp"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--deepspeed ds_config_zero3.json and --fsdp both shard the model: pass one of them" in err[-1]
+
+
+def test_under_fsdp_activations_are_checkpointed_by_fsdp_itself(tmp_path):
+    """The Trainer's checkpointing would all-gather every layer's weights again in the backward pass."""
+    args = parse_args(argv=["--output_dir", str(tmp_path), "--fsdp", "--fsdp_config", str(ROOT / "fsdp_config.json")])
+    assert args.training.deepspeed is None and not args.training.activation_checkpointing
+    assert args.training.fsdp_config["activation_checkpointing"] is True
+    assert args.training.fsdp_plugin_args["activation_checkpointing"] is True
+    assert args.training.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "Phi3DecoderLayer,CLIPEncoderLayer"
+    off = parse_args(argv=["--output_dir", str(tmp_path), "--fsdp", "--gradient_checkpointing", "false"])
+    assert "activation_checkpointing" not in off.training.fsdp_plugin_args
+
+
+def test_gradient_checkpointing_auto_by_default_true_false_and_the_budget(tmp_path, capsys):
+    auto = parse(tmp_path).training
+    assert auto.auto_checkpointing and auto.activation_checkpointing is True  # the plan turns layers off
+    for argv, on in ((["--gradient_checkpointing"], True), (["--gradient_checkpointing", "True"], True),
+                     (["--gradient_checkpointing", "false"], False), (["--no_gradient_checkpointing"], False),
+                     (["--activation_checkpointing", "true"], True)):
+        training = parse(tmp_path, *argv).training
+        assert (training.activation_checkpointing, training.auto_checkpointing) == (on, False), argv
+    assert parse(tmp_path, "--memory_budget_gb", "40").training.memory_budget_gb == 40
+    for argv, message in ((["--gradient_checkpointing", "sometimes"], "--gradient_checkpointing sometimes"),
+                          (["--memory_budget_gb", "0"], "--memory_budget_gb 0")):
+        with pytest.raises(SystemExit) as exit:
+            parse(tmp_path, *argv)
+        assert exit.value.code == 2 and message in capsys.readouterr().err

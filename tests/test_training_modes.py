@@ -108,3 +108,26 @@ def test_weights_are_loaded_in_the_precision_the_mode_trains(tiny, tmp_path, mon
                             "--bf16"])
     args.training.deepspeed = "ds_config_zero2.json"  # as under torchrun: only the dtype choice is looked at here
     assert load_for_training(args, processor).model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("argv, placed", [(["--use_lora"], True), (["--use_qlora"], True), (["--deepspeed", "none"], False)])
+def test_adapter_bases_load_straight_onto_the_trainers_device(tiny, tmp_path, monkeypatch, argv, placed):
+    """On a GPU, LoRA and QLoRA bases load onto the device the Trainer chose for this process (not LOCAL_RANK, not
+    the host first); full fine-tuning loads fp32 weights on the host for AMP (or DeepSpeed) to place."""
+    from phi3v.modeling import Phi3VForCausalLM
+    from phi3v.training import modes, parse_args
+
+    args = parse_args(argv=["--model_name_or_path", str(tiny), "--output_dir", str(tmp_path), *argv])
+    device = args.training.device  # what the Trainer chose for this process
+    monkeypatch.setenv("LOCAL_RANK", "3")  # one visible GPU per task (SLURM): cuda:3 does not exist
+    monkeypatch.setattr(modes.torch.cuda, "is_available", lambda: True)
+    received = {}
+
+    def spy(path, **kwargs):
+        received.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(Phi3VForCausalLM, "from_pretrained", spy)
+    with pytest.raises(RuntimeError, match="stop here"):
+        modes.load_for_training(args, modes.load_processor(str(tiny)))
+    assert received.get("device_map") == ({"": device} if placed else None)

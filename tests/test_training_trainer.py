@@ -247,3 +247,28 @@ def test_trainer_bar_shows_the_loss_unless_bars_are_off(tiny_processor, tmp_path
                            data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1))
     bars = [type(c) for c in trainer.callback_handler.callbacks if isinstance(c, (ProgressCallback, PrinterCallback))]
     assert bars == ([PrinterCallback] if disable_tqdm else [LossProgressCallback])
+
+
+@pytest.mark.parametrize("stage, should_save, builds_state_dict", [(2, False, False), (2, True, True), (3, False, True)])
+def test_only_the_saving_process_builds_the_state_dict_under_zero2(tiny_processor, tmp_path, single_process, monkeypatch,
+                                                                   stage, should_save, builds_state_dict):
+    """ZeRO-2 keeps the whole model on every rank: the others need no 8 GB host copy of it. ZeRO-3 gathers it
+    with every rank taking part, so none may skip."""
+    import types
+
+    from phi3v import Phi3VForCausalLM
+    from phi3v.tiny import tiny_config
+
+    args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none"])
+    trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
+                           data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1))
+    built = []
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    monkeypatch.setattr(trainer, "deepspeed", types.SimpleNamespace(config={"zero_optimization": {"stage": stage}}),
+                        raising=False)
+    monkeypatch.setattr(trainer, "model_wrapped", types.SimpleNamespace(save_checkpoint=lambda *a: None))
+    monkeypatch.setattr(trainer.accelerator, "get_state_dict", lambda model: built.append(model) or {})
+    monkeypatch.setattr(type(trainer.args), "should_save", property(lambda self: should_save))
+    monkeypatch.setattr(trainer, "_save", lambda *a, **k: None)
+    trainer.save_model(str(tmp_path / "final"))
+    assert bool(built) == builds_state_dict

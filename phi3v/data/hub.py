@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..distributed import main_process_first
 from ..errors import SetupError
 from .rows import name_rows
 
@@ -31,11 +32,14 @@ def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: st
     A local copy is a directory written by `DatasetDict.save_to_disk` (a single `Dataset` there
     counts as its train split), or a folder of parquet files named by split (`train-*.parquet`,
     `test-*.parquet`...); parquet files named after no split are all the train split. Messages
-    name its rows "NAME [split] row N".
+    name its rows "NAME [split] row N". Under torchrun the first process of each node loads first
+    (downloads, builds the cache), then the others read it.
     """
     local = Path(name_or_path).expanduser().exists()  # a local copy: its config name plays no part
     label = name_or_path if local else " ".join(part for part in (name_or_path, config_name) if part)
-    return name_rows(_load(name_or_path, config_name, split), f"{label} [{split}]")
+    with main_process_first():  # a job's N nodes (x GPUs) don't fetch the same dataset N times at once
+        rows = _load(name_or_path, config_name, split)
+    return name_rows(rows, f"{label} [{split}]")
 
 
 def _load(name_or_path: str, config_name: str | None, split: str):

@@ -27,6 +27,7 @@ from transformers.utils import logging
 
 from ..distributed import print_once
 from ..errors import SetupError, report_setup_errors
+from .sharding import enable_fsdp_on_cpu
 
 logger = logging.get_logger(__name__)
 
@@ -175,11 +176,19 @@ class Phi3VTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
     save_steps: float = field(default=500, metadata={"help": "Save a checkpoint every N optimizer steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints in output_dir."})
-    gradient_checkpointing: bool = field(
-        default=True,
-        metadata={"help": "Recompute activations in backward (same as --activation_checkpointing; "
-                  "--no_gradient_checkpointing to turn off)."},
+    gradient_checkpointing: str = field(
+        default="auto",
+        metadata={"help": "Recompute activations in the backward pass: auto (only as many layers as memory needs, "
+                  "see --memory_budget_gb; on CPU without it every layer), true (every layer) or false "
+                  "(--no_gradient_checkpointing). --activation_checkpointing true|false, when given, wins.",
+                  "nargs": "?", "const": "true"},
     )
+    memory_budget_gb: float | None = field(
+        default=None,
+        metadata={"help": "GB per GPU a training step may use, for --gradient_checkpointing auto (default: 90%% of "
+                  "the GPU's memory)."},
+    )
+    auto_checkpointing: bool = field(default=False, init=False, metadata={"help": "Set from --gradient_checkpointing."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per GPU."})
     disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars.", "aliases": ["--no-tqdm", "--no_tqdm"]})
     report_to: str | None = field(
@@ -200,8 +209,9 @@ class Phi3VTrainingArguments(TrainingArguments):
     )
     deepspeed: str | None = field(
         default=None,
-        metadata={"help": "DeepSpeed config for full fine-tuning (default: ds_config_zero2.json; 'none' to train "
-                  "without DeepSpeed). LoRA/QLoRA run plain DDP."},
+        metadata={"help": "DeepSpeed config for full fine-tuning (default: ds_config_zero2.json; ds_config_zero3.json "
+                  "shards the weights too; 'none' to train without DeepSpeed). Not with --fsdp. LoRA/QLoRA run plain "
+                  "DDP."},
     )
     no_auto_resume: bool = field(
         default=False,
@@ -228,15 +238,30 @@ class Phi3VTrainingArguments(TrainingArguments):
             raise FlagError(f"{gpus} GPUs are visible to one process: run it with torchrun --nproc_per_node={gpus} "
                             f"{Path(sys.argv[0]).name} ... (or CUDA_VISIBLE_DEVICES=0 for one GPU)")
         # `gradient_checkpointing` is the guide's name for `activation_checkpointing` (transformers
-        # deprecates it): the one the user set wins, the other mirrors it.
+        # deprecates it), plus "auto": the one the user set wins, the other mirrors it.
+        choice = CHECKPOINTING_CHOICES.get(str(self.gradient_checkpointing).lower())
+        if choice is None:
+            raise FlagError(f"--gradient_checkpointing {self.gradient_checkpointing}: auto, true or false")
         if self.activation_checkpointing is None:
-            self.activation_checkpointing = self.gradient_checkpointing
+            self.activation_checkpointing = choice != "false"
+            self.auto_checkpointing = choice == "auto"
         self.gradient_checkpointing = None
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise FlagError(f"--memory_budget_gb {self.memory_budget_gb}: must be positive")
+        if self.activation_checkpointing and self.fsdp:
+            # FSDP checkpoints activations itself, in every layer it wraps (no per-layer auto plan): the Trainer's
+            # way would all-gather each layer's weights a second time in the backward pass (transformers
+            # refuses both at once).
+            config = self.fsdp_config if isinstance(self.fsdp_config, dict) else json_file("fsdp_config", self.fsdp_config)
+            self.fsdp_config = {**config, "activation_checkpointing": True}
+            self.activation_checkpointing = self.auto_checkpointing = False
         if self.activation_checkpointing and self.activation_checkpointing_kwargs is None:
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
         if not torch.cuda.is_available():
             # Without use_cpu, accelerate finds no backend for DeepSpeed/gloo runs on CPU.
             self.use_cpu = True
+        if self.fsdp and self.use_cpu:
+            enable_fsdp_on_cpu()
         if not self.bf16 and not self.fp16:
             if self.use_cpu:  # the Trainer has no fp16 autocast on CPU: it would silently run fp32
                 logger.warning("No GPU: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 "
@@ -257,9 +282,26 @@ class RecipeArguments:
     task: Any = None
 
 
-def deepspeed_config(value: str | None, use_lora: bool) -> str | None:
-    """The DeepSpeed config a run uses: the default ZeRO-2 file for full fine-tuning, None for LoRA or 'none'."""
+def json_file(flag: str, path: str | None) -> dict:
+    """The JSON config file a flag names (None: an empty config); a missing or broken file is a FlagError."""
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise FlagError(f"--{flag} {path}: no such file")
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise FlagError(f"--{flag} {path}: not valid JSON ({e})") from None
+
+
+def deepspeed_config(value: str | None, use_lora: bool, fsdp: Any = None) -> str | None:
+    """The DeepSpeed config a run uses: the default ZeRO-2 file for full fine-tuning, None for LoRA, 'none' or
+    --fsdp (FSDP shards the model instead; asking for both is a FlagError)."""
     if (value or "").lower() == "none":
+        return None
+    if fsdp:
+        if value:
+            raise FlagError(f"--deepspeed {value} and --fsdp both shard the model: pass one of them")
         return None
     if use_lora:
         if value:
@@ -267,12 +309,7 @@ def deepspeed_config(value: str | None, use_lora: bool) -> str | None:
                        file=sys.stderr)
         return None
     path = value or str(DEFAULT_DEEPSPEED_CONFIG)
-    if not Path(path).is_file():
-        raise FlagError(f"--deepspeed {path}: no such file")
-    try:
-        json.loads(Path(path).read_text())
-    except ValueError as e:
-        raise FlagError(f"--deepspeed {path}: not valid JSON ({e})") from None
+    json_file("deepspeed", path)
     if "LOCAL_RANK" not in os.environ:
         raise FlagError(
             "full fine-tuning runs under DeepSpeed, which needs torchrun even for one process: "
@@ -302,6 +339,10 @@ class RecipeArgumentParser(HfArgumentParser):
         super().error(message)
 
 
+CHECKPOINTING_CHOICES = {"auto": "auto", "true": "true", "yes": "true", "1": "true", "false": "false", "no": "false",
+                         "0": "false"}
+
+
 def build_parser(task_arguments: type | None = None) -> RecipeArgumentParser:
     groups = [ModelArguments, LoraArguments, DataArguments, Phi3VTrainingArguments]
     return RecipeArgumentParser(groups + ([task_arguments] if task_arguments else []))
@@ -326,7 +367,9 @@ def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = 
     report_setup_errors()
     parser = build_parser(task_arguments)
     parser.set_defaults(**defaults)
-    namespace = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = ["--gradient_checkpointing=false" if a == "--no_gradient_checkpointing" else a
+            for a in (sys.argv[1:] if argv is None else argv)]
+    namespace = parser.parse_args(argv)
     values = vars(namespace)
 
     def build(dataclass: type):
@@ -339,7 +382,7 @@ def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = 
             raise FlagError(f"--output_dir {values['output_dir']}: a file, not a folder")
         warn_ignored_flags(parser, values, lora)
         # The mode decides what the Trainer runs under, so these resolve before the Trainer's arguments exist.
-        values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora)
+        values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora, values["fsdp"])
         if (not data.group_by_length or data.packing) and values["train_sampling_strategy"] == "group_by_length":
             values["train_sampling_strategy"] = "random"
         training = build(Phi3VTrainingArguments)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SetupError
+from .sharding import full_weights
 
 COMPLETE_MARKER = "checkpoint_complete"
 FINAL_EVAL = "eval_after.json"
@@ -131,7 +132,8 @@ def load_model_weights(model, checkpoint: str | Path) -> None:
     index = checkpoint / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     state = {name: tensor for file in files for name, tensor in load_file(checkpoint / file).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with full_weights(model, modify=True):  # ZeRO-3: into whole weights, partitioned again after
+        missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [name for name in missing if name in dict(model.named_parameters())]:
         raise CheckpointError(f"{checkpoint}: its weights do not fit the model (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]})")

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from transformers import BitsAndBytesConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..attention import training_attention
 from ..data.hub import looks_like_a_path
@@ -20,6 +21,7 @@ from ..generation import use_chat_stop_tokens
 from ..modeling import Phi3VForCausalLM
 from ..processing import Phi3VProcessor
 from .arguments import LoraArguments, ModelArguments, RecipeArguments
+from .sharding import keep_used_key_conversions, parameter_count, start_deepspeed_comm
 
 LANGUAGE_LORA_TARGETS = ["qkv_proj", "o_proj", "down_proj", "gate_up_proj"]
 VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -115,14 +117,20 @@ def load_for_training(args: RecipeArguments, processor: Phi3VProcessor) -> torch
     }
     if lora.use_qlora:
         kwargs["quantization_config"] = quantization_config(half)
-        if on_gpu:
-            kwargs["device_map"] = {"": training.device}  # this process's GPU, as the Trainer counts them
+    if on_gpu and lora.use_lora:
+        # Straight onto this process's GPU as the Trainer counts them (never the raw LOCAL_RANK: with one GPU
+        # visible per task it is cuda:0), not into every rank's host memory first.
+        kwargs["device_map"] = {"": training.device}
+    if is_deepspeed_zero3_enabled():
+        start_deepspeed_comm()  # before zero.Init partitions the weights as they load
     model = Phi3VForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    if is_deepspeed_zero3_enabled():
+        keep_used_key_conversions(model)
     use_chat_stop_tokens(model, processor)
     torch.manual_seed(training.seed)  # LoRA's initial weights follow --seed
     model = setup_mode(model, model_args, lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     print_once(f"Model {model_args.model_name_or_path}: {mode_name(model_args, lora)}, "
                f"trainable {trainable:,} of {total:,} parameters")
     return model

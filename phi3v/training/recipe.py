@@ -33,11 +33,14 @@ from ..metrics import Metric, resolve_metric
 from ..processing import Phi3VProcessor
 from ..remote_code import set_code_repo
 from .arguments import RecipeArguments
+from .checkpointing import AutoCheckpointing
 from .checkpoints import (CheckpointError, copy_model_files, find_resume_point, load_model_weights, log_history,
                           run_is_complete, trained_steps)
 from .modes import load_for_training, load_processor
 from .output_lock import OutputDirBusy, OutputDirLock
 from .report import save_example_image, write_pictures
+from .sharding import full_weights
+from .sizing import sample_layout
 from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
 from .trainer import Phi3VTrainer, TrainingSamples, filter_by_length
 from .vision_cache import VisionFeatureCache
@@ -119,6 +122,10 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         data_collator=collator.collate,
         **evaluation_during_training(args, processor, eval_rows, format_example, metric),
     )
+    if training.auto_checkpointing and training.activation_checkpointing and rows.lengths:
+        longest = trainer.train_dataset[max(range(len(rows.lengths)), key=rows.lengths.__getitem__)]
+        trainer.add_callback(AutoCheckpointing(args, sample_layout(longest["input_ids"], longest["labels"],
+                                                                   longest.get("image_sizes"))))
     stopper = StopAtStepEnd(signals, trainer.bad_samples, max_bad - len(rows.unreadable))
     trainer.add_callback(stopper)
     finished = point.checkpoint is not None and trained_steps(point.checkpoint) >= planned_steps(trainer)
@@ -202,7 +209,7 @@ def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[A
         return None
     if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
         model.to(args.training.device)  # before training the Trainer hasn't placed it yet
-    with half_precision(args, model):
+    with half_precision(args, model), full_weights(model):
         summary = evaluate_rows(
             model,
             processor,

@@ -173,6 +173,7 @@ class Phi3VTrainer(Trainer):
     - Checkpoints marked complete once every process has written its part, and only then are older
       ones deleted (see phi3v.training.checkpoints).
     - Unreadable samples that batches report ("bad_samples") collected in `bad_samples`, each once.
+    - Under ZeRO-1/2 only the saving process builds the state dict to save.
     - A progress bar that shows the last loss (`LossProgressCallback`).
     - Evaluations during training (--eval_strategy) that log the task metric (`task_metric(model)`, an
       evaluation summary) as eval_<metric> beside eval_loss, so --metric_for_best_model can name it.
@@ -215,6 +216,15 @@ class Phi3VTrainer(Trainer):
             if where not in self.bad_samples:
                 self.bad_samples.append(where)
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Under ZeRO-1/2 every rank holds the whole 16-bit model, and transformers would copy its state dict to
+        # host memory on every rank (8 GB each at full size) although only the saving rank writes it.
+        # ZeRO-3 gathers the weights with every rank taking part, so all of them go on.
+        stage = self.deepspeed.config.get("zero_optimization", {}).get("stage", 0) if self.is_deepspeed_enabled else None
+        if stage is not None and stage < 3 and not self.args.should_save:
+            return
+        super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial) -> None:
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate below, once it is complete

@@ -1,0 +1,104 @@
+"""Full fine-tuning with sharded weights (DeepSpeed ZeRO-3, FSDP2) under torchrun with 2 processes (gloo).
+
+The data makes one rank see only text-only samples (in training and in evaluation) while the other
+sees only images: every forward pass gathers weights with collectives, so the vision tower must run
+on both (the collective mismatch a Phi-3-V peer crashes with). The results must equal a
+single-process run's, be saved in the Hub layout, and a resumed run must equal an uninterrupted one.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_recipes import ROOT, check_eval_file, log_losses, run_recipe, torchrun_recipe, weights
+
+from phi3v import Phi3VForCausalLM
+from phi3v.synthetic import make_shapes_dataset
+
+MEMES = "finetune_hf_trainer_hateful_memes.py"
+STRATEGIES = {
+    "zero3": ["--deepspeed", str(ROOT / "ds_config_zero3.json")],
+    "fsdp2": ["--fsdp", "--fsdp_config", str(ROOT / "fsdp_config.json")],
+}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> Path:
+    """Every other row text-only: with sequential order rank 0 gets the image rows, rank 1 the text-only ones."""
+    return make_shapes_dataset(tmp_path_factory.mktemp("mixed") / "mixed", num_train=16, num_eval=500, text_only_every=2)
+
+
+def common(tiny: Path, data: Path) -> list[str]:
+    # 2 processes x 1 sample x 2 accumulation steps: each step trains rows 0-3, 4-7... in any process count.
+    return ["--model_name_or_path", str(tiny), "--dataset_name_or_path", str(data), "--batch_size", "4",
+            "--batch_size_per_gpu", "1", "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-3",
+            "--train_sampling_strategy", "sequential", "--max_eval_samples", "5", "--eval_batch_size", "1"]
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny, mixed, tmp_path_factory) -> Path:
+    """The same training in one process without sharding (plain fp32 AdamW)."""
+    out = tmp_path_factory.mktemp("single") / "out"
+    run_recipe(MEMES, *common(tiny, mixed), "--deepspeed", "none", "--skip_eval_before", "--output_dir", str(out))
+    return out
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_sharded_full_finetuning_on_mixed_batches_matches_one_process_and_resumes(strategy, tiny, mixed,
+                                                                                 single_process, tmp_path):
+    flags = [*common(tiny, mixed), *STRATEGIES[strategy]]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = torchrun_recipe(MEMES, *flags, "--output_dir", str(straight))
+    assert "trainable 297,792 of 331,392 parameters" in result.stdout  # counted whole, also when partitioned
+    # Evaluation before (partitioned weights, no engine yet) and after (gathered per module, ranks in step);
+    # rank 1 answers 2 text-only rows, rank 0 3 image rows: rank 1 makes a filler generate call.
+    check_eval_file(straight / "eval_before.json", "accuracy", 5)
+    after = check_eval_file(straight / "eval_after.json", "accuracy", 5)
+    assert [e["question"].startswith("Say the word") for e in after["examples"]] == [False, True, False, True, False]
+
+    # Saved whole, in the checkpoint's layout, loadable as it is; equal to the one-process run's weights.
+    reference, saved = weights(single_process / "model.safetensors"), weights(straight / "model.safetensors")
+    assert saved.keys() == weights(tiny / "model.safetensors").keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(saved[name], reference[name], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(saved["lm_head.weight"], weights(tiny / "model.safetensors")["lm_head.weight"])
+    loaded = Phi3VForCausalLM.from_pretrained(straight)
+    torch.testing.assert_close(loaded.lm_head.weight, saved["lm_head.weight"])
+    assert log_losses(straight / "checkpoint-4") == pytest.approx(log_losses(single_process / "checkpoint-4"), rel=1e-4)
+
+    # Stopped after step 2, then run again: the same steps, losses and weights as the uninterrupted run.
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    torchrun_recipe(MEMES, *flags, "--skip_eval_before", "--output_dir", str(resumed))
+    assert log_losses(resumed / "checkpoint-4") == pytest.approx(log_losses(straight / "checkpoint-4"), rel=1e-5)
+    again = weights(resumed / "model.safetensors")
+    for name in saved:
+        torch.testing.assert_close(again[name], saved[name], rtol=1e-5, atol=1e-6)
+    assert json.loads((resumed / "eval_after.json").read_text()) == after
+
+
+def test_zero3_run_stopped_after_its_last_step_finishes_from_the_checkpoint(tiny, mixed, tmp_path):
+    """The last checkpoint's weights go into the partitioned model (gathered, loaded, partitioned again)."""
+    flags = [*common(tiny, mixed), *STRATEGIES["zero3"], "--max_steps", "2", "--skip_eval_before", "--max_eval_samples", "2"]
+    first, finished = tmp_path / "first", tmp_path / "finished"
+    torchrun_recipe(MEMES, *flags, "--output_dir", str(first))
+    finished.mkdir()
+    shutil.copytree(first / "checkpoint-2", finished / "checkpoint-2")
+    result = torchrun_recipe(MEMES, *flags, "--output_dir", str(finished))
+    assert "is the last step of training: finishing from it" in result.stdout
+    assert json.loads((finished / "eval_after.json").read_text()) == json.loads((first / "eval_after.json").read_text())
+    assert weights(finished / "model.safetensors").keys() == weights(first / "model.safetensors").keys()
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_sharded_frozen_vision_trains_the_language_model_only(strategy, tiny, mixed, tmp_path):
+    out = tmp_path / "out"
+    result = torchrun_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--freeze_vision_model",
+                             "--max_steps", "2", "--skip_eval_before", "--max_eval_samples", "2", "--output_dir", str(out))
+    assert "full fine-tuning (vision frozen), trainable 134,976 of 331,392 parameters" in result.stdout
+    before, after = weights(tiny / "model.safetensors"), weights(out / "model.safetensors")
+    vision = [name for name in before if name.startswith("model.vision_embed_tokens.")]
+    assert vision and all(torch.equal(before[name], after[name]) for name in vision)
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
