@@ -123,7 +123,9 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         **evaluation_during_training(args, processor, eval_rows, format_example, metric),
     )
     if training.auto_checkpointing and training.activation_checkpointing and rows.lengths:
-        longest = trainer.train_dataset[max(range(len(rows.lengths)), key=rows.lengths.__getitem__)]
+        # Encoded from its row, pixels included: the feature cache (--cache_vision_features) is filled later.
+        samples = TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode)
+        longest = samples[max(range(len(rows.lengths)), key=rows.lengths.__getitem__)]
         trainer.add_callback(AutoCheckpointing(args, sample_layout(longest["input_ids"], longest["labels"],
                                                                    longest.get("image_sizes"))))
     stopper = StopAtStepEnd(signals, trainer.bad_samples, max_bad - len(rows.unreadable))
