@@ -167,7 +167,7 @@ class Phi3VImageEmbedding(nn.Module):
         merged = self.merge_patches(crop_features[:, 1:]).flatten(0, 2)  # drop CLS
         separators = [self.sub_GN.reshape(1, -1).to(merged.dtype), self.glb_GN.reshape(1, -1).to(merged.dtype)]
         table = torch.cat([merged, *separators])
-        return self.img_projection(table[token_index.to(table.device)])
+        return self.img_projection(table.index_select(0, token_index.to(table.device)))
 
     def image_tokens(self, crop_features: torch.Tensor, crops_hw: list[tuple[int, int]]) -> torch.Tensor:
         """CLIP features of the real crops (CLS first), image after image -> projected image tokens."""
