@@ -49,14 +49,14 @@ class Phi3VDataCollator:
 
 
 def batch_images(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """pixel_values and image_sizes of all samples' images, in sample order (empty when none)."""
-    with_images = [s for s in samples if s["pixel_values"] is not None]
-    if not with_images:
-        return {}
-    return {
-        "pixel_values": torch.cat([s["pixel_values"] for s in with_images]),
-        "image_sizes": torch.cat([s["image_sizes"] for s in with_images]),
-    }
+    """pixel_values and image_sizes of all samples' images, in sample order, or their cached `image_features`
+    (phi3v.training.vision_cache); empty when there is no image."""
+    batch = {}
+    for name in ("pixel_values", "image_sizes", "image_features"):
+        parts = [s[name] for s in samples if s.get(name) is not None]
+        if parts:
+            batch[name] = torch.cat(parts)
+    return batch
 
 
 def pad_batch(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:

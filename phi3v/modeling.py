@@ -17,6 +17,7 @@ those positions is replaced, in row-major (batch, position) order, by the image 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, Phi3PreTrainedModel
@@ -109,43 +110,68 @@ class Phi3VImageEmbedding(nn.Module):
         grid = patches.reshape(crops, side // 2, 2, side // 2, 2, dim)
         return grid.permute(0, 1, 3, 2, 4, 5).reshape(crops, side // 2, side // 2, 4 * dim)
 
-    def with_row_separators(self, grid: torch.Tensor) -> torch.Tensor:
-        """[rows, cols, d] -> [rows * (cols + 1), d]: `sub_GN` appended to every row, flattened."""
-        separator = self.sub_GN.reshape(1, 1, -1).expand(grid.shape[0], 1, -1)
-        return torch.cat([grid, separator.to(grid.dtype)], dim=1).flatten(0, 1)
-
     def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
         """Image tokens for all images, concatenated in image order: [total_tokens, hidden].
 
         pixel_values: [images, max_crops, 3, 336, 336], crop slot 0 the global view, then the
         h x w sub-crops in raster order, then zero padding. image_sizes: [images, 2] (H, W).
         """
-        crops_hw = self.crop_grids(image_sizes)
+        crop_index, token_index = self.layout(image_sizes, pixel_values.shape[1])
         # CLIP runs on the real crops only: the zero padding slots contribute nothing.
-        real_crops = torch.cat([pixel_values[i, : 1 + h * w] for i, (h, w) in enumerate(crops_hw)])
+        real_crops = pixel_values.flatten(0, 1)[crop_index.to(pixel_values.device)]
         dtype = self.img_processor.vision_model.embeddings.patch_embedding.weight.dtype
-        return self.image_tokens(self.img_processor(real_crops.to(dtype)), crops_hw)
+        return self.project(self.img_processor(real_crops.to(dtype)), token_index)
+
+    @torch.compiler.disable
+    def layout(self, image_sizes: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop slots of the real crops in `pixel_values.flatten(0, 1)`, `token_index` of their tokens).
+
+        Computed on the host from the image sizes, and left out of torch.compile: traced, every new mix of
+        crop grids in a batch would compile new graphs; as index tensors, they are inputs of one graph.
+        """
+        crops_hw = self.crop_grids(image_sizes)
+        crop_index = [i * slots + j for i, (h, w) in enumerate(crops_hw) for j in range(1 + h * w)]
+        return torch.tensor(crop_index, dtype=torch.long), self.token_index(crops_hw)
 
     def crop_grids(self, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
         """(rows, columns) of the sub-crops of each image."""
         return [(int(h) // self.crop_size, int(w) // self.crop_size) for h, w in image_sizes.tolist()]
 
+    def token_index(self, crops_hw: list[tuple[int, int]]) -> torch.Tensor:
+        """Where each image token comes from, image after image, in the rows of `project`'s table (merged tokens
+        of all real crops in (crop, row, column) order, then `sub_GN`, then `glb_GN`).
+
+        An image's tokens: its h x w sub-crops as one (h*side) x (w*side) grid in raster order, then
+        `glb_GN`, then the global view's side x side grid; `sub_GN` ends every row of both grids.
+        """
+        side = self.crop_size // self.img_processor.vision_model.config.patch_size // 2
+        per_crop = side * side
+        sub_gn = sum(1 + h * w for h, w in crops_hw) * per_crop
+        glb_gn = sub_gn + 1
+        index, start = [], 0  # start: the image's global view, its sub-crops follow
+        for h, w in crops_hw:
+            for row in range(h * side):
+                first_crop = start + 1 + (row // side) * w
+                index += [(first_crop + col // side) * per_crop + (row % side) * side + col % side
+                          for col in range(w * side)]
+                index.append(sub_gn)
+            index.append(glb_gn)
+            for row in range(side):
+                index += [start * per_crop + row * side + col for col in range(side)]
+                index.append(sub_gn)
+            start += 1 + h * w
+        return torch.tensor(index, dtype=torch.long)
+
+    def project(self, crop_features: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """CLIP features of the real crops (CLS first) -> the image tokens `token_index` lays out, projected."""
+        merged = self.merge_patches(crop_features[:, 1:]).flatten(0, 2)  # drop CLS
+        separators = [self.sub_GN.reshape(1, -1).to(merged.dtype), self.glb_GN.reshape(1, -1).to(merged.dtype)]
+        table = torch.cat([merged, *separators])
+        return self.img_projection(table.index_select(0, token_index.to(table.device)))
+
     def image_tokens(self, crop_features: torch.Tensor, crops_hw: list[tuple[int, int]]) -> torch.Tensor:
         """CLIP features of the real crops (CLS first), image after image -> projected image tokens."""
-        merged = self.merge_patches(crop_features[:, 1:])  # drop CLS
-        side = merged.shape[1]
-        tokens, start = [], 0
-        for h, w in crops_hw:
-            global_view, sub_crops = merged[start], merged[start + 1 : start + 1 + h * w]
-            start += 1 + h * w
-            # h x w crops of side x side tokens -> one (h*side) x (w*side) grid, rows in raster order
-            sub_grid = sub_crops.reshape(h, w, side, side, -1).permute(0, 2, 1, 3, 4).reshape(h * side, w * side, -1)
-            tokens += [
-                self.with_row_separators(sub_grid),
-                self.glb_GN.reshape(1, -1).to(merged.dtype),
-                self.with_row_separators(global_view),
-            ]
-        return self.img_projection(torch.cat(tokens))
+        return self.project(crop_features, self.token_index(crops_hw))
 
 
 class Phi3VPreTrainedModel(Phi3PreTrainedModel):
@@ -168,6 +194,19 @@ class Phi3VPreTrainedModel(Phi3PreTrainedModel):
             attn_implementation = "sdpa"
             self.config._attn_implementation = attn_implementation  # the setter reaches the CLIP sub-config
         return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, **kwargs)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1) -> None:
+        """transformers' switch, except for a frozen vision tower: it is never checkpointed.
+
+        Nothing in a frozen tower needs a gradient, so there is nothing to recompute; its layers run as
+        plain modules (no checkpoint wrapper, no "None of the inputs have requires_grad" warnings).
+        """
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        for module in self.modules():
+            if isinstance(module, Phi3VVisionTower) and not any(p.requires_grad for p in module.parameters()):
+                for layer in module.vision_model.encoder.layers:
+                    layer.gradient_checkpointing = False
 
     def enable_input_require_grads(self) -> None:
         """Make the token embeddings' output require grad (adapters with checkpointing), and nothing else.
@@ -197,24 +236,33 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with image features written at the positions where `input_ids < 0`."""
+        """Token embeddings with image features written at the positions where `input_ids < 0`.
+
+        The features are `vision_embed_tokens(pixel_values, image_sizes)`, or `image_features` when given:
+        that output computed before ([image tokens, hidden], images in order; a frozen tower's, see
+        phi3v.training.vision_cache).
+        """
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
-        image_positions = (input_ids < 0).nonzero(as_tuple=True)
-        if image_positions[0].numel() == 0:
+        image_positions = (input_ids < 0).unsqueeze(-1)
+        # The checks read the ids on the host: not under torch.compile, where they would split the graph.
+        checked = not torch.compiler.is_compiling()
+        if pixel_values is None and image_features is None:
+            if checked and image_positions.any():
+                raise ValueError(
+                    "input_ids contain image positions (negative ids) but no pixel_values/image_sizes were given; "
+                    "build inputs with Phi3VProcessor(text, images)."
+                )
             return inputs_embeds + self.unused_vision_term(inputs_embeds)
-        if pixel_values is None or image_sizes is None:
+        features = self.vision_embed_tokens(pixel_values, image_sizes) if image_features is None else image_features
+        if checked and features.shape[0] != int(image_positions.sum()):
             raise ValueError(
-                "input_ids contain image positions (negative ids) but no pixel_values/image_sizes were given; "
-                "build inputs with Phi3VProcessor(text, images)."
-            )
-        features = self.vision_embed_tokens(pixel_values, image_sizes)
-        if features.shape[0] != image_positions[0].numel():
-            raise ValueError(
-                f"input_ids have {image_positions[0].numel()} image positions but the {len(image_sizes)} images give "
+                f"input_ids have {int(image_positions.sum())} image positions but the images give "
                 f"{features.shape[0]} tokens: were the prompts and images processed with the same num_crops?"
             )
-        return inputs_embeds.index_put(image_positions, features.to(inputs_embeds.dtype))
+        # Image tokens fill the image positions in row-major (batch, position) order.
+        return inputs_embeds.masked_scatter(image_positions, features.to(inputs_embeds.dtype))
 
     def unused_vision_term(self, inputs_embeds: torch.Tensor) -> torch.Tensor | float:
         """Zero that still depends on every trainable image-embedding weight, for text-only batches.
@@ -242,10 +290,11 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ):
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_features)
         cache = kwargs.get("past_key_values")
         if self.config._attn_implementation == "sdpa_packed" and (cache is None or cache.get_seq_length() == 0):
             # The sample boundaries read once per forward pass, not in every layer (a GPU-to-host copy each).
@@ -255,6 +304,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
 
 class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
     """Phi-3(.5)-vision for generation and fine-tuning.
+
+    Images come as `pixel_values` and `image_sizes`, or as `image_features`: the image embedding's output
+    computed before (a frozen tower's features, cached).
 
     With `labels`, the loss is computed from the hidden states at the labelled positions only:
     the 32,064-wide logits of prompt and image positions are never materialised, and `logits`
@@ -282,6 +334,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if labels is not None and use_cache is None:
@@ -294,6 +347,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             position_ids=position_ids,
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            image_features=image_features,
             use_cache=use_cache,
             **kwargs,
         )
@@ -327,7 +381,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         passes it (so gradient accumulation weights every token equally).
         """
         targets = labels[:, 1:]
-        keep = targets != -100
+        keep = (targets != -100).nonzero(as_tuple=True)  # one data-dependent shape (one graph break under compile)
         logits = self.lm_head(hidden_states[:, :-1][keep]).float()
         if num_items_in_batch is None:
             return F.cross_entropy(logits, targets[keep]) if logits.shape[0] else logits.sum()

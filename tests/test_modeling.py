@@ -300,6 +300,56 @@ def test_checkpointing_with_frozen_vision_runs_no_vision_backward(adapter):
     assert trainable and all(p.grad is not None for p in trainable)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_frozen_tower_runs_its_forward_once_per_step_under_checkpointing(reentrant):
+    """FLOPs of the image embedding in one training step (forward + backward) under checkpointing: a frozen
+    tower costs one forward; a trainable one is recomputed and differentiated (what checkpointing does)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pixel_values, image_sizes = image_inputs([(1, 1)], max_crops=2)
+    ids = torch.tensor([prompt_ids([(1, 1)])])
+    labels = ids.masked_fill(ids < 0, -100)
+    vision = "Phi3VForCausalLM.model.vision_embed_tokens"
+
+    def vision_flops(frozen: bool) -> tuple[int, int]:
+        """(one forward of the image embedding, the image embedding's share of a training step)"""
+        torch.manual_seed(0)
+        model = Phi3VForCausalLM(tiny_config()).train()
+        model.model.vision_embed_tokens.img_processor.freeze_unused()
+        model.model.vision_embed_tokens.requires_grad_(not frozen)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        tower_layers = model.model.vision_embed_tokens.img_processor.vision_model.encoder.layers
+        assert all(layer.gradient_checkpointing != frozen for layer in tower_layers)
+        assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        with torch.no_grad(), FlopCounterMode(display=False) as forward:
+            model.model.vision_embed_tokens(pixel_values, image_sizes)
+        with FlopCounterMode(display=False) as step:
+            model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=labels).loss.backward()
+        return forward.get_total_flops(), sum(step.get_flop_counts()[vision].values())
+
+    one_forward, frozen_step = vision_flops(frozen=True)
+    assert frozen_step == one_forward > 0
+    one_forward, trained_step = vision_flops(frozen=False)
+    assert trained_step > 3 * one_forward  # forward, recomputed forward, backward (about twice a forward)
+
+
+def test_precomputed_image_features_give_the_same_loss_without_running_the_tower(model):
+    """`image_features` (a frozen tower's output, cached by --cache_vision_features) in place of pixel values."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    crops = [(2, 1), (1, 1)]
+    ids = torch.tensor([prompt_ids(crops)])
+    labels = ids.masked_fill(ids < 0, -100)
+    pixel_values, image_sizes = image_inputs(crops)
+    with torch.no_grad():
+        loss = model(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, labels=labels).loss
+        features = model.model.vision_embed_tokens(pixel_values, image_sizes)
+        with FlopCounterMode(display=False) as flops:
+            cached = model(input_ids=ids, image_features=features, labels=labels).loss
+    assert torch.equal(loss, cached)
+    assert "Phi3VForCausalLM.model.vision_embed_tokens" not in flops.get_flop_counts()
+
+
 def test_answer_only_loss_equals_full_logits_cross_entropy(model):
     crops = [(1, 1)]
     ids = torch.tensor([prompt_ids(crops)])

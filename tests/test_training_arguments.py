@@ -119,6 +119,7 @@ def test_deepspeed_by_mode(tmp_path, monkeypatch, capsys, leaves_no_process_grou
     (["--num_crops", "0"], "--num_crops must be at least 1, got 0"),
     (["--lora_rank", "0"], "--lora_rank must be at least 1, got 0"),
     (["--max_seq_length", "0"], "--max_seq_length must be at least 1"),
+    (["--cache_vision_features", "--use_lora"], "--cache_vision_features needs --freeze_vision_model"),
     (["--batchsize", "8"], "unrecognized arguments: --batchsize 8 (did you mean --batch_size?)"),
     (["--batch", "8"], "unrecognized arguments: --batch"),  # no abbreviations: --batch is not --batch_size
 ])

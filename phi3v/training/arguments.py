@@ -60,6 +60,13 @@ class ModelArguments:
     freeze_vision_model: bool = field(
         default=False, metadata={"help": "Freeze the image encoder (CLIP, projection and separators)."}
     )
+    cache_vision_features: bool = field(
+        default=False,
+        metadata={"help": "With --freeze_vision_model: compute each training sample's image features once (a pre-pass "
+                  "before training) and reuse them in every epoch, bit-identical to recomputing them. Kept in "
+                  "output_dir/vision_features (the system keeps in memory what fits; a resumed run reuses them) and "
+                  "removed when training ends. A sample whose pixels change between epochs stops the run."},
+    )
     remote_code_repo: str | None = field(
         default=None,
         metadata={"help": "Hub repo of the original code that the saved config.json and processor files name in "
@@ -70,6 +77,9 @@ class ModelArguments:
     def __post_init__(self):
         if self.num_crops is not None and self.num_crops < 1:
             raise FlagError(f"--num_crops must be at least 1, got {self.num_crops}")
+        if self.cache_vision_features and not self.freeze_vision_model:
+            raise FlagError("--cache_vision_features needs --freeze_vision_model: the features of a vision tower or "
+                            "projector that trains (fully or with LoRA) change at every step")
 
 
 @dataclass

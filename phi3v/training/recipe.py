@@ -43,6 +43,7 @@ from .sharding import full_weights
 from .sizing import sample_layout
 from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
 from .trainer import Phi3VTrainer, TrainingSamples, filter_by_length
+from .vision_cache import VisionFeatureCache
 
 
 def run(
@@ -113,15 +114,18 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         evaluate(model, processor, eval_rows, format_example, metric, args, "before")
 
     collator = Phi3VDataCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
+    cache = VisionFeatureCache(output_dir / "vision_features") if args.model.cache_vision_features else None
     trainer = Phi3VTrainer(
         model=model,
         args=training,
-        train_dataset=TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode),
+        train_dataset=TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode, features=cache),
         data_collator=collator.collate,
         **evaluation_during_training(args, processor, eval_rows, format_example, metric),
     )
     if training.auto_checkpointing and training.activation_checkpointing and rows.lengths:
-        longest = trainer.train_dataset[max(range(len(rows.lengths)), key=rows.lengths.__getitem__)]
+        # Encoded from its row, pixels included: the feature cache (--cache_vision_features) is filled later.
+        samples = TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode)
+        longest = samples[max(range(len(rows.lengths)), key=rows.lengths.__getitem__)]
         trainer.add_callback(AutoCheckpointing(args, sample_layout(longest["input_ids"], longest["labels"],
                                                                    longest.get("image_sizes"))))
     stopper = StopAtStepEnd(signals, trainer.bad_samples, max_bad - len(rows.unreadable))
@@ -131,6 +135,11 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         print_once(f"{point.checkpoint} is the last step of training: finishing from it.")
         load_model_weights(model, point.checkpoint)
     else:
+        if cache is not None:
+            computed = cache.fill(model, train_rows, rows.indices, collator.encode, args.model.num_crops,
+                                  autocast=trainer.accelerator.autocast, device=training.device,
+                                  num_workers=training.dataloader_num_workers, disable_tqdm=training.disable_tqdm)
+            print_once(f"Image features of the training samples are in {cache.directory} ({computed} computed now)")
         with signals.deferring():
             trainer.train(resume_from_checkpoint=str(point.checkpoint) if point.checkpoint else None)
     bad = rows.unreadable + sorted(set(gather_lists(trainer.bad_samples)))
@@ -140,6 +149,8 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         stopped(stopper, trainer, bad, max_bad)
 
     save(trainer, processor, args, from_checkpoint=point.checkpoint if finished else None)
+    if cache is not None and is_main_process():
+        cache.remove()  # training is over: nothing reads them again
     after = evaluate(model if finished else trainer.model, processor, eval_rows, format_example, metric, args, "after")
     if bad:
         print_once(f"{len(bad)} unreadable sample(s) were skipped (listed above).")

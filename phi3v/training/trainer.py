@@ -25,6 +25,7 @@ from ..modeling import longrope_limit
 from ..processing import Phi3VProcessor
 from .checkpoints import mark_complete
 from .progress import LossProgressCallback
+from .vision_cache import VisionFeatureCache
 
 LENGTH_BUCKET = 64  # tokens; granularity of length-grouped batching
 
@@ -85,14 +86,15 @@ def filter_by_length(
 class TrainingSamples(torch.utils.data.Dataset):
     """The samples the Trainer iterates over: a subset of the task's rows, with their token counts.
 
-    With `encode` (the collator's), an item is the encoded sample. A row that fails to decode (a
+    With `encode` (the collator's), an item is the encoded sample, with its image features from
+    `features` when given (a VisionFeatureCache, --cache_vision_features). A row that fails to decode (a
     truncated image, a broken Hub row) is named in the next good sample's "bad_samples", which
     replaces it: batches keep their size, so every process keeps running the same steps.
     """
 
     def __init__(self, rows: Sequence[Any], indices: list[int], lengths: list[int] | None = None,
-                 encode: Callable[[Any], dict] | None = None):
-        self.rows, self.indices, self.lengths, self.encode = rows, indices, lengths, encode
+                 encode: Callable[[Any], dict] | None = None, features: VisionFeatureCache | None = None):
+        self.rows, self.indices, self.lengths, self.encode, self.features = rows, indices, lengths, encode, features
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -110,6 +112,8 @@ class TrainingSamples(torch.utils.data.Dataset):
             except UNREADABLE as e:
                 bad.append(f"{row_location(self.rows, index)}: {describe_error(e)}")
                 continue
+            if self.features is not None:
+                sample = self.features.attach(index, sample)
             return {**sample, "bad_samples": bad}
         raise SetupError(f"none of the {len(self)} training samples can be read: " + "; ".join(bad[:3]))
 
