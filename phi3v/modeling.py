@@ -237,12 +237,13 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        decoding: bool = False,
     ) -> torch.Tensor:
         """Token embeddings with image features written at the positions where `input_ids < 0`.
 
         The features are `vision_embed_tokens(pixel_values, image_sizes)`, or `image_features` when given:
         that output computed before ([image tokens, hidden], images in order; a frozen tower's, see
-        phi3v.training.vision_cache).
+        phi3v.training.vision_cache). `decoding`: a generation step after the prompt (images never come then).
         """
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
         image_positions = (input_ids < 0).unsqueeze(-1)
@@ -254,7 +255,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
                     "input_ids contain image positions (negative ids) but no pixel_values/image_sizes were given; "
                     "build inputs with Phi3VProcessor(text, images)."
                 )
-            return inputs_embeds + self.unused_vision_term(inputs_embeds)
+            return inputs_embeds + (0.0 if decoding else self.unused_vision_term(inputs_embeds))
         features = self.vision_embed_tokens(pixel_values, image_sizes) if image_features is None else image_features
         if checked and features.shape[0] != int(image_positions.sum()):
             raise ValueError(
@@ -271,8 +272,9 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         each step; a rank whose batch has no image would otherwise leave the vision weights out
         and hang or break the gradient reduction. With sharded weights (ZeRO-3, FSDP) every forward
         pass, in evaluation and generation too, gathers each module's weights with collectives that
-        all ranks must join: the vision tower then runs on every rank, trainable or not. One blank
-        crop pair costs little.
+        all ranks must join: the vision tower then runs on every rank, trainable or not, when some
+        rank may run it: in training and on prompts, not in the decoding steps after them (`embed`).
+        One blank crop pair costs little.
         """
         embedding = self.vision_embed_tokens
         trains_vision = self.training and torch.is_grad_enabled() and any(p.requires_grad for p in embedding.parameters())
@@ -293,10 +295,11 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         image_features: torch.Tensor | None = None,
         **kwargs,
     ):
-        if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_features)
         cache = kwargs.get("past_key_values")
-        if self.config._attn_implementation == "sdpa_packed" and (cache is None or cache.get_seq_length() == 0):
+        decoding = cache is not None and cache.get_seq_length() > 0
+        if inputs_embeds is None and input_ids is not None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_features, decoding)
+        if self.config._attn_implementation == "sdpa_packed" and not decoding:
             # The sample boundaries read once per forward pass, not in every layer (a GPU-to-host copy each).
             kwargs["packed_bounds"] = sample_bounds(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
         return Phi3Model.forward(self, inputs_embeds=inputs_embeds, **kwargs)

@@ -499,3 +499,23 @@ def test_packed_sample_boundaries_are_read_once_per_forward_pass_and_no_mask_is_
               use_cache=False)
     bounds, mask = received[0]
     assert bounds is None and mask is not None and not mask[1, 0, :, 0].any()
+
+
+def test_with_sharded_weights_text_prompts_run_the_vision_tower_once_not_in_every_decoding_step(monkeypatch):
+    """Under ZeRO-3/FSDP every rank joins the tower's weight gathers on prompts (some rank may have images), but
+    no rank has images while decoding: a blank crop there would cost a CLIP pass and a gather per token."""
+    import phi3v.modeling
+
+    processor = build_tiny_processor(num_crops=1)
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM(tiny_config(vocab_size=len(processor.tokenizer))).eval()
+    calls = []
+    embedding = model.model.vision_embed_tokens
+    original = embedding.forward
+    embedding.forward = lambda *args: (calls.append(1), original(*args))[1]
+    inputs = processor(["<|user|>\nB?<|end|>\n<|assistant|>\n"], None)
+    model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert calls == []  # weights not sharded: text-only prompts never run the tower
+    monkeypatch.setattr(phi3v.modeling, "parameters_are_sharded", lambda module: True)
+    model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert calls == [1]  # the prompt only
