@@ -202,7 +202,7 @@ def padding_fraction(groups: list[list[Sample]]) -> float:
     return 1 - real / total
 
 
-def collate(group: list[Sample], packing: bool) -> dict:
+def collate_samples(group: list[Sample], packing: bool) -> dict:
     samples = [s.as_dict() for s in group]
     return pack_batch(samples) if packing else pad_batch(samples, pad_token_id=32000)
 
@@ -261,10 +261,33 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def run_config(name, model, groups, packing, full_logits, steps, device, amp_dtype, peak_tflops) -> dict:
+@dataclass
+class Row:
+    """One configuration the bench measures."""
+
+    name: str
+    mode: str
+    attn: str
+    groups: list[list[Sample]]  # the batches, in order
+    packing: bool = False
+    full_logits: bool = False  # the reference's loss over every position (and all crop slots through CLIP)
+    checkpointing: bool = True
+    cached: bool = False  # image features computed before the clock, as --cache_vision_features does
+
+
+def run_config(row_config: Row, model, steps, device, amp_dtype, peak_tflops) -> dict:
+    name, groups, packing, full_logits = row_config.name, row_config.groups, row_config.packing, row_config.full_logits
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+    def collate(group: list[Sample], packing: bool) -> dict:
+        batch = collate_samples(group, packing)
+        if not row_config.cached or "pixel_values" not in batch:
+            return batch
+        with torch.no_grad(), autocast:  # the frozen tower's output, as the cache's pre-pass computes it
+            pixels, sizes = batch.pop("pixel_values").to(device), batch.pop("image_sizes").to(device)
+            return {**batch, "image_features": model.model.vision_embed_tokens(pixels, sizes)}
 
     def step(batch):
         batch = to_device(batch, device)
@@ -275,9 +298,9 @@ def run_config(name, model, groups, packing, full_logits, steps, device, amp_dty
         optimizer.zero_grad(set_to_none=True)
         return logit_bytes
 
-    def useful_step(group):  # each sample alone: no padding, real crops, answer-only logits
-        for sample in group:
-            batch = to_device(collate([sample], False), device)
+    def useful_step(alone: list[dict]):  # each sample alone: no padding, real crops, answer-only logits
+        for batch in alone:
+            batch = to_device(batch, device)
             with autocast:
                 loss = model(**batch).loss
             loss.backward()
@@ -288,7 +311,8 @@ def run_config(name, model, groups, packing, full_logits, steps, device, amp_dty
     baseline_embedding = model.get_submodule("model.vision_embed_tokens") if full_logits else None
     if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
         del baseline_embedding.forward
-    useful = count_flops(lambda: useful_step(groups[0]))
+    alone = [collate([sample], False) for sample in groups[0]]
+    useful = count_flops(lambda: useful_step(alone))
     if baseline_embedding is not None:
         baseline_embedding.forward = types.MethodType(all_crops_embedding, baseline_embedding)
 
@@ -447,28 +471,33 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f} "
                   f"tokens; padding at batch {args.batch_size}: {padding_fraction(random_order):.1%} in random order, "
                   f"{padding_fraction(grouped):.1%} length-grouped", flush=True)
+            one_by_one = batches(samples, 1, False)
             configs = []
             if not args.no_baseline:
-                configs.append(("baseline (reference)", "full", "eager", batches(samples, 1, False), False, True, True))
+                configs.append(Row("baseline (reference)", "full", "eager", one_by_one, full_logits=True))
             flash = args.attn == "flash_attention_2"
             attn, packed_attn = training_attention(flash, packing=False), training_attention(flash, packing=True)
             for mode in args.modes:
-                configs.append((f"{mode} b1", mode, attn, batches(samples, 1, False), False, False, True))
+                configs.append(Row(f"{mode} b1", mode, attn, one_by_one))
                 # What --gradient_checkpointing auto picks when memory allows: no layer recomputed.
-                configs.append((f"{mode} b1 not checkpointed", mode, attn, batches(samples, 1, False), False, False,
-                                False))
-                configs.append((f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped, False, False, True))
-                configs.append((f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order, True, False, True))
+                configs.append(Row(f"{mode} b1 no checkpointing", mode, attn, one_by_one, checkpointing=False))
+                if mode == "frozen":  # --cache_vision_features from the second epoch on
+                    configs.append(Row(f"{mode} b1 cached features", mode, attn, one_by_one,
+                                       checkpointing=False, cached=True))
+                configs.append(Row(f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped))
+                configs.append(Row(f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order, packing=True))
             base_speed = {}
-            for name, mode, attn, groups, packing, full_logits, checkpointing in configs:
+            for row_config in configs:
+                name, mode, full_logits = row_config.name, row_config.mode, row_config.full_logits
                 torch.manual_seed(0)
                 try:
-                    model = build_model(config, mode, attn, device, amp_dtype if mode != "full" else torch.float32,
-                                        Path(workdir), checkpointing)
+                    model = build_model(config, mode, row_config.attn, device,
+                                        amp_dtype if mode != "full" else torch.float32, Path(workdir),
+                                        row_config.checkpointing)
                     if full_logits:
                         embedding = model.get_submodule("model.vision_embed_tokens")
                         embedding.forward = types.MethodType(all_crops_embedding, embedding)
-                    row = run_config(name, model, groups, packing, full_logits, args.steps, device, amp_dtype, peak)
+                    row = run_config(row_config, model, args.steps, device, amp_dtype, peak)
                 except (torch.OutOfMemoryError, ImportError) as error:  # report it, measure the rest
                     model = None
                     if device.type == "cuda":

@@ -30,8 +30,8 @@ def test_bench_rows_count_flops_against_the_useful_work(tmp_path, capsys):
     assert "vs baseline" in rows["full b1"] and "baseline (reference)" in capsys.readouterr().out
     assert rows["baseline (reference)"]["peak GB"] > rows["full b1"]["peak GB"] > 0  # full logits held at once
     # What auto checkpointing picks when memory allows: the same useful work, more activations held.
-    assert rows["full b1 not checkpointed"]["exec/useful"] == 1.0
-    assert rows["full b1 not checkpointed"]["peak GB"] > rows["full b1"]["peak GB"]
+    assert rows["full b1 no checkpointing"]["exec/useful"] == 1.0
+    assert rows["full b1 no checkpointing"]["peak GB"] > rows["full b1"]["peak GB"]
 
 
 def test_peak_tensor_memory_counts_each_live_storage_once():
@@ -59,7 +59,10 @@ def test_bench_runs_every_training_mode_with_mfu(tmp_path, distribution):
                 "--no_baseline", "--batch_size", "2", "--steps", "1", "--num_samples", "4",
                 "--peak_tflops", "1", "--json", str(out)])
     rows = {row["config"]: row for row in json.loads(out.read_text())}
-    assert len(rows) == 12
+    assert len(rows) == 13
+    cached = rows["frozen b1 cached features"]  # epoch 2 on: the frozen tower's output read, not computed
+    assert cached["exec/useful"] == 1.0
+    assert cached["peak GB"] < rows["frozen b1 no checkpointing"]["peak GB"]
     for mode in ["frozen", "lora", "qlora"]:
         assert rows[f"{mode} b1"]["exec/useful"] == 1.0
         assert 0 < rows[f"{mode} b1"]["MFU"] < 1 and rows[f"{mode} b1"]["peak GB"] > 0
@@ -68,17 +71,17 @@ def test_bench_runs_every_training_mode_with_mfu(tmp_path, distribution):
 def test_a_configuration_out_of_memory_is_reported_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
     run_config = bench.run_config
 
-    def full_size_on_a_small_gpu(name, *args):
-        if "padded" in name:
+    def full_size_on_a_small_gpu(row, *args):
+        if "padded" in row.name:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return run_config(name, *args)
+        return run_config(row, *args)
 
     monkeypatch.setattr(bench, "run_config", full_size_on_a_small_gpu)
     out = tmp_path / "rows.json"
     bench.main(["--size", "tiny", "--distribution", "nlvr2", "--modes", "full", "--no_baseline", "--batch_size", "2",
                 "--steps", "1", "--num_samples", "4", "--json", str(out)])
     rows = json.loads(out.read_text())
-    assert [row["config"] for row in rows] == ["full b1", "full b1 not checkpointed", "full b2 padded+grouped",
+    assert [row["config"] for row in rows] == ["full b1", "full b1 no checkpointing", "full b2 padded+grouped",
                                                "full b2 packed"]
     assert rows[2] == {"config": "full b2 padded+grouped", "distribution": "nlvr2", "error": "out of memory on cpu"}
     assert rows[0]["samples/s"] > 0 and rows[3]["samples/s"] > 0 and "out of memory on cpu" in capsys.readouterr().out

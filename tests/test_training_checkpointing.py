@@ -49,7 +49,7 @@ def test_a_frozen_tower_is_not_in_the_plan():
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_a_partial_plan_trains_exactly_as_full_checkpointing_with_less_recomputation(mode, capsys):
     sample = bench.make_samples("nlvr2", 1)[0]
-    batch = bench.collate([sample], packing=False)
+    batch = bench.collate_samples([sample], packing=False)
 
     def step(model):
         model.zero_grad()

@@ -24,7 +24,7 @@ def test_meta_step_flops_equal_a_real_training_step(mode):
     sample = bench.make_samples("nlvr2", 1)[0]
     torch.manual_seed(0)
     real = bench.build_model(config(), mode, "sdpa", torch.device("cpu"), torch.float32, None)
-    batch = bench.collate([sample], packing=False)
+    batch = bench.collate_samples([sample], packing=False)
     with FlopCounterMode(display=False) as counter:
         real(**batch).loss.backward()
     measured = step_cost(model(mode), *bench.layout(sample))
