@@ -11,6 +11,7 @@ and is never checkpointed.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from transformers import TrainerCallback
 from ..distributed import print_once
 from .arguments import LoraArguments, ModelArguments, RecipeArguments
 from .sharding import sharding_strategy
-from .sizing import Layout, StepCost, meta_model, state_bytes, step_cost
+from .sizing import Layout, StepCost, meta_model, sample_layout, state_bytes, step_cost
 
 GPU_MEMORY_SHARE = 0.9  # of the GPU's memory: the rest for the allocator's cache, DeepSpeed's buckets, CUDA
 
@@ -98,6 +99,12 @@ def plan_checkpointing(model: torch.nn.Module, model_args: ModelArguments, lora:
         group.checkpointed -= unchecked
         needed += unchecked * batch_size * group.saved_bytes
     return CheckpointingPlan(groups, needed, budget_bytes)
+
+
+def longest_layout(samples: Sequence[dict]) -> Layout:
+    """The layout of the longest of the encoded `samples` (a dataset with their token counts in `lengths`)."""
+    longest = samples[max(range(len(samples.lengths)), key=samples.lengths.__getitem__)]
+    return sample_layout(longest["input_ids"], longest["labels"], longest.get("image_sizes"))
 
 
 def memory_budget(budget_gb: float | None, device: torch.device) -> int | None:

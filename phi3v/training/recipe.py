@@ -33,14 +33,13 @@ from ..metrics import Metric, resolve_metric
 from ..processing import Phi3VProcessor
 from ..remote_code import set_code_repo
 from .arguments import RecipeArguments
-from .checkpointing import AutoCheckpointing
+from .checkpointing import AutoCheckpointing, longest_layout
 from .checkpoints import (CheckpointError, copy_model_files, find_resume_point, load_model_weights, log_history,
                           run_is_complete, trained_steps)
 from .modes import load_for_training, load_processor
 from .output_lock import OutputDirBusy, OutputDirLock
 from .report import save_example_image, write_pictures
 from .sharding import full_weights
-from .sizing import sample_layout
 from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
 from .trainer import Phi3VTrainer, TrainingSamples, filter_by_length
 from .vision_cache import VisionFeatureCache
@@ -125,9 +124,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
     if training.auto_checkpointing and training.activation_checkpointing and rows.lengths:
         # Encoded from its row, pixels included: the feature cache (--cache_vision_features) is filled later.
         samples = TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode)
-        longest = samples[max(range(len(rows.lengths)), key=rows.lengths.__getitem__)]
-        trainer.add_callback(AutoCheckpointing(args, sample_layout(longest["input_ids"], longest["labels"],
-                                                                   longest.get("image_sizes"))))
+        trainer.add_callback(AutoCheckpointing(args, longest_layout(samples)))
     stopper = StopAtStepEnd(signals, trainer.bad_samples, max_bad - len(rows.unreadable))
     trainer.add_callback(stopper)
     finished = point.checkpoint is not None and trained_steps(point.checkpoint) >= planned_steps(trainer)
