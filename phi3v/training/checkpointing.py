@@ -46,8 +46,8 @@ class CheckpointingPlan:
     def describe(self) -> str:
         layers = ", ".join(f"{g.checkpointed} of {len(g.layers)} {g.name} layers" for g in self.groups)
         fits = "" if self.needed_bytes <= self.budget_bytes else " (does not fit even so: lower --batch_size_per_gpu)"
-        return (f"Gradient checkpointing auto: checkpointing {layers}: {self.needed_bytes / 1e9:.1f} GB of "
-                f"{self.budget_bytes / 1e9:.1f}{fits}")
+        return (f"Gradient checkpointing auto: checkpointing {layers}: {self.needed_bytes / 1e9:.3g} GB of "
+                f"{self.budget_bytes / 1e9:.3g}{fits}")
 
 
 def checkpointable_layers(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
