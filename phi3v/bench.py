@@ -9,10 +9,11 @@ row per configuration: samples/s, tokens/s (real tokens), peak memory of a train
 allocator's peak; CPU: live tensor bytes, see PeakTensorMemory), padding fraction (padding tokens /
 all tokens in the batches), executed/useful FLOPs (torch.utils.flop_counter; useful = the
 same samples one by one: no padding, real crops only, logits only where labels are not -100), bytes
-of the logits the loss reads, and MFU (on GPU, or anywhere with --peak_tflops). The baseline row
-behaves like the reference recipe: batch 1, eager attention, every crop slot through CLIP,
-full-sequence logits; it is measured in the same run (--no_baseline skips it) and every other row
-prints its speed-up over it.
+of the logits the loss reads, and MFU (on GPU, or anywhere with --peak_tflops). Each mode's baseline row
+behaves like the reference recipe in that mode: batch 1, every crop slot through CLIP, full-sequence
+logits, every layer checkpointed, eager attention (flash attention with --attn flash_attention_2, as the
+reference's --use_flash_attention); it is measured in the same run (--no_baseline skips it) and the
+mode's other rows print their speed-up over it: the same samples, the same work.
 
 Length distributions (`--distribution`): docvqa (one document image, num_crops 16, about 2,400
 tokens), memes (one photo, num_crops 16), nlvr2 (two photos, num_crops 4).
@@ -64,6 +65,7 @@ SIZES = {
     "tiny": None,  # phi3v.tiny's config with the real vocabulary: for smoke tests
     "full": None,
 }
+BASELINE = "baseline (reference)"  # the rows that behave as the reference recipe, one per mode
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
@@ -167,9 +169,11 @@ def make_config(size: str) -> Phi3VConfig:
     )
 
 
-def make_samples(distribution: str, count: int, seed: int = 0) -> list[Sample]:
-    """Token ids laid out as the processor lays them out, with random text and random pixels."""
-    images, num_crops, widths, heights, prompt, answer = DISTRIBUTIONS[distribution]
+def make_samples(distribution: str, count: int, seed: int = 0, num_crops: int | None = None) -> list[Sample]:
+    """Token ids laid out as the processor lays them out, with random text and random pixels; `num_crops`
+    overrides the distribution's own."""
+    images, default_crops, widths, heights, prompt, answer = DISTRIBUTIONS[distribution]
+    num_crops = num_crops or default_crops
     rng = random.Random(seed)
     samples = []
     for index in range(count):
@@ -219,6 +223,11 @@ def all_crops_embedding(self, pixel_values: torch.Tensor, image_sizes: torch.Ten
     slots = pixel_values.shape[1]
     real = torch.cat([features[i * slots : i * slots + 1 + h * w] for i, (h, w) in enumerate(crops_hw)])
     return self.image_tokens(real, crops_hw)
+
+
+def image_embedding(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's image embedding (CLIP + projection), under a PEFT wrapper too."""
+    return next(module for name, module in model.named_modules() if name.endswith("vision_embed_tokens"))
 
 
 def loss_of(model, batch: dict, full_logits: bool) -> tuple[torch.Tensor, int]:
@@ -308,7 +317,7 @@ def run_config(row_config: Row, model, steps, device, amp_dtype, peak_tflops) ->
 
     first = collate(groups[0], packing)
     executed = count_flops(lambda: step(first))
-    baseline_embedding = model.get_submodule("model.vision_embed_tokens") if full_logits else None
+    baseline_embedding = image_embedding(model) if full_logits else None
     if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
         del baseline_embedding.forward
     alone = [collate([sample], False) for sample in groups[0]]
@@ -353,7 +362,8 @@ META_SAMPLES = 4  # samples per distribution whose steps are measured on the met
 GPU_COUNTS = (1, 2, 4, 8)
 
 
-def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str]) -> list[dict]:
+def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str],
+                num_crops: int | None = None) -> list[dict]:
     """Per mode and distribution, at the size of `config` with no memory allocated: FLOPs of one sample's
     step (mean of META_SAMPLES), against the reference recipe's (all crop slots through CLIP, logits at every
     position, gradient checkpointing forced on); ours with every layer checkpointed, with none (what
@@ -362,8 +372,8 @@ def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str])
     per GPU (weights, gradients, optimizer states + activations) for 1-8 GPUs."""
     rows = []
     for distribution in distributions:
-        samples = make_samples(distribution, META_SAMPLES)
-        slots = DISTRIBUTIONS[distribution][1] + 1  # crop slots per image, padding included
+        samples = make_samples(distribution, META_SAMPLES, num_crops=num_crops)
+        slots = samples[0].num_crops + 1  # crop slots per image, padding included
         longest = max(samples, key=lambda s: len(s.input_ids))
         print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f}"
               f" tokens, longest {len(longest.input_ids)}; TFLOP per sample's step (batch 1) and speed-up in FLOPs "
@@ -437,7 +447,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distribution", choices=[*DISTRIBUTIONS, "all"], default="docvqa", help="Sample lengths.")
     parser.add_argument("--modes", nargs="+", default=["full", "lora"],
                         choices=["full", "frozen", "lora", "qlora"], help="Training modes to measure.")
-    parser.add_argument("--batch_size", type=int, default=4, help="Per-device batch of the non-baseline rows.")
+    parser.add_argument("--num_crops", type=int, default=None,
+                        help="Crops per image instead of the distribution's own (docvqa and memes 16, nlvr2 4).")
+    parser.add_argument("--batch_size", type=int, default=4,
+                        help="Per-device batch of the batched rows (padded, packed); 1: batch-1 rows only.")
     parser.add_argument("--steps", type=int, default=3, help="Timed optimizer steps per configuration.")
     parser.add_argument("--num_samples", type=int, default=400, help="Generated samples (padding statistics).")
     parser.add_argument("--no_baseline", action="store_true", help="Skip the reference-like baseline rows.")
@@ -452,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "meta":
         rows = meta_report(make_config(args.size), list(DISTRIBUTIONS) if args.distribution == "all"
-                           else [args.distribution], args.modes)
+                           else [args.distribution], args.modes, args.num_crops)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
@@ -465,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for distribution in distributions:
-            samples = make_samples(distribution, args.num_samples)
+            samples = make_samples(distribution, args.num_samples, num_crops=args.num_crops)
             grouped = batches(samples, args.batch_size, grouped=True)
             random_order = batches(samples, args.batch_size, grouped=False)
             print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f} "
@@ -473,20 +486,23 @@ def main(argv: list[str] | None = None) -> None:
                   f"{padding_fraction(grouped):.1%} length-grouped", flush=True)
             one_by_one = batches(samples, 1, False)
             configs = []
-            if not args.no_baseline:
-                configs.append(Row("baseline (reference)", "full", "eager", one_by_one, full_logits=True))
             flash = args.attn == "flash_attention_2"
             attn, packed_attn = training_attention(flash, packing=False), training_attention(flash, packing=True)
             for mode in args.modes:
+                if not args.no_baseline:  # the reference recipe in the same mode: flash attention or fp32 eager
+                    configs.append(Row(f"{mode} {BASELINE}", mode, "flash_attention_2" if flash else "eager",
+                                       one_by_one, full_logits=True))
                 configs.append(Row(f"{mode} b1", mode, attn, one_by_one))
                 # What --gradient_checkpointing auto picks when memory allows: no layer recomputed.
                 configs.append(Row(f"{mode} b1 no checkpointing", mode, attn, one_by_one, checkpointing=False))
                 if mode == "frozen":  # --cache_vision_features from the second epoch on
                     configs.append(Row(f"{mode} b1 cached features", mode, attn, one_by_one,
                                        checkpointing=False, cached=True))
-                configs.append(Row(f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped))
-                configs.append(Row(f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order, packing=True))
-            base_speed = {}
+                if args.batch_size > 1:
+                    configs.append(Row(f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped))
+                    configs.append(Row(f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order,
+                                       packing=True))
+            base_speed = {}  # mode -> the baseline's samples/s
             for row_config in configs:
                 name, mode, full_logits = row_config.name, row_config.mode, row_config.full_logits
                 torch.manual_seed(0)
@@ -495,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
                                         amp_dtype if mode != "full" else torch.float32, Path(workdir),
                                         row_config.checkpointing)
                     if full_logits:
-                        embedding = model.get_submodule("model.vision_embed_tokens")
+                        embedding = image_embedding(model)
                         embedding.forward = types.MethodType(all_crops_embedding, embedding)
                     row = run_config(row_config, model, args.steps, device, amp_dtype, peak)
                 except (torch.OutOfMemoryError, ImportError) as error:  # report it, measure the rest
@@ -509,9 +525,9 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 row["distribution"] = distribution
                 if full_logits:
-                    base_speed[distribution] = row["samples/s"]
-                if distribution in base_speed:
-                    row["vs baseline"] = row["samples/s"] / base_speed[distribution]
+                    base_speed[mode] = row["samples/s"]
+                if mode in base_speed:  # same work: against the reference's step in the same mode
+                    row["vs baseline"] = row["samples/s"] / base_speed[mode]
                 rows.append(row)
                 print(format_row(row), flush=True)
                 del model
