@@ -6,6 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from phi3v import bench
+from phi3v.training import sizing
 from phi3v.training.sizing import NF4_BYTES, meta_model, mode_arguments, state_bytes, step_cost
 from phi3v.tiny import tiny_config
 
@@ -45,6 +46,28 @@ def test_meta_step_costs_follow_checkpointing_crops_and_logits():
     assert step_cost(frozen, *layout).flops < ours.flops  # no backward through the frozen tower
 
 
+def test_the_reference_runs_the_whole_clip_tower_ours_stops_at_the_feature_layer():
+    """The reference takes hidden_states[-2] of a full CLIPVisionModel pass: its last layer runs, unused (forward
+    only: no gradient reaches it), and the features are the same."""
+    layout = bench.layout(bench.make_samples("nlvr2", 1)[0])
+    full = model("full")
+    padded_crops = step_cost(full, *layout, crop_slots=5)
+    whole_tower = step_cost(full, *layout, crop_slots=5, whole_tower=True)
+    tower = full.model.vision_embed_tokens.img_processor
+    last_layer = tower.vision_model.encoder.layers[-1]
+    hidden = torch.zeros(2 * 5, 1 + (336 // 14) ** 2, tower.vision_model.config.hidden_size, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        last_layer(hidden, None)
+    assert whole_tower.flops - padded_crops.flops == counter.get_total_flops() > 0
+
+    torch.manual_seed(0)
+    real = bench.build_model(config(), "full", "sdpa", torch.device("cpu"), torch.float32, None).model
+    pixels = torch.randn(3, 3, 336, 336)
+    tower, ran = real.vision_embed_tokens.img_processor, []
+    tower.vision_model.encoder.layers[-1].register_forward_hook(lambda *args: ran.append(True))
+    assert torch.equal(sizing.reference_clip(tower, pixels), tower(pixels)) and ran == [True]
+
+
 def test_bytes_per_gpu_of_each_mode():
     full, lora = model("full"), model("lora")
     full_args, lora_args, qlora_args = mode_arguments("full")[1], mode_arguments("lora")[1], mode_arguments("qlora")[1]
@@ -73,6 +96,7 @@ def test_bench_on_the_meta_device_reports_flops_and_bytes_per_gpu(tmp_path, caps
     rows = {row["config"]: row for row in json.loads(out.read_text())}
     assert rows["full"]["reference TFLOP/sample"] > rows["full"]["TFLOP/sample"] > 0
     assert rows["full"]["saved by real crops"] > 0 and rows["full"]["saved by answer-only logits"] > 0
+    assert rows["full"]["saved by stopping CLIP at its feature layer"] > 0
     per_gpu = rows["full"]["GB per GPU"]
     assert per_gpu["1"] > per_gpu["2"] > per_gpu["8"]
     assert rows["qlora"]["TFLOP/sample"] == rows["lora"]["TFLOP/sample"]

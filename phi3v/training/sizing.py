@@ -106,14 +106,22 @@ def sample_layout(input_ids: list[int], labels: list[int], image_sizes: torch.Te
     return list(input_ids), list(labels), [(h // CROP_SIZE, w // CROP_SIZE) for h, w in sizes]
 
 
+def reference_clip(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """CLIP as the reference recipe runs it: the whole CLIPVisionModel (every layer, and the post layer-norm on
+    the CLS token) with all hidden states kept, then hidden state `feature_layer`. Ours stops at that layer:
+    the reference's last layer is computed and never used (1 of CLIP ViT-L's 24)."""
+    return tower.vision_model(pixel_values, output_hidden_states=True).hidden_states[tower.feature_layer]
+
+
 def step_cost(model: torch.nn.Module, input_ids: list[int], labels: list[int], crops_hw: list[tuple[int, int]],
-              crop_slots: int | None = None, full_logits: bool = False, cached_features: bool = False) -> StepCost:
+              crop_slots: int | None = None, full_logits: bool = False, cached_features: bool = False,
+              whole_tower: bool = False) -> StepCost:
     """FLOPs and saved activations of one sample's step on a `meta_model`.
 
     Our step runs CLIP on the real crops (1 + rows x columns per image) and the LM head at the labelled
     positions only; with `cached_features` the image tokens come from the cache of a frozen tower (no CLIP,
     no projection). The reference recipe's step (`crop_slots`: crops per image, padding slots included;
-    `full_logits`) runs every slot through CLIP and the head over every position.
+    `whole_tower`; `full_logits`) runs every slot through all of CLIP and the head over every position.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lm, embedding = base.model, base.model.vision_embed_tokens
@@ -126,8 +134,10 @@ def step_cost(model: torch.nn.Module, input_ids: list[int], labels: list[int], c
             if cached_features:
                 tokens = torch.zeros(image_tokens, lm.config.hidden_size, dtype=torch.bfloat16, device="meta")
             else:
-                features = embedding.img_processor(torch.zeros(crops, 3, embedding.crop_size, embedding.crop_size,
-                                                               dtype=torch.bfloat16, device="meta"))
+                pixels = torch.zeros(crops, 3, embedding.crop_size, embedding.crop_size, dtype=torch.bfloat16,
+                                     device="meta")
+                tower = embedding.img_processor
+                features = reference_clip(tower, pixels) if whole_tower else tower(pixels)
                 features = features[: sum(1 + h * w for h, w in crops_hw)]  # padding slots are dropped after CLIP
                 tokens = embedding.image_tokens(features, crops_hw)
             text = lm.embed_tokens(torch.zeros(1, length - image_tokens, dtype=torch.long, device="meta"))
