@@ -15,6 +15,9 @@ logits, every layer checkpointed, eager attention (flash attention with --attn f
 reference's --use_flash_attention); it is measured in the same run (--no_baseline skips it) and the
 mode's other rows print their speed-up over it: the same samples, the same work.
 
+With --torch_compile_backend each mode also gets a row timed under torch.compile (its FLOPs, and its peak
+memory on CPU, are measured eagerly; compiling happens before the clock).
+
 Length distributions (`--distribution`): docvqa (one document image, num_crops 16, about 2,400
 tokens), memes (one photo, num_crops 16), nlvr2 (two photos, num_crops 4).
 """
@@ -283,6 +286,7 @@ class Row:
     full_logits: bool = False  # the reference's loss over every position (and all crop slots through CLIP)
     checkpointing: bool = True
     cached: bool = False  # image features computed before the clock, as --cache_vision_features does
+    compile_backend: str | None = None  # timed steps run torch.compile(model), as --torch_compile does
 
 
 def run_config(row_config: Row, model, steps, device, amp_dtype, peak_tflops) -> dict:
@@ -299,7 +303,7 @@ def run_config(row_config: Row, model, steps, device, amp_dtype, peak_tflops) ->
             pixels, sizes = batch.pop("pixel_values").to(device), batch.pop("image_sizes").to(device)
             return {**batch, "image_features": model.model.vision_embed_tokens(pixels, sizes)}
 
-    def step(batch):
+    def step(batch, model=model):
         batch = to_device(batch, device)
         with autocast:
             loss, logit_bytes = loss_of(model, batch, full_logits)
@@ -334,13 +338,17 @@ def run_config(row_config: Row, model, steps, device, amp_dtype, peak_tflops) ->
     timed = [groups[1 + i % (len(groups) - 1)] for i in range(steps)]
     # Batches are built before the clock starts, as DataLoader workers build them ahead of the GPU.
     timed_batches = [collate(group, packing) for group in timed]
+    if row_config.compile_backend:  # FLOPs and (on CPU) memory were measured eagerly: compiling changes no FLOP
+        model = torch.compile(model, backend=row_config.compile_backend)
+        for batch in timed_batches:  # compiles (and recompiles for each new length) before the clock
+            step(batch, model)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     logit_bytes, seconds = 0, []  # each step's time shows the noise; samples/s is over all of them
     for batch in timed_batches:
         start = time.perf_counter()
-        logit_bytes = max(logit_bytes, step(batch))
+        logit_bytes = max(logit_bytes, step(batch, model))
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
@@ -451,8 +459,10 @@ def layout(sample: Sample) -> Layout:
     return sample_layout(sample.input_ids, sample.labels, sample.image_sizes)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's command line (gpu_check checks its commands against it)."""
+    parser = argparse.ArgumentParser(prog="python -m phi3v.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=list(SIZES), default="small", help="Model size (random weights).")
     parser.add_argument("--distribution", choices=[*DISTRIBUTIONS, "all"], default="docvqa", help="Sample lengths.")
     parser.add_argument("--modes", nargs="+", default=["full", "lora"],
@@ -469,8 +479,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"],
                         help="Attention of the non-baseline rows (packed rows without flash-attn: SDPA per sample).")
     parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak dense TFLOPS for MFU (default: by GPU name; none on CPU).")
+    parser.add_argument("--torch_compile_backend", default=None,
+                        help="Also time each mode's batch-1 row (no checkpointing) under torch.compile with this "
+                             "backend, as the recipes' --torch_compile does (inductor; compiling takes minutes on CPU).")
     parser.add_argument("--json", help="Also write the rows to this JSON file.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "meta":
@@ -505,6 +522,9 @@ def main(argv: list[str] | None = None) -> None:
                 configs.append(Row(f"{mode} b1", mode, attn, one_by_one))
                 # What --gradient_checkpointing auto picks when memory allows: no layer recomputed.
                 configs.append(Row(f"{mode} b1 no checkpointing", mode, attn, one_by_one, checkpointing=False))
+                if args.torch_compile_backend:
+                    configs.append(Row(f"{mode} b1 no checkpointing compiled", mode, attn, one_by_one,
+                                       checkpointing=False, compile_backend=args.torch_compile_backend))
                 if mode == "frozen":  # --cache_vision_features from the second epoch on
                     configs.append(Row(f"{mode} b1 cached features", mode, attn, one_by_one,
                                        checkpointing=False, cached=True))
@@ -548,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
 def format_row(row: dict) -> str:
     extra = f"  MFU {row['MFU']:.1%}" if "MFU" in row else ""
     versus = f"  x{row['vs baseline']:.2f} vs baseline" if "vs baseline" in row else ""
-    return (f"  {row['config']:<28} {row['samples/s']:7.2f} samples/s {row['tokens/s']:9.0f} tok/s  "
+    return (f"  {row['config']:<28} {row['samples/s']:7.3g} samples/s {row['tokens/s']:9.0f} tok/s  "
             f"peak {row['peak GB']:6.2f} GB  padding {row['padding']:5.1%}  exec/useful {row['exec/useful']:.3f}  "
             f"logits {row['logits MB']:8.1f} MB{extra}{versus}")
 

@@ -7,7 +7,8 @@ It says which optional packages are there (flash-attn, bitsandbytes, deepspeed),
 random Phi-3.5-vision checkpoint (bf16, the Hub's config) and a small generated dataset, then runs each
 recipe mode for a few steps under torchrun (NCCL): full fine-tuning under ZeRO-2 in bf16 and in fp16,
 under ZeRO-3 and under FSDP2, frozen vision, LoRA, QLoRA, with flash attention where it runs and SDPA otherwise, packing, the
-evaluations before and after, saving, and a resume; then the bench's full-size rows with MFU. It ends
+evaluations before and after, saving, and a resume; then the bench's full-size rows with MFU and its
+same-work speed-ups at the full-CLIP size. It ends
 with a pass/fail table (exit status 1 when a check failed). Checks whose package is missing are skipped.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "finetune_hf_trainer_hateful_memes.py"
+BENCH = [sys.executable, "-m", "phi3v.bench"]
 OPTIONAL = ("flash_attn", "bitsandbytes", "deepspeed")
 
 
@@ -45,6 +47,7 @@ def plan(workdir: Path, nproc: int) -> list[Check]:
     """The checks, in order (each recipe run writes its own output folder under `workdir`)."""
     checkpoint, data = workdir / "phi35v-random", workdir / "shapes"
     flash = ["--use_flash_attention"] if available("flash_attn") else []
+    attn = ["--attn", "flash_attention_2" if flash else "sdpa"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(RECIPE)]
     common = ["--model_name_or_path", str(checkpoint), "--dataset_name_or_path", str(data), "--max_steps", "3",
               "--save_steps", "2", "--batch_size", str(4 * nproc), "--batch_size_per_gpu", "2", "--num_crops", "4",
@@ -66,20 +69,31 @@ def plan(workdir: Path, nproc: int) -> list[Check]:
                "--resume_from_checkpoint", str(workdir / "runs" / "LoRA-bf16-packed" / "checkpoint-2"),
                out="LoRA-bf16-packed", expect="Resuming from"),
         recipe("QLoRA bf16", "--bf16", "--use_qlora", *flash, needs=("bitsandbytes",)),
-        Check("bench full size", [sys.executable, "-m", "phi3v.bench", "--size", "full", "--device", "cuda",
-                                  "--distribution", "docvqa", "--modes", "full", "frozen", "lora", "qlora", "--steps",
-                                  "3", "--attn", "flash_attention_2" if flash else "sdpa"], timeout=600),
+        Check("bench full size", [*BENCH, "--size", "full", "--device", "cuda", "--distribution", "docvqa",
+                                  "--modes", "full", "frozen", "lora", "qlora", "--steps", "3", *attn], timeout=600),
+        # The same-work speed-ups over the reference at the full-CLIP size (batch 1, NLVR2-like: the smallest).
+        Check("bench full-CLIP size", [*BENCH, "--size", "clip", "--device", "cuda", "--distribution", "nlvr2",
+                                       "--modes", "full", "frozen", "lora", "--batch_size", "1", "--steps", "10",
+                                       "--torch_compile_backend", "inductor", *attn], timeout=600),
     ]
 
 
 def check_flags(check: Check) -> str | None:
-    """Why a recipe command's flags would not parse (None when they do); nothing is run."""
-    if str(RECIPE) not in check.command:
-        return None
-    from .training.arguments import build_parser
+    """Why a recipe's or the bench's command flags would not parse (None when they do); nothing is run."""
+    if str(RECIPE) in check.command:
+        from .training.arguments import build_parser
 
-    argv = check.command[check.command.index(str(RECIPE)) + 1:]
-    _, unknown = build_parser().parse_known_args(argv)
+        argv = check.command[check.command.index(str(RECIPE)) + 1:]
+    elif check.command[: len(BENCH)] == BENCH:
+        from .bench import build_parser
+
+        argv = check.command[len(BENCH):]
+    else:
+        return None
+    try:
+        _, unknown = build_parser().parse_known_args(argv)
+    except SystemExit:  # a bad value: argparse has said which on stderr
+        return "a flag's value does not parse"
     return f"unknown flags {unknown}" if unknown else None
 
 

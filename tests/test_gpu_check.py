@@ -10,7 +10,7 @@ def test_dry_run_lists_every_mode_with_flags_that_parse(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("full ZeRO-2 bf16", "full ZeRO-2 fp16", "frozen vision bf16 packed", "full ZeRO-3 bf16",
                  "full FSDP2 bf16", "LoRA bf16 packed",
-                 "LoRA resumed", "QLoRA bf16", "bench full size"):
+                 "LoRA resumed", "QLoRA bf16", "bench full size", "bench full-CLIP size"):
         assert f"{name}: flags parse" in out
     assert "optional packages: flash_attn " in out
     commands = [shlex.split(line.strip()) for line in out.splitlines() if line.startswith("  ")]
@@ -29,6 +29,23 @@ def test_a_flag_typo_in_the_plan_is_caught(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gpu_check, "plan", typo)
     assert gpu_check.main(["--dry-run", "--workdir", str(tmp_path)]) == 1
     assert "full ZeRO-2 bf16: unknown flags ['--batchsize']" in capsys.readouterr().out
+
+
+def test_a_bad_bench_flag_in_the_plan_is_caught(tmp_path, monkeypatch, capsys):
+    plan = gpu_check.plan
+
+    def typos(workdir, nproc):
+        checks = plan(workdir, nproc)
+        benches = [c for c in checks if c.name.startswith("bench")]
+        benches[0].command += ["--stesp", "3"]
+        benches[1].command += ["--size", "huge"]
+        return checks
+
+    monkeypatch.setattr(gpu_check, "plan", typos)
+    assert gpu_check.main(["--dry-run", "--workdir", str(tmp_path)]) == 1
+    out = capsys.readouterr()
+    assert "bench full size: unknown flags ['--stesp', '3']" in out.out
+    assert "bench full-CLIP size: a flag's value does not parse" in out.out and "invalid choice: 'huge'" in out.err
 
 
 def test_each_check_ends_as_pass_fail_or_skipped():
