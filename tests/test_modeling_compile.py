@@ -90,16 +90,19 @@ def test_length_grouped_batches_recompile_a_bounded_number_of_times(frozen_visio
     assert warm <= 24  # up to 6 graphs a step: static shapes, dynamic shapes, one image, text only
 
 
-def test_torch_compile_trains_and_evaluates_a_recipe(tiny, shapes, tmp_path, capsys):
-    """--torch_compile end to end: training steps and the Trainer's evaluation run the compiled model. The backend
-    is aot_eager (dynamo and AOTAutograd, as inductor gets them, without inductor's minutes of C++ builds on CPU)."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_torch_compile_trains_and_evaluates_a_recipe(tiny, shapes, tmp_path, capsys, packing):
+    """--torch_compile end to end, the recipe's whole flow (evaluation before, training, evaluation during and
+    after), padded or packed: the Trainer's steps run the compiled model. The backend is aot_eager (dynamo and
+    AOTAutograd, as inductor gets them, without inductor's minutes of C++ builds on CPU)."""
     from test_recipes import run_recipe
 
     run_recipe("finetune_hf_trainer_hateful_memes.py", "--model_name_or_path", str(tiny), "--dataset_name_or_path",
                str(shapes), "--output_dir", str(tmp_path / "out"), "--deepspeed", "none", "--batch_size", "2",
-               "--batch_size_per_gpu", "2", "--max_steps", "2", "--skip_eval_before", "--max_eval_samples", "2",
+               "--batch_size_per_gpu", "2", "--max_steps", "2", "--max_eval_samples", "2",
                "--max_new_tokens", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "no",
-               "--torch_compile", "--torch_compile_backend", "aot_eager")
+               "--torch_compile", "--torch_compile_backend", "aot_eager", *(["--packing"] if packing else []))
     assert dynamo.utils.counters["stats"]["unique_graphs"] > 0
     logs = capsys.readouterr().out
     assert "'loss':" in logs and "'eval_loss':" in logs and "nan" not in logs
+    assert (tmp_path / "out" / "eval_before.json").is_file() and (tmp_path / "out" / "eval_after.json").is_file()

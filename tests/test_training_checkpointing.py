@@ -90,7 +90,7 @@ def test_the_recipe_plans_at_the_start_of_training_and_trains_as_with_checkpoint
     def train(name, *argv):
         run_recipe("finetune_hf_trainer_hateful_memes.py", "--model_name_or_path", str(tiny), "--dataset_name_or_path",
                    str(shapes), "--output_dir", str(tmp_path / name), "--batch_size", "2", "--batch_size_per_gpu", "2",
-                   "--max_steps", "2", "--max_eval_samples", "2", "--deepspeed", "none", "--skip_eval_before", *argv)
+                   "--max_steps", "2", "--max_eval_samples", "2", "--deepspeed", "none", *argv)
         return load_file(tmp_path / name / "model.safetensors")
 
     everywhere = train("true", "--gradient_checkpointing", "true")

@@ -1,5 +1,7 @@
 """phi3v.training.vision_cache: --cache_vision_features trains exactly as the uncached run, without the tower."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -24,7 +26,7 @@ def train(tiny, shapes, out, monkeypatch, *flags):
     run_recipe("finetune_hf_trainer_hateful_memes.py", "--model_name_or_path", str(tiny), "--dataset_name_or_path",
                str(shapes), "--output_dir", str(out), "--deepspeed", "none", "--freeze_vision_model", "--bf16",
                "--batch_size", "2", "--batch_size_per_gpu", "2", "--num_train_epochs", "2", "--max_train_samples", "8",
-               "--skip_eval_before", "--max_eval_samples", "1", "--max_new_tokens", "2", "--save_strategy", "no",
+               "--max_eval_samples", "1", "--max_new_tokens", "2", "--save_strategy", "no",
                *flags)
     return losses, pixels
 
@@ -38,6 +40,8 @@ def test_cached_features_train_bit_identically_to_the_uncached_run(tiny, shapes,
     plain, cached = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "cached" / "model.safetensors")
     assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
     assert not (tmp_path / "cached" / "vision_features").exists()  # removed once training is over
+    before = [json.loads((tmp_path / run / "eval_before.json").read_text()) for run in ("plain", "cached")]
+    assert before[0] == before[1]  # the evaluation before training runs as in any run, cache or not
 
 
 @pytest.fixture
