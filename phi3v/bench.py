@@ -477,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda; meta: no timing, FLOPs and memory per GPU at any size in seconds (sizing).")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"],
-                        help="Attention of the non-baseline rows (packed rows without flash-attn: SDPA per sample).")
+                        help="Attention of our rows (packed rows without flash-attn: SDPA per sample); the baselines run "
+                             "flash_attention_2 when it is picked (the reference's --use_flash_attention), else eager.")
     parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak dense TFLOPS for MFU (default: by GPU name; none on CPU).")
     parser.add_argument("--torch_compile_backend", default=None,
                         help="Also time each mode's batch-1 row (no checkpointing) under torch.compile with this "
