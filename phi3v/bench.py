@@ -49,6 +49,7 @@ from .training.sizing import (STRATEGIES, Layout, meta_model, mode_arguments, re
 from .training.arguments import LoraArguments, ModelArguments
 from .training.modes import quantization_config, setup_mode
 from .training.trainer import length_buckets
+from .training.vision_cache import image_embedding
 
 # The Hub's config.json of Phi-3.5-vision-instruct, shipped for the full-size rows (no download).
 FULL_CONFIG = Path(__file__).resolve().parent / "configs" / "phi-3.5-vision-instruct.json"
@@ -229,11 +230,6 @@ def all_crops_embedding(self, pixel_values: torch.Tensor, image_sizes: torch.Ten
     return self.image_tokens(real, crops_hw)
 
 
-def image_embedding(model: torch.nn.Module) -> torch.nn.Module:
-    """The model's image embedding (CLIP + projection), under a PEFT wrapper too."""
-    return next(module for name, module in model.named_modules() if name.endswith("vision_embed_tokens"))
-
-
 def loss_of(model, batch: dict, full_logits: bool) -> tuple[torch.Tensor, int]:
     """(loss, bytes of the logits it read)."""
     if not full_logits:
@@ -301,7 +297,7 @@ def run_config(row_config: Row, model, steps, device, amp_dtype, peak_tflops) ->
             return batch
         with torch.no_grad(), autocast:  # the frozen tower's output, as the cache's pre-pass computes it
             pixels, sizes = batch.pop("pixel_values").to(device), batch.pop("image_sizes").to(device)
-            return {**batch, "image_features": model.model.vision_embed_tokens(pixels, sizes)}
+            return {**batch, "image_features": image_embedding(model)(pixels, sizes)}
 
     def step(batch, model=model):
         batch = to_device(batch, device)
