@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean gpu-check
+.PHONY: demo test venv clean gpu-check gpu-kit
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +29,39 @@ demo: venv
 		--num_train_epochs 3 --learning_rate 3e-3 --warmup_steps 5 --max_eval_samples 48 \
 		--gradient_checkpointing false --dataloader_num_workers 0 --save_steps 1000
 
-# Run first on a GPU machine: every recipe mode for a few steps at full size, then the bench (see phi3v/gpu_check.py).
+# Run first on a GPU machine: the recipe modes for a few steps at full size, then the bench, within 540 s
+# (see phi3v/gpu_check.py and README "On an offline GPU machine").
 gpu-check: venv
-	$(PY) -m phi3v.gpu_check
+	$(PY) -m phi3v.gpu_check --budget 540 --out gpu_check_results
+
+# The wheels an offline GPU machine lacks, for CPython 3.12 manylinux x86_64: one with Python 3.12, a CUDA torch,
+# transformers 5.17, accelerate, peft, tensorboard, matplotlib, pandas and pyarrow (no deepspeed, bitsandbytes,
+# datasets or flash-attn). Packages pinned in requirements.txt take their pin from there; the others are the
+# dependencies of transformers 5.23, datasets and deepspeed that such an image lacks or has too old.
+# .whl/ holds what the GPU check needs, .whl/qlora/ bitsandbytes (QLoRA only: a second run, see README),
+# .whl/video/ PyAV (convert_ucf101.py only). deepspeed is built here from its sdist with no ops: they JIT-compile
+# with the GPU machine's nvcc (and need ninja, which is in the kit).
+KIT_PINNED := transformers peft datasets
+KIT_DEPS := tokenizers==0.23.3 safetensors==0.8.0 huggingface-hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 \
+	truststore==0.10.5 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 sentencepiece==0.2.3 hjson==3.1.0 \
+	msgpack==1.2.4 py-cpuinfo==9.0.0 ninja==1.13.2 einops==0.8.2
+KIT_DOWNLOAD := $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+pin = $(shell grep -E '^$(1)==' requirements.txt)
+kit_size = $$(du -cb $(1) | tail -1 | cut -f1)
+
+gpu-kit: venv
+	rm -rf .whl && mkdir -p .whl/qlora .whl/video
+	$(KIT_DOWNLOAD) -d .whl $(foreach p,$(KIT_PINNED),$(call pin,$(p))) $(KIT_DEPS)
+	$(KIT_DOWNLOAD) -d .whl/qlora $(call pin,bitsandbytes)
+	$(KIT_DOWNLOAD) -d .whl/video $(call pin,av)
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation --no-binary deepspeed -w .whl $(call pin,deepspeed)
+	@repo=$(call kit_size,$$(git ls-files)); core=$(call kit_size,.whl/*.whl); \
+	qlora=$(call kit_size,.whl/qlora/*.whl); video=$(call kit_size,.whl/video/*.whl); \
+	mib() { echo "$$(( ($$1 + 1048575) / 1048576 )) MiB"; }; \
+	echo "repository (tracked files) $$(mib $$repo); .whl/ $$(mib $$core); .whl/qlora/ $$(mib $$qlora); .whl/video/ $$(mib $$video)"; \
+	echo "run 1 (repository + .whl/): $$(mib $$((repo + core))); run 2 (repository + .whl/ + .whl/qlora/): $$(mib $$((repo + core + qlora)))"
 
 test: venv
 	$(PY) -m pytest -q tests
