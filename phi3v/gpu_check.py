@@ -180,7 +180,7 @@ def plan(setup: Setup) -> list[Check]:
         return Check(name, [*torchrun, *common, "--output_dir", str(run_dir), *flags], log or name, disk=disk,
                      run_dir=run_dir, **options)
 
-    checks = [
+    return [
         recipe("full-zero2", "--max_steps", "3", "--save_strategy", "no", needs=("deepspeed",)),
         recipe("lora-packed", "--use_lora", "--packing", "--max_steps", "2", "--save_steps", "2", "--skip_eval_before",
                log="lora", disk=lora_run, keep_run_dir=True),
@@ -197,7 +197,6 @@ def plan(setup: Setup) -> list[Check]:
         recipe("fsdp2", "--fsdp", "--fsdp_config", str(ROOT / "fsdp_config.json"), *no_checkpoint, log="sharded",
                disk=fp32_model, min_gpus=2),
     ]
-    return checks
 
 
 def bench_check(setup: Setup, run_dir: Path) -> Check:
@@ -294,11 +293,13 @@ def alive_not_zombie(process: psutil.Process) -> bool:
         return False
 
 
-def sweep_children() -> list[int]:
-    """Kills whatever a check left behind among our descendants (with become_subreaper: orphans too)."""
+def sweep_children(keep: set[int]) -> list[int]:
+    """Kills whatever a check left behind among our children (with become_subreaper: orphans too), except the
+    pids in `keep` (children we had before the plan)."""
     left = []
     for child in psutil.Process().children():
-        left += kill_tree(child)
+        if child.pid not in keep:
+            left += kill_tree(child)
     return left
 
 
@@ -325,7 +326,10 @@ def run_command(command: list[str], log: Path, timeout: float, env: dict[str, st
         try:
             returncode, survivors = process.wait(timeout=timeout), []
         except subprocess.TimeoutExpired:
-            survivors = kill_tree(psutil.Process(process.pid))
+            try:
+                survivors = kill_tree(psutil.Process(process.pid))
+            except psutil.NoSuchProcess:  # it ended just now
+                survivors = []
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)  # anything of its group that left the tree
             process.wait()
@@ -442,6 +446,17 @@ def available(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+def gpu_name() -> str | None:
+    """The first GPU's name, asked in a subprocess: in this process CUDA would keep a context (and memory)
+    on the GPU for the whole run."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run([PYTHON, "-c", "import torch; print(torch.cuda.get_device_name())"],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            return done.stdout.strip() or None
+    return None
+
+
 def why_not(check: Check, setup: Setup, results: dict[str, Result]) -> Result | None:
     """A skipped Result when the check cannot run here, None when it can."""
     if missing := [p for p in check.needs if not available(p)]:
@@ -491,6 +506,9 @@ def prepare(setup: Setup, log: Path, deadline: float) -> Result:
     if not setup.checkpoint.is_dir():
         size = ["--full_size"] if setup.size == "full" else []
         steps.append((setup.checkpoint, [PYTHON, "-m", "phi3v.tiny", "--num_crops", str(setup.num_crops), *size]))
+    if steps and (free := free_disk(setup.workdir)) < base_disk(setup) + DISK_MARGIN:
+        return Result("fail", error=f"not enough disk for the checkpoint and data: needs "
+                                    f"{(base_disk(setup) + DISK_MARGIN) / GB:.1f} GB, {free / GB:.1f} GB free")
     for folder, command in steps:
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -516,6 +534,7 @@ def run_plan(setup: Setup, checks: list[Check], out: Path, budget: float, header
     for name in log_names(checks):  # a previous run's files: the folder never holds more than MAX_FILES of ours
         (out / name).unlink(missing_ok=True)
     results: dict[str, Result] = {}
+    ours = {child.pid for child in psutil.Process().children()}
     prepared = prepare(setup, out / "prepare.log", deadline)
     for check in checks:
         if prepared.status != "pass":
@@ -523,7 +542,7 @@ def run_plan(setup: Setup, checks: list[Check], out: Path, budget: float, header
             continue
         print(f"running: {check.name}", flush=True)
         results[check.name] = result = run_check(check, setup, out, deadline, results)
-        if left := sweep_children():
+        if left := sweep_children(ours):
             result.status, result.error = "fail", f"{result.error or ''} processes left: {left}".strip()
         print(f"  {result.summary()}", flush=True)
         write_results(out, header, prepared, results)
@@ -587,15 +606,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--checks: unknown {', '.join(unknown)} (one of {', '.join(c.name for c in checks)})")
         checks = [c for c in checks if c.name in args.checks]
     assert len(log_names(checks)) <= MAX_FILES
-    print(f"GPUs: {gpus} ({torch.cuda.get_device_name() if gpus else 'none'}); torch {torch.__version__}; "
-          f"device {device}, size {size}")
+    name = gpu_name() if gpus else None
+    print(f"GPUs: {gpus} ({name or 'none'}); torch {torch.__version__}; device {device}, size {size}")
     print("optional packages: " + ", ".join(f"{p} {'yes' if available(p) else 'no'}"
                                              for p in ("flash_attn", "bitsandbytes", "deepspeed")), flush=True)
     if args.dry_run:
         return print_plan(setup, checks)
     (setup.workdir / "tmp").mkdir(parents=True, exist_ok=True)
     become_subreaper()
-    header = {"device": device, "size": size, "gpus": gpus, "gpu": torch.cuda.get_device_name() if gpus else None,
+    header = {"device": device, "size": size, "gpus": gpus, "gpu": name,
               "torch": torch.__version__, "budget_s": args.budget}
     results = run_plan(setup, checks, Path(args.out).resolve(), args.budget, header)
     width = max(len(name) for name in results)

@@ -42,6 +42,20 @@ def test_dry_run_prints_the_checks_in_order_with_their_disk_and_the_peak(tmp_pat
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
+def test_the_check_itself_never_initialises_cuda(tmp_path, monkeypatch, capsys):
+    """A CUDA context (and the caching allocator's memory) in the parent would stay for the whole run: the GPU's
+    name is asked in a subprocess, the checkpoint is built in one."""
+    def no_cuda_here():
+        raise AssertionError("CUDA initialised in the gpu_check process")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda_here)
+    monkeypatch.setattr(gpu_check, "gpu_name", lambda: "NVIDIA H200")
+    assert gpu_check.main(["--dry-run", "--size", "tiny", "--workdir", str(tmp_path)]) == 0
+    assert "GPUs: 1 (NVIDIA H200)" in capsys.readouterr().out
+
+
 def test_only_the_resume_check_saves_a_checkpoint(tmp_path):
     """With --save_strategy steps the Trainer also saves at the last step: two 66 GB checkpoints per full run
     at --max_steps 3 --save_steps 2. Every run but lora-packed saves none; lora-packed saves one, at its end."""
@@ -248,3 +262,5 @@ def test_the_whole_plan_runs_on_cpu_on_the_tiny_checkpoint(tmp_path):
     assert "Resuming from" in (out / "lora.log").read_text()
     assert not (workdir / "runs").exists()  # every run folder removed
     assert (workdir / "tiny-random" / "config.json").is_file()  # kept for the next run
+    assert "-m phi3v.tiny" in (out / "prepare.log").read_text()  # built in a subprocess
+    assert results["gpu"] is None and results["prepare"]["status"] == "pass"
