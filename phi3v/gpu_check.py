@@ -31,6 +31,7 @@ import ast
 import contextlib
 import ctypes
 import functools
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -446,6 +447,20 @@ def available(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
+PACKAGES = ("torch", "transformers", "accelerate", "peft", "datasets", "deepspeed", "bitsandbytes", "flash_attn")
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each package the checks depend on (None: missing)."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
 def gpu_name() -> str | None:
     """The first GPU's name, asked in a subprocess: in this process CUDA would keep a context (and memory)
     on the GPU for the whole run."""
@@ -608,14 +623,14 @@ def main(argv: list[str] | None = None) -> int:
     assert len(log_names(checks)) <= MAX_FILES
     name = gpu_name() if gpus else None
     print(f"GPUs: {gpus} ({name or 'none'}); torch {torch.__version__}; device {device}, size {size}")
-    print("optional packages: " + ", ".join(f"{p} {'yes' if available(p) else 'no'}"
-                                             for p in ("flash_attn", "bitsandbytes", "deepspeed")), flush=True)
+    versions = package_versions()
+    print("packages: " + ", ".join(f"{p} {v or 'missing'}" for p, v in versions.items()), flush=True)
     if args.dry_run:
         return print_plan(setup, checks)
     (setup.workdir / "tmp").mkdir(parents=True, exist_ok=True)
     become_subreaper()
-    header = {"device": device, "size": size, "gpus": gpus, "gpu": name,
-              "torch": torch.__version__, "budget_s": args.budget}
+    header = {"device": device, "size": size, "gpus": gpus, "gpu": name, "packages": versions,
+              "budget_s": args.budget}
     results = run_plan(setup, checks, Path(args.out).resolve(), args.budget, header)
     width = max(len(name) for name in results)
     print("\n" + "\n".join(f"{name:<{width}}  {result.summary()}" for name, result in results.items()))

@@ -264,3 +264,4 @@ def test_the_whole_plan_runs_on_cpu_on_the_tiny_checkpoint(tmp_path):
     assert (workdir / "tiny-random" / "config.json").is_file()  # kept for the next run
     assert "-m phi3v.tiny" in (out / "prepare.log").read_text()  # built in a subprocess
     assert results["gpu"] is None and results["prepare"]["status"] == "pass"
+    assert results["packages"]["torch"] == torch.__version__ and results["packages"]["deepspeed"]
