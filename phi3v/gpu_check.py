@@ -315,8 +315,8 @@ class Run:
 
 
 def run_command(command: list[str], log: Path, timeout: float, env: dict[str, str] | None = None) -> Run:
-    """Runs `command` in a session of its own with its output appended to `log`; past `timeout` seconds it is
-    killed with all its processes."""
+    """Runs `command` in a session of its own with its output appended to `log`; past `timeout` seconds, or when
+    gpu_check itself is interrupted (Ctrl-C, SIGTERM), it is killed with all its processes."""
     with log.open("a") as f:
         f.write(f"\n$ {shlex.join(command)}\n")
         f.flush()
@@ -327,14 +327,10 @@ def run_command(command: list[str], log: Path, timeout: float, env: dict[str, st
         try:
             returncode, survivors = process.wait(timeout=timeout), []
         except subprocess.TimeoutExpired:
-            try:
-                survivors = kill_tree(psutil.Process(process.pid))
-            except psutil.NoSuchProcess:  # it ended just now
-                survivors = []
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # anything of its group that left the tree
-            process.wait()
-            returncode = None
+            returncode, survivors = None, kill_command(process)
+        except BaseException:  # its processes, in sessions of their own, would not get our signal
+            kill_command(process)
+            raise
         seconds = time.monotonic() - start
     with log.open() as f:
         f.seek(start_offset)
@@ -343,6 +339,18 @@ def run_command(command: list[str], log: Path, timeout: float, env: dict[str, st
         with log.open("a") as f:
             f.write(f"\n[gpu_check] killed after {timeout:.0f} s with all its processes\n")
     return Run(returncode, output, seconds, survivors)
+
+
+def kill_command(process: subprocess.Popen) -> list[int]:
+    """Kills a command started by run_command with all its processes; the pids still alive (none expected)."""
+    try:
+        survivors = kill_tree(psutil.Process(process.pid))
+    except psutil.NoSuchProcess:  # it ended just now
+        survivors = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # anything of its group that left the tree
+    process.wait()
+    return survivors
 
 
 # ------------------------------------------------------------------------------------------ reading the output
@@ -629,6 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_plan(setup, checks)
     (setup.workdir / "tmp").mkdir(parents=True, exist_ok=True)
     become_subreaper()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # the running check is killed too
     header = {"device": device, "size": size, "gpus": gpus, "gpu": name, "packages": versions,
               "budget_s": args.budget}
     results = run_plan(setup, checks, Path(args.out).resolve(), args.budget, header)

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -134,6 +135,29 @@ def test_a_check_past_its_timeout_is_killed_with_every_process_it_started(tmp_pa
     for pid in started:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert "started" in (tmp_path / "sleeper.log").read_text()
+
+
+def test_when_gpu_check_is_interrupted_the_running_check_goes_with_it(tmp_path):
+    """Ctrl-C or SIGTERM reaches gpu_check, not the check's workers in their own sessions: it kills them first."""
+    pids, launcher, worker = tmp_path / "pids", tmp_path / "launcher.py", tmp_path / "worker.py"
+    launcher.write_text(LAUNCHER)
+    worker.write_text(WORKER)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            gpu_check.run_command([sys.executable, str(launcher), str(worker), str(pids)], tmp_path / "x.log", 60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert len(started) == 2
+    for pid in started:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_checks_stop_when_the_budget_is_spent(tmp_path):
