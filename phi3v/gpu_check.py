@@ -95,6 +95,7 @@ class Result:
     rows: list[dict] | None = None  # the bench's rows
 
     def summary(self) -> str:
+        """One line: the status, the seconds and the error or reason."""
         if self.status in ("pass", "fail", "stopped"):
             seconds = f" ({self.seconds:.0f} s)" if self.seconds is not None else ""
             detail = self.error or self.reason
@@ -288,6 +289,7 @@ def kill_tree(root: psutil.Process) -> list[int]:
 
 
 def alive_not_zombie(process: psutil.Process) -> bool:
+    """Whether the process still runs (a zombie has ended: only its exit status is left to collect)."""
     try:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -392,6 +394,7 @@ def trainer_logs(output: str) -> list[dict]:
 
 
 def number(value) -> float | None:
+    """A logged value as a float (the Trainer prints them as strings), None when it is not a number."""
     with contextlib.suppress(TypeError, ValueError):
         return float(value)
     return None
@@ -452,6 +455,7 @@ def measure(check: Check, run: Run) -> Result:
 
 
 def available(package: str) -> bool:
+    """Whether `package` can be imported here."""
     return importlib.util.find_spec(package) is not None
 
 
@@ -492,6 +496,7 @@ def why_not(check: Check, setup: Setup, results: dict[str, Result]) -> Result | 
 
 
 def free_disk(path: Path) -> float:
+    """Free bytes on the disk that holds `path` (created if missing)."""
     path.mkdir(parents=True, exist_ok=True)
     return shutil.disk_usage(path).free
 
@@ -545,6 +550,7 @@ def prepare(setup: Setup, log: Path, deadline: float) -> Result:
 
 
 def write_results(out: Path, header: dict, prepared: Result | None, results: dict[str, Result]) -> None:
+    """out/results.json: the run's header (device, GPU, package versions, budget), prepare's and each check's Result."""
     body = {**header, "prepare": asdict(prepared) if prepared else None,
             "checks": {name: asdict(result) for name, result in results.items()}}
     (out / "results.json").write_text(json.dumps(body, indent=2) + "\n")
@@ -589,6 +595,7 @@ def print_plan(setup: Setup, checks: list[Check]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """gpu_check's command line."""
     parser = argparse.ArgumentParser(prog="python -m phi3v.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=540,
@@ -607,6 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs (or with --dry-run prints) the plan; the exit status is 1 when a check failed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.budget <= 0:
