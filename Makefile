@@ -42,9 +42,12 @@ gpu-check: venv
 # .whl/video/ PyAV (convert_ucf101.py only). deepspeed is built here from its sdist with no ops: they JIT-compile
 # with the GPU machine's nvcc (and need ninja, which is in the kit).
 KIT_PINNED := transformers peft datasets
-KIT_DEPS := tokenizers==0.23.3 safetensors==0.8.0 huggingface-hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 \
-	truststore==0.10.5 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 sentencepiece==0.2.3 hjson==3.1.0 \
-	msgpack==1.2.4 py-cpuinfo==9.0.0 ninja==1.13.2 einops==0.8.2
+# transformers checks tokenizers, huggingface-hub, safetensors and regex versions at import; datasets needs fsspec
+# <= 2026.9; deepspeed needs pydantic 2, which an image without typer's newest release may lack.
+KIT_DEPS := tokenizers==0.23.3 safetensors==0.8.0 regex==2026.11.19 huggingface-hub==2.4.0 httpx2==2.16.2 \
+	httpcore2==2.16.2 truststore==0.10.5 fsspec==2026.9.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
+	sentencepiece==0.2.3 hjson==3.1.0 msgpack==1.2.4 py-cpuinfo==9.0.0 ninja==1.13.2 einops==0.8.2 \
+	pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 KIT_DOWNLOAD := $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
