@@ -64,7 +64,8 @@ gpu-kit: venv
 	qlora=$(call kit_size,.whl/qlora/*.whl); video=$(call kit_size,.whl/video/*.whl); \
 	mib() { echo "$$(( ($$1 + 1048575) / 1048576 )) MiB"; }; \
 	echo "repository (tracked files) $$(mib $$repo); .whl/ $$(mib $$core); .whl/qlora/ $$(mib $$qlora); .whl/video/ $$(mib $$video)"; \
-	echo "run 1 (repository + .whl/): $$(mib $$((repo + core))); run 2 (repository + .whl/ + .whl/qlora/): $$(mib $$((repo + core + qlora)))"
+	echo "one run with all of them: $$(mib $$((repo + core + qlora))); so, as README says: run 1 carries .whl/" \
+		"($$(mib $$((repo + core))) with the repository), run 2 .whl/qlora/ only ($$(mib $$((repo + qlora))))"
 
 test: venv
 	$(PY) -m pytest -q tests
