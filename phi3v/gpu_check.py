@@ -556,9 +556,9 @@ def write_results(out: Path, header: dict, prepared: Result | None, results: dic
     (out / "results.json").write_text(json.dumps(body, indent=2) + "\n")
 
 
-def run_plan(setup: Setup, checks: list[Check], out: Path, budget: float, header: dict) -> dict[str, Result]:
-    """Prepares, then runs the checks in order until the budget is spent; results.json is rewritten after each."""
-    deadline = time.monotonic() + budget
+def run_plan(setup: Setup, checks: list[Check], out: Path, deadline: float, header: dict) -> dict[str, Result]:
+    """Prepares, then runs the checks in order until `deadline` (time.monotonic()); results.json is rewritten after
+    each."""
     out.mkdir(parents=True, exist_ok=True)
     for name in log_names(checks):  # a previous run's files: the folder never holds more than MAX_FILES of ours
         (out / name).unlink(missing_ok=True)
@@ -615,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs (or with --dry-run prints) the plan; the exit status is 1 when a check failed."""
+    started = time.monotonic()  # the budget covers everything, planning included
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.budget <= 0:
@@ -648,9 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # the running check is killed too
     header = {"device": device, "size": size, "gpus": gpus, "gpu": name, "packages": versions,
               "budget_s": args.budget}
-    results = run_plan(setup, checks, Path(args.out).resolve(), args.budget, header)
-    width = max(len(name) for name in results)
-    print("\n" + "\n".join(f"{name:<{width}}  {result.summary()}" for name, result in results.items()))
+    results = run_plan(setup, checks, Path(args.out).resolve(), started + args.budget, header)
+    width = max(len(check) for check in results)
+    print("\n" + "\n".join(f"{check:<{width}}  {result.summary()}" for check, result in results.items()))
     return 1 if any(r.status == "fail" for r in results.values()) else 0
 
 

@@ -168,7 +168,7 @@ def test_checks_stop_when_the_budget_is_spent(tmp_path):
     sleep = [sys.executable, "-c", "import time; time.sleep(2)"]
     checks = [gpu_check.Check(name, sleep, name, timeout=10, min_seconds=1) for name in ("first", "second", "third")]
     out = tmp_path / "out"
-    results = gpu_check.run_plan(setup, checks, out, budget=2.8, header={})
+    results = gpu_check.run_plan(setup, checks, out, deadline=time.monotonic() + 2.8, header={})
     assert results["first"].status == "pass"
     assert results["second"].summary() == results["third"].summary() == "not run: budget"
     saved = json.loads((out / "results.json").read_text())["checks"]
