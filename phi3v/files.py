@@ -17,6 +17,29 @@ def follow_umask(path: str | Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
+def safetensors_follow_umask() -> None:
+    """Makes every safetensors file written from now on get the umask's mode, like any other file.
+
+    safetensors 0.8 writes through a temporary file and renames it, so its files are 0600: a model that
+    colleagues and serving accounts cannot read. Every `save_file` (transformers' `save_pretrained`,
+    PEFT's adapters, the Trainer's checkpoints, merge_lora) calls `safetensors.torch.serialize_file`,
+    looked up at call time: wrapping it covers them all, however they imported `save_file`. Idempotent.
+    """
+    import safetensors.torch
+
+    serialize_file = safetensors.torch.serialize_file
+    if getattr(serialize_file, "follows_umask", False):
+        return
+
+    def serialize_file_following_umask(tensors, filename, *args, **kwargs):
+        result = serialize_file(tensors, filename, *args, **kwargs)
+        follow_umask(filename)
+        return result
+
+    serialize_file_following_umask.follows_umask = True
+    safetensors.torch.serialize_file = serialize_file_following_umask
+
+
 def write_atomically(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Writes `path` (UTF-8 text, or bytes when `binary`) through a temporary file renamed into place.
 
