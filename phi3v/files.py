@@ -40,6 +40,22 @@ def safetensors_follow_umask() -> None:
     safetensors.torch.serialize_file = serialize_file_following_umask
 
 
+def cannot_write_in(folder: str | Path) -> str | None:
+    """Why files cannot be created in `folder` (made with its parents when missing): one line, or None when they can.
+
+    Checked on the nearest folder that exists, with the effective user's rights, before any work starts.
+    """
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    effective = os.access in os.supports_effective_ids
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=effective):
+        return f"no permission to write in {existing}"
+    return None
+
+
 def write_atomically(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Writes `path` (UTF-8 text, or bytes when `binary`) through a temporary file renamed into place.
 

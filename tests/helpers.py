@@ -116,3 +116,30 @@ def modes_under(folder, umask: int) -> dict[str, str]:
         if mode != expected:
             wrong[str(path.relative_to(folder))] = oct(mode)
     return wrong
+
+
+def read_only_folder():
+    """A context manager giving a new folder that the test cannot write in (deleted after): 0555, and the effective
+    user switched to nobody meanwhile when the tests run as root, whom no mode stops."""
+    import contextlib
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    @contextlib.contextmanager
+    def folder():
+        path = Path(tempfile.mkdtemp(prefix="read-only-"))  # in /tmp: others may pass through it
+        path.chmod(0o555)
+        root = os.geteuid() == 0
+        try:
+            if root:
+                os.seteuid(65534)
+            yield path
+        finally:
+            if root:
+                os.seteuid(0)
+            path.chmod(0o755)
+            shutil.rmtree(path)
+
+    return folder()

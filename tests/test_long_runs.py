@@ -336,6 +336,9 @@ def setup_mistakes(tiny: Path, shapes: Path, tmp_path: Path) -> list:
         (["--batch_size", "10", "--batch_size_per_gpu", "4"], "--batch_size 10 must be a multiple of processes x "
                                                               "--batch_size_per_gpu = 1 x 4 = 4", 2),
         (["--num_crops", "0"], "--num_crops must be at least 1, got 0", 2),
+        (["--eval_batch_size", "0"], "--eval_batch_size must be at least 1, got 0", 2),
+        (["--report_to", "bogus"], "--report_to bogus: not one of none, all, ", 2),
+        (["--lr_scheduler_kwargs", "{bad"], "--lr_scheduler_kwargs {bad: not valid JSON (", 2),
         (["--batch_size_per_gpu", "0"], "--batch_size and --batch_size_per_gpu must be at least 1", 2),
         (["--lora_rank", "0", "--use_lora"], "--lora_rank must be at least 1, got 0", 2),
         (["--batchsize", "8"], "unrecognized arguments: --batchsize 8 (did you mean --batch_size?)", 2),

@@ -200,3 +200,17 @@ def test_gradient_checkpointing_auto_by_default_true_false_and_the_budget(tmp_pa
         with pytest.raises(SystemExit) as exit:
             parse(tmp_path, *argv)
         assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_dir_in_a_folder_without_write_permission_is_a_flag_error(capsys):
+    from helpers import read_only_folder
+
+    parse_args(None, ["--deepspeed", "none", "--output_dir", "out"])  # what loads lazily, loaded as ourselves
+    capsys.readouterr()
+    with read_only_folder() as parent:
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(None, ["--deepspeed", "none", "--output_dir", str(parent / "runs" / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"error: --output_dir {parent / 'runs' / 'out'}: cannot write there (no permission to "
+                            f"write in {parent})"), err
