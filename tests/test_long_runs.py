@@ -280,23 +280,32 @@ def test_unreadable_images_met_mid_run_are_named_skipped_and_listed_under_torchr
     assert after["num_examples"] == 7 and "row 3" in after["skipped"][0]["where"]
 
 
-def test_an_unreadable_frame_in_converted_data_is_named_by_file_and_line(tiny, tmp_path, capsys):
+def test_unreadable_frames_in_converted_data_are_named_by_file_and_line(tiny, tmp_path, capsys):
+    """A truncated frame (its header reads: met mid-run) and a frame with a broken header (met at load) are skipped
+    within --max_bad_samples, named by their line and by the image file, as a Hub row with the same fault is."""
     sys.path[:0] = [str(ROOT)]
     data = tmp_path / "converted"
     (data / "images").mkdir(parents=True)
     for i in range(6):
         random_image(64, 48, seed=i).save(data / "images" / f"f{i}.jpg", quality=90)
     truncated_jpeg(data / "images" / "f4.jpg")
+    (data / "images" / "f2.jpg").write_bytes(b"\xff\xd8 not a JPEG header")
     records = [{"id": f"r{i}", "conversations": [{"images": [f"f{i}.jpg"], "user": "Which action?",
                                                   "assistant": "Running" if i % 2 else "Jumping"}]} for i in range(6)]
     for split in ("train", "test"):
         (data / f"ucf101_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     run_recipe("finetune_hf_trainer_ucf101.py", "--model_name_or_path", str(tiny), "--data_dir", str(data),
                "--output_dir", str(tmp_path / "out"), "--use_lora", "--lora_rank", "4", "--batch_size", "2",
-               "--batch_size_per_gpu", "2", "--num_train_epochs", "1", "--max_bad_samples", "1")
+               "--batch_size_per_gpu", "2", "--num_train_epochs", "1", "--max_bad_samples", "2")
     out = capsys.readouterr().out
-    assert f"unreadable, skipped during training: {data / 'ucf101_train.jsonl'}:5: OSError" in out
-    assert f"unreadable, not evaluated: {data / 'ucf101_test.jsonl'}:5: OSError" in out
+    truncated, broken = data / "images" / "f4.jpg", data / "images" / "f2.jpg"
+    assert (f"unreadable, skipped during training: {data / 'ucf101_train.jsonl'}:5: OSError: {truncated}: image file "
+            "is truncated") in out
+    assert f"unreadable, not evaluated: {data / 'ucf101_test.jsonl'}:5: OSError: {truncated}: image file is" in out
+    assert (f"unreadable, skipped: {data / 'ucf101_train.jsonl'}:3: UnidentifiedImageError: cannot identify image "
+            f"file '{broken}'") in out
+    assert f"unreadable, not evaluated: {data / 'ucf101_test.jsonl'}:3: UnidentifiedImageError" in out
+    assert "2 unreadable sample(s) were skipped" in out
 
 
 def test_too_many_unreadable_samples_stop_the_run_with_a_checkpoint_and_the_list(tiny, tmp_path, capsys):
