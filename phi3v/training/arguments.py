@@ -225,6 +225,9 @@ class Phi3VTrainingArguments(TrainingArguments):
         if self.batch_size < 1 or self.per_device_train_batch_size < 1:
             raise FlagError("--batch_size and --batch_size_per_gpu must be at least 1, got "
                             f"{self.batch_size} and {self.per_device_train_batch_size}")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:  # else the untrained model is saved as trained
+            raise FlagError(f"--num_train_epochs must be above 0 (or --max_steps at least 1), got "
+                            f"{self.num_train_epochs:g}")
         if self.per_device_eval_batch_size < 1:
             raise FlagError(f"--eval_batch_size must be at least 1, got {self.per_device_eval_batch_size}")
         for name in self._VALID_DICT_FIELDS:  # transformers reads a value starting with "{" as JSON
@@ -273,8 +276,12 @@ class Phi3VTrainingArguments(TrainingArguments):
             self.use_cpu = True
         if self.fsdp and self.use_cpu:
             enable_fsdp_on_cpu()
-        if not self.bf16 and not self.fp16:
-            if self.use_cpu:  # the Trainer has no fp16 autocast on CPU: it would silently run fp32
+        if self.use_cpu and self.fp16:  # the Trainer has no fp16 autocast on CPU: it would silently run fp32
+            logger.warning("--fp16: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 for "
+                           "bf16).")
+            self.fp16 = False  # and evaluation computes in fp32 too, as training does
+        elif not self.bf16 and not self.fp16:
+            if self.use_cpu:
                 logger.warning("No GPU: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 "
                                "for bf16).")
             else:
@@ -346,8 +353,11 @@ class RecipeArgumentParser(HfArgumentParser):
     def error(self, message: str):
         unknown = re.match(r"unrecognized arguments: (\S+)", message)
         if unknown:
+            flag = unknown.group(1).split("=")[0]
             flags = [option for action in self._actions for option in action.option_strings]
-            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1)
+            # A flag cut short (no abbreviations are taken) means one it begins, before any that merely look alike.
+            close = (difflib.get_close_matches(flag, [f for f in flags if f.startswith(flag)], n=1, cutoff=0)
+                     or difflib.get_close_matches(flag, flags, n=1))
             if close:
                 message += f" (did you mean {close[0]}?)"
         super().error(message)
