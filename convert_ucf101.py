@@ -238,6 +238,13 @@ def check_out_dir(out_dir: Path, src: Path | None) -> None:
                               f"as a whole. Choose a new or empty folder (or a previous output of this script).")
     if src is not None and (src.resolve() == out_dir.resolve() or out_dir.resolve() in src.resolve().parents):
         raise ConversionError(f"--src_dir {src} is inside --out_dir {out_dir}")
+    # The output is built beside --out_dir: its nearest existing parent must take new folders. (The rule of
+    # phi3v.files.cannot_write_in; this script does not import the package, which loads transformers.)
+    parent = out_dir.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise ConversionError(f"--out_dir {out_dir}: cannot write there (no permission to write in {parent})")
 
 
 def remove_stale_temp_dirs(out_dir: Path) -> None:

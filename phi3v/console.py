@@ -31,6 +31,14 @@ SILENCED_PRINTS = (("deepspeed.comm.torch", "DeepSpeed deepspeed.ops.comm.deepsp
 # torch.distributed's deprecation notices for its own functions, which DeepSpeed and accelerate call
 # ("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...").
 TORCH_DISTRIBUTED_DEPRECATIONS = r"`torch\.distributed\."
+# (category, start of the message) of library warnings that no flag of ours changes. Python shows a warning again
+# each time a library touches the warning filters, so they came once per save and once per process.
+SILENCED_WARNINGS = (
+    # transformers, when PEFT reads the deprecated `model.is_gradient_checkpointing` (in PeftModel's set-up).
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    # PEFT at every adapter save: lm_head is a LoRA target (phi3v.training.modes), so its weights are saved too.
+    (UserWarning, r"Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`"),
+)
 
 
 class _DropMessage(logging.Filter):
@@ -98,6 +106,8 @@ def quiet_library_notices() -> None:
     for name, prefix in SILENCED_PRINTS:
         after_import(name, lambda module, prefix=prefix: setattr(module, "print", _print_without(prefix)))
     warnings.filterwarnings("ignore", message=TORCH_DISTRIBUTED_DEPRECATIONS, category=FutureWarning)
+    for category, message in SILENCED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     if int(os.environ.get("RANK", "0")) > 0:
         # Every rank runs the same code: rank 0 says each warning and draws transformers' bars
         # ("Loading weights"), the others only report errors.

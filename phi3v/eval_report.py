@@ -26,6 +26,7 @@ from PIL import Image
 
 from .chat import FormatExample
 from .files import write_atomically
+from .images import upright, upright_size
 from .training_curves import series
 
 THUMBNAIL = 160  # px, the longer side of an image shown alone or in a pair
@@ -51,8 +52,9 @@ input[type=radio] { margin-left: 1em; }
 
 
 def thumbnail_uri(image: Image.Image, max_side: int) -> str:
-    """`image` scaled down to fit `max_side` x `max_side`, as a `data:image/jpeg;base64,...` URI."""
-    small = image.convert("RGB")  # a copy: the caller's image stays as it was
+    """`image`, upright as the model saw it (EXIF orientation), scaled down to fit `max_side` x `max_side`, as a
+    `data:image/jpeg;base64,...` URI."""
+    small = upright(image).convert("RGB")  # a copy: the caller's image stays as it was
     small.thumbnail((max_side, max_side))
     buffer = io.BytesIO()
     small.save(buffer, format="JPEG", quality=JPEG_QUALITY, optimize=True)
@@ -85,7 +87,7 @@ def _prediction(example: dict | None) -> str:
 def _images(images: Sequence[Image.Image]) -> str:
     side = THUMBNAIL if len(images) <= 2 else FRAME
     tags = [f'<img src="{thumbnail_uri(image, side)}" alt="image {k}" title="image {k} of {len(images)}, '
-            f'{image.width}x{image.height}">' for k, image in enumerate(images, 1)]
+            f'{"x".join(map(str, upright_size(image)))}">' for k, image in enumerate(images, 1)]
     return f'<div class="strip">{"".join(tags)}</div>' if tags else '<span class="empty">no image</span>'
 
 

@@ -23,7 +23,7 @@ from .chat import FormatExample, conversation_prompt
 from .distributed import rank_and_world_size
 from .files import write_json
 from .generation import generate_answers, length_sorted_batches, model_device
-from .images import upright_size
+from .images import decoded, upright_size
 from .data.rows import UNREADABLE, describe_error, row_location
 from .metrics import Metric, resolve_metric
 from .modeling import longrope_limit, parameters_are_sharded
@@ -144,7 +144,7 @@ def evaluate(
                 for item in (shard[i] for i in indices):
                     try:
                         for image in item["images"]:
-                            image.load()  # files opened lazily decode here: a broken one skips its row alone
+                            decoded(image)  # files opened lazily decode here: a broken one skips its row alone
                     except UNREADABLE as e:
                         skipped.append({"index": item["index"], "where": row_location(rows, item["index"]),
                                         "reason": describe_error(e)})

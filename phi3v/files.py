@@ -17,6 +17,45 @@ def follow_umask(path: str | Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
+def safetensors_follow_umask() -> None:
+    """Makes every safetensors file written from now on get the umask's mode, like any other file.
+
+    safetensors 0.8 writes through a temporary file and renames it, so its files are 0600: a model that
+    colleagues and serving accounts cannot read. Every `save_file` (transformers' `save_pretrained`,
+    PEFT's adapters, the Trainer's checkpoints, merge_lora) calls `safetensors.torch.serialize_file`,
+    looked up at call time: wrapping it covers them all, however they imported `save_file`. Idempotent.
+    """
+    import safetensors.torch
+
+    serialize_file = safetensors.torch.serialize_file
+    if getattr(serialize_file, "follows_umask", False):
+        return
+
+    def serialize_file_following_umask(tensors, filename, *args, **kwargs):
+        result = serialize_file(tensors, filename, *args, **kwargs)
+        follow_umask(filename)
+        return result
+
+    serialize_file_following_umask.follows_umask = True
+    safetensors.torch.serialize_file = serialize_file_following_umask
+
+
+def cannot_write_in(folder: str | Path) -> str | None:
+    """Why files cannot be created in `folder` (made with its parents when missing): one line, or None when they can.
+
+    Checked on the nearest folder that exists, with the effective user's rights, before any work starts.
+    """
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    effective = os.access in os.supports_effective_ids
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=effective):
+        return f"no permission to write in {existing}"
+    return None
+
+
 def write_atomically(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Writes `path` (UTF-8 text, or bytes when `binary`) through a temporary file renamed into place.
 

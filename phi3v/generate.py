@@ -26,7 +26,8 @@ from PIL import Image
 
 from .chat import conversation_prompt, generation_prompt
 from .data.converted import Problem, ValidationError, record_images, validate_record
-from .files import write_jsonl
+from .data.hub import missing_local_folder
+from .files import cannot_write_in, write_jsonl
 from .generation import DTYPES, generate_answers, length_sorted_batches, load_pretrained
 from .images import image_size, open_image
 from .modeling import longrope_limit
@@ -171,6 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag in ("batch_size", "num_crops", "max_new_tokens", "num_beams"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if missing_local_folder(args.model):
+        parser.error(f"--model {args.model}: no such folder")
+    if args.input is not None:  # all of it before the model loads and every prompt is answered
+        if Path(args.output).is_dir():
+            parser.error(f"--output {args.output} is a folder: give the file to write (e.g. "
+                         f"{Path(args.output) / 'predictions.jsonl'})")
+        if problem := cannot_write_in(Path(args.output).parent):
+            parser.error(f"--output {args.output}: cannot write there ({problem})")
     if args.input is not None and not Path(args.input).is_file():
         parser.error(f"--input {args.input}: no such file")
     if args.input is not None and Path(args.output).resolve() == Path(args.input).resolve():

@@ -19,7 +19,7 @@ from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 
-from .images import upright
+from .images import decoded, upright
 from .remote_code import DEFAULT_REPO, IMAGE_PROCESSOR_AUTO_MAP, code_repo, with_repo
 
 CROP_SIZE = 336
@@ -211,7 +211,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
             images = [images]
         crops, sizes = [], []
         for image in images:
-            image_crops, size = self._crops(to_rgb(upright(_to_pil(image))), num_crops)
+            image_crops, size = self._crops(to_rgb(upright(decoded(_to_pil(image)))), num_crops)
             crops.append(image_crops)
             sizes.append(size)
         if crops:

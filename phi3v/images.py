@@ -31,6 +31,18 @@ def upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image) if _orientation(image) != 1 else image
 
 
+def decoded(image: Image.Image) -> Image.Image:
+    """`image` with its pixels decoded. A file whose pixels cannot be decoded (a truncated JPEG) raises an OSError
+    that names the file: PIL's own message ("image file is truncated") does not, and the file is what to fix."""
+    try:
+        image.load()
+    except (OSError, SyntaxError) as e:  # what PIL raises for broken image data
+        if not getattr(image, "filename", None):  # decoded from bytes (a Hub row): its row names it
+            raise
+        raise OSError(f"{image.filename}: {e}") from e
+    return image
+
+
 def image_size(path: str | Path, full_check: bool = False) -> tuple[int, int]:
     """Upright (width, height) from the file header (no pixel decoding unless `full_check`). Raises ValueError."""
     try:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from .data.hub import missing_local_folder
+from .files import cannot_write_in
 from .generation import DTYPES, apply_adapter, processor_source, try_command, use_chat_stop_tokens
 from .remote_code import set_code_repo
 
@@ -91,12 +94,18 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
     from .modeling import Phi3VForCausalLM
     from .processing import Phi3VProcessor
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    read_adapter_config(adapter)
+    # Everything that needs no model is checked first: a merge takes minutes at full size.
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"--out {out}: must be a new or empty folder (it is not: nothing was written)")
+    if problem := cannot_write_in(out_dir):
+        raise PermissionError(f"--out {out}: cannot write there ({problem})")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    shard_size(max_shard_size)
+    read_adapter_config(adapter)
+    if missing_local_folder(base):
+        raise FileNotFoundError(f"--base {base}: no such folder")
 
     model = Phi3VForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
     expected = state_shapes(model)
@@ -106,14 +115,35 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
     if remote_code_repo:
         set_code_repo(remote_code_repo, merged.config, processor.image_processor)
     use_chat_stop_tokens(merged, processor)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
-    processor.save_pretrained(out_dir)
-
-    problems = shape_differences(expected, checkpoint_shapes(out_dir))
-    if problems:
-        raise RuntimeError(f"{out_dir}: the written checkpoint differs from the base:\n  " + "\n  ".join(problems[:20]))
+    try:
+        merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+        processor.save_pretrained(out_dir)
+        problems = shape_differences(expected, checkpoint_shapes(out_dir))
+        if problems:
+            raise RuntimeError(f"{out_dir}: the written checkpoint differs from the base:\n  "
+                               + "\n  ".join(problems[:20]))
+    except BaseException:  # a half-written --out would refuse the next try: it was new or empty, so it is again
+        for path in out_dir.iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if created:
+            out_dir.rmdir()
+        raise
     return out_dir
+
+
+def shard_size(value: str) -> int:
+    """--max_shard_size in bytes ("5GB", "500MB", "1.5GB"), read as `save_pretrained` will read it."""
+    from huggingface_hub.serialization._base import parse_size_to_int  # what save_pretrained's sharding calls
+
+    try:
+        size = parse_size_to_int(value)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise ValueError(f"--max_shard_size {value}: expected a positive size in TB, GB, MB or KB, e.g. 5GB or 500MB")
+    return size
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -100,3 +100,46 @@ def check_loads_elsewhere(directory, repo: str = HUB_REPO, model: bool = True) -
                    for value in auto_map.values()), (name, auto_map)
     assert HUB_TOKENIZER_KEYS <= set(json.loads((directory / "tokenizer_config.json").read_text()))
     tokenizer_like_transformers_4(directory)
+
+
+def modes_under(folder, umask: int) -> dict[str, str]:
+    """Every file and folder below `folder` whose mode is not what `open` / `mkdir` give under `umask`, with its
+    mode (empty when all are as the umask says)."""
+    import os
+    import stat
+    from pathlib import Path
+
+    wrong = {}
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode != expected:
+            wrong[str(path.relative_to(folder))] = oct(mode)
+    return wrong
+
+
+def read_only_folder():
+    """A context manager giving a new folder that the test cannot write in (deleted after): 0555, and the effective
+    user switched to nobody meanwhile when the tests run as root, whom no mode stops."""
+    import contextlib
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    @contextlib.contextmanager
+    def folder():
+        path = Path(tempfile.mkdtemp(prefix="read-only-"))  # in /tmp: others may pass through it
+        path.chmod(0o555)
+        root = os.geteuid() == 0
+        try:
+            if root:
+                os.seteuid(65534)
+            yield path
+        finally:
+            if root:
+                os.seteuid(0)
+            path.chmod(0o755)
+            shutil.rmtree(path)
+
+    return folder()

@@ -84,3 +84,29 @@ def test_deepspeed_says_neither_its_cpu_accelerator_nor_its_shm_build():
     assert result.returncode == 0, result.stderr
     assert result.stdout == "DeepSpeed says something else\n"
     assert "Setting accelerator to CPU" not in result.stderr
+
+
+def test_peft_and_transformers_notices_of_a_lora_save_are_dropped(tmp_path):
+    """Both libraries' notices come from the real calls a LoRA run makes: set-up, and a save per checkpoint."""
+    from peft import LoraConfig, get_peft_model
+
+    from phi3v.modeling import Phi3VForCausalLM
+    from phi3v.tiny import build_tiny_processor, tiny_config
+    from phi3v.training.modes import lora_target_modules
+
+    def lora_run_warnings(quiet: bool) -> list[str]:
+        model = Phi3VForCausalLM(tiny_config(vocab_size=len(build_tiny_processor(num_crops=1).tokenizer)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if quiet:
+                quiet_library_notices()
+            peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=lora_target_modules(model, True)))
+            for step in (1, 2):
+                peft_model.save_pretrained(tmp_path / f"checkpoint-{step}")
+        return [str(w.message) for w in caught]
+
+    noisy = lora_run_warnings(quiet=False)
+    assert any("`is_gradient_checkpointing` is deprecated" in m for m in noisy)
+    assert sum("Setting `save_embedding_layers` to `True`" in m for m in noisy) == 2
+    quiet = lora_run_warnings(quiet=True)
+    assert not any("is_gradient_checkpointing" in m or "save_embedding_layers" in m for m in quiet), quiet

@@ -283,3 +283,13 @@ def test_converted_output_passes_the_validator(converted):
     out, _ = converted
     assert [r["id"] for r in load_jsonl_dataset(out, "val")] == ["val-0000000005", "val-0000000006"]
     assert len(load_jsonl_dataset(out, "train")) == 5
+
+
+def test_an_out_dir_in_a_folder_without_write_permission_is_one_line(source, capsys):
+    from helpers import read_only_folder
+
+    with read_only_folder() as parent:
+        code = cv.main(["--src_dir", str(source), "--out_dir", str(parent / "out"), "--num_workers", "0", "--no-tqdm"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (f"error: --out_dir {parent / 'out'}: cannot write there (no permission "
+                                               f"to write in {parent})")

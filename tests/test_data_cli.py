@@ -100,3 +100,12 @@ def test_cli_reads_llava_json_and_csv(tmp_path, capsys):
     assert main(["validate", str(table), "--image_folder", str(tmp_path / "pictures"), "--no_token_count",
                  "--no-tqdm"]) == 0
     assert f"{table}: 3 valid record(s), 2 image(s): OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--max_seq_length", "--num_crops"])
+def test_cli_refuses_a_count_below_1(tmp_path, capsys, flag):
+    write_dataset(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", str(tmp_path), flag, "-1", "--no-tqdm"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {flag} must be at least 1, got -1")

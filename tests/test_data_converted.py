@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from phi3v.data.converted import ValidationError, find_split_file, load_jsonl_dataset, validate_record
+from phi3v.data.converted import (ValidationError, find_split_file, load_jsonl_dataset, valid_records, validate_file,
+                                  validate_record)
 
 
 GOOD = [
@@ -74,12 +75,24 @@ def test_broken_line_is_named(tmp_path, case):
     write_dataset(tmp_path, GOOD[:1], extra_lines=[line])
     (tmp_path / "images/notes.txt").write_text("not an image")
     with pytest.raises(ValidationError) as info:
-        load_jsonl_dataset(tmp_path, "train")
+        valid_records(validate_file(tmp_path / "ucf101_train.jsonl"))  # the validator's (and python -m phi3v.data's)
     error = info.value
     assert len(error.problems) == 1
     assert (Path(error.path).name, error.line) == ("ucf101_train.jsonl", 2)
     assert fragment in error.message
     assert str(error).startswith(f"{tmp_path / 'ucf101_train.jsonl'}:2: ")
+
+
+def test_training_leaves_an_image_that_cannot_be_read_to_the_run(tmp_path):
+    """A record whose image is there but unreadable loads (the run names and skips it within --max_bad_samples, as
+    it does a Hub row's); every other mistake still stops the load."""
+    write_dataset(tmp_path, GOOD[:1], extra_lines=[BROKEN["not an image"][0]])
+    (tmp_path / "images/notes.txt").write_text("not an image")
+    records = load_jsonl_dataset(tmp_path, "train")
+    assert len(records) == 2 and records.locations[1] == f"{tmp_path / 'ucf101_train.jsonl'}:2"
+    write_dataset(tmp_path, GOOD[:1], extra_lines=[BROKEN["missing image"][0]])
+    with pytest.raises(ValidationError, match="'missing.png' not found"):
+        load_jsonl_dataset(tmp_path, "train")
 
 
 def test_every_bad_line_is_reported(tmp_path):

@@ -109,3 +109,15 @@ def test_size_per_example_stays_small():
                           for i in range(50)]}
     html = eval_report_html(rows, format_example, after)
     assert len(html.encode()) < 50 * 12_000
+
+
+def test_a_photo_stored_sideways_is_shown_upright_as_the_model_sees_it(tmp_path):
+    from test_images import sideways_photo
+
+    sideways_photo(tmp_path / "phone.jpg")  # stored 80x40, shown (and given to the model) 40x80
+    rows = [{"question": "What is it?", "answer": "a photo", "images": [Image.open(tmp_path / "phone.jpg")]}]
+    after = {"metric": "accuracy", "score": 1.0, "num_examples": 1, "examples": [
+        {"id": "0", "question": "What is it?", "answers": ["a photo"], "prediction": "a photo", "score": 1.0}]}
+    html = eval_report_html(rows, format_example, after)
+    (thumbnail,) = Page(html).rows[0]["images"]
+    assert decode(thumbnail).size == (40, 80) and 'title="image 1 of 1, 40x80"' in html

@@ -52,3 +52,35 @@ def test_files_follow_the_umask(tmp_path, umask):
     finally:
         os.umask(old)
     assert mode(tmp_path / "a.json") == mode(tmp_path / "b.jsonl") == mode(plain) == 0o666 & ~umask
+
+
+def test_every_file_of_a_lora_run_a_merge_and_generate_follows_the_umask(tiny, tmp_path, capsys):
+    """Weights included: safetensors writes its files 0600 unless we give them the umask's mode."""
+    from helpers import modes_under
+    from test_recipe_custom import SCRIPT, shapes
+    from test_recipes import run_recipe
+
+    from phi3v import generate, merge_lora
+
+    data = tmp_path / "data"
+    records = [{"id": f"r{k}", "conversations": [{"images": [path], "user": "Colour?", "assistant": colour}]}
+               for k, (path, colour) in enumerate(shapes(data / "images", 4, seed=1))]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    old = os.umask(0o022)
+    try:
+        run_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir",
+                   str(tmp_path / "run"), "--use_lora", "--lora_rank", "4", "--batch_size", "2",
+                   "--batch_size_per_gpu", "2", "--max_steps", "1", "--save_steps", "1", "--max_eval_samples", "1",
+                   "--max_new_tokens", "2")
+        assert merge_lora.main(["--base", str(tiny), "--adapter", str(tmp_path / "run"), "--out",
+                                str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+        assert generate.main(["--model", str(tmp_path / "merged"), "--input", str(data / "test.jsonl"), "--output",
+                              str(tmp_path / "predictions" / "p.jsonl"), "--max_new_tokens", "2", "--no_tqdm"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint-1" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    for folder in ("run", "merged", "predictions"):
+        assert modes_under(tmp_path / folder, 0o022) == {}, folder

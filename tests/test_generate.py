@@ -300,3 +300,27 @@ def test_command_line_entry_point(tiny, images):
     expected = reference_answer(model, processor, PROMPT.format(tags="<|image_1|>\n", text="What colour is it?"),
                                 images[:1])
     assert result.stdout.strip() == expected
+
+
+def test_an_output_that_cannot_be_written_and_a_missing_model_stop_before_the_model_loads(tmp_path, capsys,
+                                                                                           monkeypatch):
+    from helpers import read_only_folder
+
+    monkeypatch.setattr("phi3v.generate.load_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "conversations": [{"user": "Hello?"}]}])
+    base = ["--model", "microsoft/Phi-3.5-vision-instruct", "--input", str(tmp_path / "in.jsonl")]
+    with read_only_folder() as parent:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--output", str(parent / "p.jsonl")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip().endswith(
+        f"error: --output {parent / 'p.jsonl'}: cannot write there (no permission to write in {parent})")
+    (tmp_path / "predictions").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--output", str(tmp_path / "predictions"), "--overwrite"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip().endswith(
+        f"error: --output {tmp_path / 'predictions'} is a folder: give the file to write (e.g. "
+        f"{tmp_path / 'predictions' / 'predictions.jsonl'})")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "nowhere" / "model"), "--prompt", "x"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip().endswith(
+        f"error: --model {tmp_path / 'nowhere' / 'model'}: no such folder")

@@ -231,3 +231,33 @@ def test_an_adapter_is_checked_against_its_base(tiny, tmp_path, capsys):
     assert main(["--base", str(same_shape), "--adapter", str(adapter), "--out", str(tmp_path / "b")]) == 0
     assert f"warning: the adapter {adapter} was trained on {tiny}, and is applied to {same_shape}" in (
         capsys.readouterr().err)
+
+
+def test_mistakes_are_found_before_the_merge_and_a_failed_write_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
+    from helpers import read_only_folder
+
+    adapter = make_adapter(tiny, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    loads = []
+    load = Phi3VForCausalLM.from_pretrained.__func__
+    monkeypatch.setattr(Phi3VForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or load(cls, *a, **k)))
+    assert main(["--base", str(tiny), "--adapter", str(adapter), "--out", str(out), "--max_shard_size", "5XB"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --max_shard_size 5XB: expected a positive size in TB, GB, MB or KB, e.g. 5GB or 500MB")
+    assert main(["--base", str(tmp_path / "nowhere" / "base"), "--adapter", str(adapter), "--out", str(out)]) == 1
+    assert f"error: --base {tmp_path / 'nowhere' / 'base'}: no such folder" in capsys.readouterr().err
+    with read_only_folder() as parent:
+        code = main(["--base", str(tiny), "--adapter", str(adapter), "--out", str(parent / "merged")])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --out {parent / 'merged'}: cannot write there (no permission to write in {parent})")
+    assert loads == [] and not out.exists()
+
+    # A write that fails midway leaves --out as it was (here: absent), so that the same command can run again.
+    monkeypatch.setattr(Phi3VProcessor, "save_pretrained", lambda self, *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    assert main(["--base", str(tiny), "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"]) == 1
+    assert "disk full" in capsys.readouterr().err and not out.exists()
+    monkeypatch.undo()
+    assert main(["--base", str(tiny), "--adapter", str(adapter), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert (out / "model.safetensors").is_file()

@@ -4,12 +4,13 @@ to vLLM and the original remote code; defaults picked from the data; bad data na
 import csv
 import importlib.util
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import check_loads_elsewhere
+from helpers import check_loads_elsewhere, modes_under
 from PIL import Image
 from test_recipes import ROOT, check_eval_file, run_recipe
 
@@ -113,6 +114,30 @@ def test_converted_jsonl_with_metric_none(tiny, tmp_path):
                "--metric", "none", "--eval_fraction", "0.34", "--skip_eval_before", "--max_new_tokens", "4")
     summary = check_eval_file(out / "eval_after.json", "none", 2)
     assert summary["score"] is None and all(e["score"] is None and "prediction" in e for e in summary["examples"])
+
+
+def test_eval_fraction_0_trains_without_evaluating_and_draws_the_curves(tiny, tmp_path, capsys):
+    """"--eval_fraction 0 with no test file trains without evaluating": the run ends with its curves, and so does
+    the re-run; every file it writes (weights and checkpoints included) has the mode the umask gives."""
+    data = tmp_path / "data"
+    (data / "train.json").parent.mkdir()
+    (data / "train.json").write_text(json.dumps(llava_records(data / "images", 4, seed=8)))
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir", str(out), "--deepspeed", "none",
+            "--batch_size", "2", "--batch_size_per_gpu", "2", "--max_steps", "1", "--save_steps", "1",
+            "--eval_fraction", "0"]
+    old = os.umask(0o022)
+    try:
+        for _ in range(2):  # the re-run finishes from the last checkpoint
+            run_recipe(SCRIPT, *argv)
+            printed = capsys.readouterr().out
+            assert f"Training curves: {out / 'training_curves.png'}" in printed
+            assert "Evaluation report: none (no evaluation rows)" in printed
+    finally:
+        os.umask(old)
+    assert (out / "model.safetensors").is_file() and (out / "checkpoint-1" / "model.safetensors").is_file()
+    assert not (out / "eval_after.json").exists() and not (out / "eval_report.html").exists()
+    assert modes_under(out, 0o022) == {}
 
 
 def load_script():

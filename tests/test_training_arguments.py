@@ -122,6 +122,8 @@ def test_deepspeed_by_mode(tmp_path, monkeypatch, capsys, leaves_no_process_grou
     (["--cache_vision_features", "--use_lora"], "--cache_vision_features needs --freeze_vision_model"),
     (["--batchsize", "8"], "unrecognized arguments: --batchsize 8 (did you mean --batch_size?)"),
     (["--batch", "8"], "unrecognized arguments: --batch"),  # no abbreviations: --batch is not --batch_size
+    (["--max_eval", "8"], "unrecognized arguments: --max_eval 8 (did you mean --max_eval_samples?)"),  # not --do_eval
+    (["--num_train_epochs", "0"], "--num_train_epochs must be above 0 (or --max_steps at least 1), got 0"),
 ])
 def test_flag_errors_are_one_line_naming_the_flag(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -200,3 +202,30 @@ def test_gradient_checkpointing_auto_by_default_true_false_and_the_budget(tmp_pa
         with pytest.raises(SystemExit) as exit:
             parse(tmp_path, *argv)
         assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_output_dir_in_a_folder_without_write_permission_is_a_flag_error(capsys):
+    from helpers import read_only_folder
+
+    parse_args(None, ["--deepspeed", "none", "--output_dir", "out"])  # what loads lazily, loaded as ourselves
+    capsys.readouterr()
+    with read_only_folder() as parent:
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(None, ["--deepspeed", "none", "--output_dir", str(parent / "runs" / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"error: --output_dir {parent / 'runs' / 'out'}: cannot write there (no permission to "
+                            f"write in {parent})"), err
+
+
+def test_fp16_on_cpu_says_it_trains_in_fp32(tmp_path, caplog, monkeypatch):
+    """The Trainer has no fp16 autocast on CPU: --fp16 there trains in fp32, and the run says so."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        args = parse(tmp_path, "--fp16")
+    assert not args.training.fp16 and not args.training.bf16
+    assert [r.getMessage() for r in caplog.records if "fp32" in r.getMessage()] == [
+        "--fp16: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 for bf16)."]
+    assert parse(tmp_path, "--num_train_epochs", "0", "--max_steps", "3").training.max_steps == 3

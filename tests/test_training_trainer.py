@@ -272,3 +272,29 @@ def test_only_the_saving_process_builds_the_state_dict_under_zero2(tiny_processo
     monkeypatch.setattr(trainer, "_save", lambda *a, **k: None)
     trainer.save_model(str(tmp_path / "final"))
     assert bool(built) == builds_state_dict
+
+
+def test_data_workers_leave_sigterm_to_the_main_process(tiny_processor, tmp_path, single_process):
+    """torchrun's SIGTERM reaches the whole process group: data workers that died of it ended the run with
+    "DataLoader worker ... killed by signal" before the step could finish and checkpoint."""
+    import multiprocessing
+    import os
+    import signal
+
+    from phi3v import Phi3VForCausalLM
+    from phi3v.tiny import tiny_config
+
+    args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none", "--dataloader_num_workers", "2",
+                            "--batch_size", "2", "--batch_size_per_gpu", "2",
+                            "--train_sampling_strategy", "sequential"])
+    trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training,
+                           train_dataset=TrainingSamples(list(range(16)), list(range(16))),
+                           data_collator=lambda rows: {"rows": torch.tensor(rows)})
+    loader = iter(trainer.get_train_dataloader())
+    rows = next(loader)["rows"].tolist()
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    rows += [n for batch in loader for n in batch["rows"].tolist()]
+    assert sorted(rows) == list(range(16)) and all(worker.exitcode in (None, 0) for worker in workers)

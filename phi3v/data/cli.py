@@ -136,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           help="Decode every image fully (slower; finds truncated files that only the header check misses).")
     validate.add_argument("--no-tqdm", "--no_tqdm", dest="no_tqdm", action="store_true", help="No progress bars.")
     args = parser.parse_args(argv)
-    if args.num_crops is not None and args.num_crops < 1:
-        parser.error("--num_crops must be at least 1")
+    for flag in ("num_crops", "max_seq_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     return validate_command(args)

@@ -13,7 +13,8 @@ Check a folder (schema, images, token counts) before training:
     python -m phi3v.data validate DATA_DIR [--num_crops 4 --max_seq_length 8192 --model_name_or_path M]
 
 The training scripts run the same checks through `load_jsonl_dataset` and stop at a bad line with
-FILE:LINE and what is wrong. LLaVA JSON and CSV files are read into this form (`phi3v.data.formats`) and
+FILE:LINE and what is wrong (an image that is there but cannot be read is named and skipped instead, within
+--max_bad_samples). LLaVA JSON and CSV files are read into this form (`phi3v.data.formats`) and
 checked by the same code (`check_records`).
 """
 
@@ -151,12 +152,14 @@ def validate_record(
     line: int | None = None,
     full_check: bool = False,
     size_cache: dict[str, tuple[int, int]] | None = None,
+    unreadable_images_ok: bool = False,
 ) -> list[tuple[int, int]]:
     """Checks one record; returns the (width, height) of its images (empty without images_dir).
 
     Schema, image paths (relative, inside images/), image tags; with `images_dir` also that every
     image exists and opens (header only; `full_check` decodes the pixels too). Raises ValidationError
-    naming `path:line` when given.
+    naming `path:line` when given. With `unreadable_images_ok` an image that is there but cannot be read
+    is no problem here (and has no size): a training run names and skips its record, as it does a Hub row's.
     """
     problem = _schema_problem(record)
     if problem:
@@ -174,6 +177,8 @@ def validate_record(
         try:
             size = image_size(file, full_check)
         except ValueError as e:
+            if unreadable_images_ok:
+                continue
             raise ValidationError(f"image {rel!r} {e}", path, line) from None
         if size_cache is not None:
             size_cache[rel] = size
@@ -246,6 +251,7 @@ def check_records(
     check_images: bool = True,
     full_check: bool = False,
     progress: bool = False,
+    unreadable_images_ok: bool = False,
 ) -> FileReport:
     """Checks records read from `path` (`validate_record`, unique ids, images under images_dir, which defaults
     to the images/ folder beside the file). Collects all problems instead of stopping."""
@@ -266,7 +272,8 @@ def check_records(
             continue
         try:
             sizes = validate_record(record, images_dir if check_images else None, path=where, line=line,
-                                    full_check=full_check, size_cache=cache)
+                                    full_check=full_check, size_cache=cache,
+                                    unreadable_images_ok=unreadable_images_ok)
         except ValidationError as e:
             report.problems.extend(replace(problem, record=index) for problem in e.problems)
             continue
@@ -290,11 +297,12 @@ def validate_file(
     check_images: bool = True,
     full_check: bool = False,
     progress: bool = False,
+    unreadable_images_ok: bool = False,
 ) -> FileReport:
     """Checks every line of a jsonl file (JSON, schema, unique ids, images under images_dir, which
     defaults to the images/ folder beside the file). Collects all problems instead of stopping."""
     return check_records(jsonl, read_jsonl(jsonl), images_dir, check_images=check_images, full_check=full_check,
-                         progress=progress)
+                         progress=progress, unreadable_images_ok=unreadable_images_ok)
 
 
 def valid_records(report: FileReport) -> Records:
@@ -311,9 +319,12 @@ def load_jsonl_dataset(data_dir: str | Path, split: str, *, check_images: bool =
                        full_check: bool = False) -> Records:
     """The records of one split (`find_split_file`), all validated (see `validate_file`), with their FILE:LINE.
 
-    Raises ValidationError listing every bad line as FILE:LINE: what is wrong."""
+    Raises ValidationError listing every bad line as FILE:LINE: what is wrong. An image that is there but cannot
+    be read is left to the run, which names and skips its record within --max_bad_samples (with `full_check`,
+    which decodes every image, it is a bad line too)."""
     return valid_records(validate_file(find_split_file(data_dir, split), Path(data_dir) / "images",
-                                       check_images=check_images, full_check=full_check))
+                                       check_images=check_images, full_check=full_check,
+                                       unreadable_images_ok=not full_check))
 
 
 def record_example(record: dict, images_dir: str | Path) -> tuple[list[dict], list]:

@@ -54,10 +54,12 @@ def _converted(record, path: Path, line: int | None, index: int | None):
 
 
 def validate_data_file(path: str | Path, images_dir: str | Path | None = None, *, check_images: bool = True,
-                       full_check: bool = False, progress: bool = False) -> FileReport:
-    """Reads and checks a data file of any format; images_dir defaults to the images/ folder beside it."""
+                       full_check: bool = False, progress: bool = False,
+                       unreadable_images_ok: bool = False) -> FileReport:
+    """Reads and checks a data file of any format; images_dir defaults to the images/ folder beside it
+    (`unreadable_images_ok`: see `converted.validate_record`)."""
     return check_records(path, read_records(path), images_dir, check_images=check_images, full_check=full_check,
-                         progress=progress)
+                         progress=progress, unreadable_images_ok=unreadable_images_ok)
 
 
 def data_files(folder: str | Path) -> list[Path]:
@@ -81,7 +83,8 @@ def load_own_data(path: str | Path, images_dir: str | Path | None = None, eval_f
     A folder holds `train.EXT` and optionally `test.EXT` (EXT: jsonl, json or csv; `NAME_train.EXT` also
     does) and, by default, the images in `images/`; a file's images are by default in `images/` beside it.
     Without test data, `eval_fraction` of the training records (at least one, chosen with `seed`) are held
-    out for evaluation; 0 means no evaluation. Raises ValidationError naming every problem.
+    out for evaluation; 0 means no evaluation. Raises ValidationError naming every problem (an image that is
+    there but cannot be read is left to the run, which names and skips its record).
     """
     path = Path(path)
     if not path.exists():
@@ -90,9 +93,9 @@ def load_own_data(path: str | Path, images_dir: str | Path | None = None, eval_f
     images_dir = Path(images_dir) if images_dir is not None else folder / "images"
     train_file = find_split_file(path, "train", SUFFIXES) if path.is_dir() else path
     test_file = find_split_file(path, "test", SUFFIXES, missing_ok=True) if path.is_dir() else None
-    train = valid_records(validate_data_file(train_file, images_dir))
+    train = valid_records(validate_data_file(train_file, images_dir, unreadable_images_ok=True))
     if test_file is not None:
-        test = valid_records(validate_data_file(test_file, images_dir))
+        test = valid_records(validate_data_file(test_file, images_dir, unreadable_images_ok=True))
         return OwnData(train, test, images_dir, f"the {len(test)} record(s) of {test_file.name}")
     train, held_out = hold_out_at_random(train, eval_fraction, seed)
     source = (f"{len(held_out)} record(s) held out from {train_file.name} (--eval_fraction {eval_fraction})"

@@ -26,6 +26,11 @@ def looks_like_a_path(name_or_path: str) -> bool:
     return not HUB_ID.match(name_or_path) or name_or_path.startswith(".")
 
 
+def missing_local_folder(name_or_path: str) -> bool:
+    """True for a local path that is not there (the Hub would answer it with "Repo id must be in the form ...")."""
+    return looks_like_a_path(name_or_path) and not Path(name_or_path).expanduser().exists()
+
+
 def load_hf_dataset(name_or_path: str, config_name: str | None = None, split: str = "train"):
     """One split of a Hub dataset, or of a local copy with the same schema.
 

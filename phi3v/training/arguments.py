@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from transformers.utils import logging
 
 from ..distributed import print_once
 from ..errors import SetupError, report_setup_errors
+from ..files import cannot_write_in
 from .sharding import enable_fsdp_on_cpu
 
 logger = logging.get_logger(__name__)
@@ -223,6 +225,18 @@ class Phi3VTrainingArguments(TrainingArguments):
         if self.batch_size < 1 or self.per_device_train_batch_size < 1:
             raise FlagError("--batch_size and --batch_size_per_gpu must be at least 1, got "
                             f"{self.batch_size} and {self.per_device_train_batch_size}")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:  # else the untrained model is saved as trained
+            raise FlagError(f"--num_train_epochs must be above 0 (or --max_steps at least 1), got "
+                            f"{self.num_train_epochs:g}")
+        if self.per_device_eval_batch_size < 1:
+            raise FlagError(f"--eval_batch_size must be at least 1, got {self.per_device_eval_batch_size}")
+        for name in self._VALID_DICT_FIELDS:  # transformers reads a value starting with "{" as JSON
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("{"):
+                try:
+                    json.loads(value)
+                except ValueError as e:
+                    raise FlagError(f"--{name} {value}: not valid JSON ({e})") from None
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         per_step = world_size * self.per_device_train_batch_size
         if self.batch_size % per_step:
@@ -262,13 +276,20 @@ class Phi3VTrainingArguments(TrainingArguments):
             self.use_cpu = True
         if self.fsdp and self.use_cpu:
             enable_fsdp_on_cpu()
-        if not self.bf16 and not self.fp16:
-            if self.use_cpu:  # the Trainer has no fp16 autocast on CPU: it would silently run fp32
+        if self.use_cpu and self.fp16:  # the Trainer has no fp16 autocast on CPU: it would silently run fp32
+            logger.warning("--fp16: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 for "
+                           "bf16).")
+            self.fp16 = False  # and evaluation computes in fp32 too, as training does
+        elif not self.bf16 and not self.fp16:
+            if self.use_cpu:
                 logger.warning("No GPU: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 "
                                "for bf16).")
             else:
                 self.fp16 = True  # the reference recipe: bf16 when asked for, else fp16
         super().__post_init__()
+        unknown = [name for name in self.report_to if name not in INTEGRATION_TO_CALLBACK]
+        if unknown:  # the Trainer would refuse it only once the model is loaded
+            raise FlagError(f"--report_to {unknown[0]}: not one of none, all, {', '.join(INTEGRATION_TO_CALLBACK)}")
 
 
 @dataclass
@@ -332,8 +353,11 @@ class RecipeArgumentParser(HfArgumentParser):
     def error(self, message: str):
         unknown = re.match(r"unrecognized arguments: (\S+)", message)
         if unknown:
+            flag = unknown.group(1).split("=")[0]
             flags = [option for action in self._actions for option in action.option_strings]
-            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1)
+            # A flag cut short (no abbreviations are taken) means one it begins, before any that merely look alike.
+            close = (difflib.get_close_matches(flag, [f for f in flags if f.startswith(flag)], n=1, cutoff=0)
+                     or difflib.get_close_matches(flag, flags, n=1))
             if close:
                 message += f" (did you mean {close[0]}?)"
         super().error(message)
@@ -380,6 +404,8 @@ def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = 
         task = build(task_arguments) if task_arguments else None
         if Path(values["output_dir"]).exists() and not Path(values["output_dir"]).is_dir():
             raise FlagError(f"--output_dir {values['output_dir']}: a file, not a folder")
+        if problem := cannot_write_in(values["output_dir"]):
+            raise FlagError(f"--output_dir {values['output_dir']}: cannot write there ({problem})")
         warn_ignored_flags(parser, values, lora)
         # The mode decides what the Trainer runs under, so these resolve before the Trainer's arguments exist.
         values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora, values["fsdp"])

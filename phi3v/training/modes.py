@@ -6,7 +6,6 @@ a model already built (the bench builds random ones), so both train exactly the 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +13,7 @@ from transformers import BitsAndBytesConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..attention import training_attention
-from ..data.hub import looks_like_a_path
+from ..data.hub import missing_local_folder
 from ..distributed import print_once
 from ..errors import SetupError
 from ..generation import use_chat_stop_tokens
@@ -94,7 +93,7 @@ def setup_mode(model: Phi3VForCausalLM, model_args: ModelArguments, lora: LoraAr
 
 def load_processor(model_name_or_path: str) -> Phi3VProcessor:
     """The checkpoint's processor: also the cheap check that --model_name_or_path is there, before the model loads."""
-    if looks_like_a_path(model_name_or_path) and not Path(model_name_or_path).expanduser().exists():
+    if missing_local_folder(model_name_or_path):
         raise SetupError(f"--model_name_or_path {model_name_or_path}: no such folder")
     try:
         return Phi3VProcessor.from_pretrained(model_name_or_path)

@@ -156,6 +156,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         curves, report = write_pictures(args, history, eval_rows, format_example, after)
         example_image = example_image or save_example_image(eval_rows, format_example, output_dir)
         command = try_command(str(output_dir), args.model.model_name_or_path, args.lora.use_lora, example_image)
+        report = report or "none (no evaluation rows)"
         print(f"Try it with:\n  {command}\nTraining curves: {curves}\nEvaluation report: {report}", flush=True)
 
 

@@ -18,18 +18,21 @@ EXAMPLE_IMAGE = "example_image.jpg"
 
 
 def write_pictures(args: RecipeArguments, log_history: Sequence[dict], eval_rows: Sequence[Any],
-                   format_example: FormatExample, after: dict) -> tuple[Path, Path]:
-    """Writes training_curves.png and eval_report.html; returns their paths.
+                   format_example: FormatExample, after: dict | None) -> tuple[Path, Path | None]:
+    """Writes training_curves.png and eval_report.html; returns their paths (the report's None without one).
 
-    `after` is the summary of the evaluation after training; the one before training is read from
-    eval_before.json, which the launch that started the run may have written (a resumed run).
+    `after` is the summary of the evaluation after training (None: the run had no evaluation rows, so it
+    draws the training curves only); the one before training is read from eval_before.json, which the
+    launch that started the run may have written (a resumed run).
     """
     output_dir = Path(args.training.output_dir)
     before_file = output_dir / "eval_before.json"
     before = None if args.data.skip_eval_before or not before_file.is_file() else json.loads(before_file.read_text())
-    curves = write_training_curves(output_dir / "training_curves.png", log_history, after["metric"],
-                                   before["score"] if before else None, after["score"],
+    curves = write_training_curves(output_dir / "training_curves.png", log_history, after and after["metric"],
+                                   before["score"] if before else None, after and after["score"],
                                    title=f"Training of {output_dir}")
+    if after is None:
+        return curves, None
     report = write_eval_report(output_dir / "eval_report.html", eval_rows, format_example, after, before,
                                log_history, title=f"Evaluation of {output_dir}")
     return curves, report

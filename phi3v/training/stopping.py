@@ -4,12 +4,15 @@ turn out unreadable, every process stops at the same optimizer step and a checkp
 Signals arrive at each process at its own moment, so the processes agree at each step's end (one
 all-reduce of two numbers) before any of them stops. Outside training (loading, evaluation) a signal
 stops the run at once: there is no step to finish and nothing new to save.
+
+DataLoader workers ignore both signals (`WorkersIgnoreStopSignals`): torchrun signals each worker's whole
+process group, and a data worker that died of it would end the run with a RuntimeError before its step.
 """
 
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -57,6 +60,25 @@ class StopSignals:
             yield
         finally:
             self.deferred = False
+
+
+class WorkersIgnoreStopSignals:
+    """A DataLoader `worker_init_fn` that makes the worker ignore SIGTERM and SIGINT, then calls `then`.
+
+    The main process decides when to stop and stops its workers itself. torch installs its own SIGTERM handler
+    in each worker (it exits at once), and a terminal's Ctrl-C or torchrun's SIGTERM reaches every process of
+    the group: a worker gone before the step ends makes the main process raise "DataLoader worker ... killed
+    by signal". A class, not a closure: under the spawn start method it is pickled to the worker.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None):
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
 
 
 class StopAtStepEnd(TrainerCallback):

@@ -25,6 +25,7 @@ from ..modeling import longrope_limit
 from ..processing import Phi3VProcessor
 from .checkpoints import mark_complete
 from .progress import LossProgressCallback
+from .stopping import WorkersIgnoreStopSignals
 from .vision_cache import VisionFeatureCache
 
 LENGTH_BUCKET = 64  # tokens; granularity of length-grouped batching
@@ -175,6 +176,7 @@ class Phi3VTrainer(Trainer):
     - Unreadable samples that batches report ("bad_samples") collected in `bad_samples`, each once.
     - Under ZeRO-1/2 only the saving process builds the state dict to save.
     - A progress bar that shows the last loss (`LossProgressCallback`).
+    - DataLoader workers that leave SIGTERM / SIGINT to the main process (see phi3v.training.stopping).
     - Evaluations during training (--eval_strategy) that log the task metric (`task_metric(model)`, an
       evaluation summary) as eval_<metric> beside eval_loss, so --metric_for_best_model can name it.
     """
@@ -185,6 +187,13 @@ class Phi3VTrainer(Trainer):
         self.bad_samples: list[str] = []
         if self.pop_callback(ProgressCallback):  # none with --disable_tqdm
             self.add_callback(LossProgressCallback)
+
+    def _get_dataloader(self, *args, **kwargs):
+        loader = super()._get_dataloader(*args, **kwargs)
+        inner = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper iterates the DataLoader it holds
+        if not isinstance(inner.worker_init_fn, WorkersIgnoreStopSignals):  # a cached (persistent) one is already
+            inner.worker_init_fn = WorkersIgnoreStopSignals(inner.worker_init_fn)
+        return loader
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
