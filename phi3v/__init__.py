@@ -15,7 +15,6 @@ quiet_library_notices()  # before transformers and the libraries it imports get 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor  # noqa: E402
 
 from .configuration import Phi3VConfig
-from .files import safetensors_follow_umask
 from .image_processing import Phi3VImageProcessor
 from .modeling import Phi3VForCausalLM, Phi3VModel
 from .processing import Phi3VProcessor
@@ -27,6 +26,5 @@ AutoImageProcessor.register(
     Phi3VConfig, image_processor_classes={"pil": Phi3VImageProcessor, "torchvision": Phi3VImageProcessor}
 )
 AutoProcessor.register(Phi3VConfig, Phi3VProcessor)
-safetensors_follow_umask()  # weights readable by whom the umask allows, like every other file we write
 
 __all__ = ["Phi3VConfig", "Phi3VForCausalLM", "Phi3VModel", "Phi3VImageProcessor", "Phi3VProcessor"]

@@ -17,27 +17,16 @@ def follow_umask(path: str | Path) -> None:
     os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~mask)
 
 
-def safetensors_follow_umask() -> None:
-    """Makes every safetensors file written from now on get the umask's mode, like any other file.
+def tree_follows_umask(folder: str | Path) -> None:
+    """Gives every file and folder below `folder` (itself included) the mode the umask gives.
 
-    safetensors 0.8 writes through a temporary file and renames it, so its files are 0600: a model that
-    colleagues and serving accounts cannot read. Every `save_file` (transformers' `save_pretrained`,
-    PEFT's adapters, the Trainer's checkpoints, merge_lora) calls `safetensors.torch.serialize_file`,
-    looked up at call time: wrapping it covers them all, however they imported `save_file`. Idempotent.
+    For what libraries write through a temporary file: safetensors 0.8 (model weights, adapters, checkpoints)
+    makes its files 0600, which colleagues and serving accounts cannot read.
     """
-    import safetensors.torch
-
-    serialize_file = safetensors.torch.serialize_file
-    if getattr(serialize_file, "follows_umask", False):
-        return
-
-    def serialize_file_following_umask(tensors, filename, *args, **kwargs):
-        result = serialize_file(tensors, filename, *args, **kwargs)
-        follow_umask(filename)
-        return result
-
-    serialize_file_following_umask.follows_umask = True
-    safetensors.torch.serialize_file = serialize_file_following_umask
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            follow_umask(path)
 
 
 def cannot_write_in(folder: str | Path) -> str | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .data.hub import missing_local_folder
-from .files import cannot_write_in
+from .files import cannot_write_in, tree_follows_umask
 from .generation import DTYPES, apply_adapter, processor_source, try_command, use_chat_stop_tokens
 from .remote_code import set_code_repo
 
@@ -120,6 +120,7 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
     try:
         merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
         processor.save_pretrained(out_dir)
+        tree_follows_umask(out_dir)
         problems = shape_differences(expected, checkpoint_shapes(out_dir))
         if problems:
             raise RuntimeError(f"{out_dir}: the written checkpoint differs from the base:\n  "

@@ -23,6 +23,7 @@ from ..errors import SetupError
 from ..images import upright_size
 from ..modeling import longrope_limit
 from ..processing import Phi3VProcessor
+from ..files import tree_follows_umask
 from .checkpoints import mark_complete
 from .progress import LossProgressCallback
 from .stopping import WorkersIgnoreStopSignals
@@ -234,6 +235,8 @@ class Phi3VTrainer(Trainer):
         if stage is not None and stage < 3 and not self.args.should_save:
             return
         super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # checkpoints come here too
+            tree_follows_umask(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotate below, once it is complete

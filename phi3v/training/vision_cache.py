@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..data.rows import UNREADABLE
 from ..distributed import is_main_process, main_process_decides, rank_and_world_size
 from ..errors import SetupError
+from ..files import follow_umask
 from ..modeling import Phi3VImageEmbedding
 
 KEY_FILE = "key.json"
@@ -167,6 +168,7 @@ class VisionFeatureCache:
         """Writes one row's features; a file is complete or absent (written aside, then renamed)."""
         partial = self.path(index).with_suffix(f".{os.getpid()}.partial")
         save_file({"features": features.contiguous()}, partial, metadata={"pixels": fingerprint})
+        follow_umask(partial)  # safetensors writes 0600
         os.replace(partial, self.path(index))
 
     def remove(self) -> None:
