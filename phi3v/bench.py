@@ -353,9 +353,12 @@ class Row:
     compile_backend: str | None = None  # timed steps run torch.compile(model), as --torch_compile does
 
 
-def run_config(row_config: Row, model, device, amp_dtype, peak_tflops) -> dict:
+def run_config(row_config: Row, model, device, amp_dtype, peak_tflops, useful_flops: dict | None = None) -> dict:
     """Times `model` on every batch of the row; MFU counts the model's FLOPs (what the step computes once), HFU
-    every FLOP executed (recomputation of checkpointed layers included), both over the timed batches."""
+    every FLOP executed (recomputation of checkpointed layers included), both over the timed batches.
+
+    `useful_flops`: the useful work's FLOPs by (mode, attention, checkpointing, cached features), shared by the
+    rows of a distribution (they time the same samples), so each is counted once."""
     name, groups, packing, full_logits = row_config.name, row_config.groups, row_config.packing, row_config.full_logits
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -396,13 +399,17 @@ def run_config(row_config: Row, model, device, amp_dtype, peak_tflops) -> dict:
         for batch in timed_batches:
             flops, again = count_step_flops(functools.partial(step, batch), model)
             executed, recomputed = executed + flops, recomputed + again
-    baseline_embedding = image_embedding(model) if full_logits else None
-    if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
-        del baseline_embedding.forward
-    alone = [collate([sample], False) for group in groups for sample in group]
-    useful = count_flops(lambda: useful_step(alone))
-    if baseline_embedding is not None:
-        baseline_embedding.forward = types.MethodType(all_crops_embedding, baseline_embedding)
+    useful_flops = {} if useful_flops is None else useful_flops
+    key = (row_config.mode, row_config.attn, row_config.checkpointing, row_config.cached)
+    if key not in useful_flops:
+        baseline_embedding = image_embedding(model) if full_logits else None
+        if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
+            del baseline_embedding.forward
+        alone = [collate([sample], False) for group in groups for sample in group]
+        useful_flops[key] = count_flops(lambda: useful_step(alone))
+        if baseline_embedding is not None:
+            baseline_embedding.forward = types.MethodType(all_crops_embedding, baseline_embedding)
+    useful = useful_flops[key]
 
     if row_config.compile_backend:  # FLOPs and (on CPU) memory were measured eagerly: compiling changes no FLOP
         model = torch.compile(model, backend=row_config.compile_backend)
@@ -620,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
                     configs.append(Row(f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order,
                                        packing=True))
             base_speed = {}  # mode -> the baseline's samples_per_s
+            useful_flops = {}  # see run_config
             for row_config in configs:
                 name, mode, full_logits = row_config.name, row_config.mode, row_config.full_logits
                 torch.manual_seed(0)
@@ -630,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
                     if full_logits:
                         embedding = image_embedding(model)
                         embedding.forward = types.MethodType(all_crops_embedding, embedding)
-                    row = run_config(row_config, model, device, amp_dtype, peak)
+                    row = run_config(row_config, model, device, amp_dtype, peak, useful_flops)
                 except (torch.OutOfMemoryError, ImportError) as error:  # report it, measure the rest
                     model = None
                     if device.type == "cuda":
