@@ -1,7 +1,7 @@
-"""Which attention kernel runs, and "sdpa_packed": SDPA over each sample of a packed row.
+"""Which attention kernel and 16-bit type run, and "sdpa_packed": SDPA over each sample of a packed row.
 
 The model takes transformers' `attn_implementation` names; this module registers one more,
-"sdpa_packed", and says which one a training run uses.
+"sdpa_packed", and says which one a training run uses, and whether the GPU computes bf16 natively.
 """
 
 from __future__ import annotations
@@ -97,6 +97,15 @@ def flash_attn_unusable() -> str | None:
     except Exception as e:  # noqa: BLE001 - a wheel built for another torch or CUDA fails in many ways
         return f"flash-attn does not load ({type(e).__name__}: {e})"
     return None
+
+
+def native_bf16(device: torch.device | str | None = None) -> bool:
+    """Whether this CUDA GPU (there must be one) computes bf16 natively: compute capability 8.0 (Ampere) or newer.
+
+    `torch.cuda.is_bf16_supported()` also says yes where bf16 is only emulated (V100, T4), many times slower
+    than fp16 there.
+    """
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def training_attention(flash_attention: bool, packing: bool) -> str:

@@ -4,12 +4,16 @@
     python -m phi3v.bench --size full --device cuda --distribution all --modes full frozen lora qlora --steps 10
     python -m phi3v.bench --size full --device meta --distribution all --modes full frozen lora qlora   # no GPU
 
-Trains for a fixed number of steps on generated inputs (random weights, no download) and prints one
-row per configuration: samples/s, tokens/s (real tokens), peak memory of a training step (GPU: the
-allocator's peak; CPU: live tensor bytes, see PeakTensorMemory), padding fraction (padding tokens /
-all tokens in the batches), executed/useful FLOPs (torch.utils.flop_counter; useful = the
-same samples one by one: no padding, real crops only, logits only where labels are not -100), bytes
-of the logits the loss reads, and MFU (on GPU, or anywhere with --peak_tflops). Each mode's baseline row
+Trains on generated inputs (random weights, no download), every row on the same samples (the first
+--steps x --batch_size), and prints one row per configuration: samples/s, tokens/s (real tokens), peak
+memory of a training step (GPU: the allocator's peak allocated and reserved; CPU: live tensor bytes, see
+PeakTensorMemory), padding fraction (padding tokens / all tokens in the batches), executed/useful FLOPs
+(torch.utils.flop_counter; useful = the same samples one by one: no padding, real crops only, logits only
+where labels are not -100), bytes of the logits the loss reads, and MFU (the model's FLOPs: no
+recomputation) beside HFU (every FLOP executed, checkpointed layers' recomputation included), both over
+the timed batches (on GPU, or anywhere with --peak_tflops). Steps autocast to bf16 on GPUs with native bf16,
+fp16 on older ones (V100, T4). The JSON rows name them samples_per_s, peak_allocated_gb, peak_reserved_gb,
+mfu and hfu. Each mode's baseline row
 behaves like the reference recipe in that mode: batch 1, every crop slot through CLIP, full-sequence
 logits, every layer checkpointed, eager attention (flash attention with --attn flash_attention_2, as the
 reference's --use_flash_attention); it is measured in the same run (--no_baseline skips it) and the
@@ -23,8 +27,11 @@ tokens), memes (one photo, num_crops 16), nlvr2 (two photos, num_crops 4).
 """
 
 import argparse
+import contextlib
+import functools
 import json
 import random
+import re
 import tempfile
 import time
 import types
@@ -37,9 +44,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from .attention import training_attention
+from .attention import native_bf16, training_attention
 from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
 from .image_processing import CROP_SIZE, hd_image_size, num_image_tokens
@@ -71,7 +79,25 @@ SIZES = {
     "full": None,
 }
 BASELINE = "baseline (reference)"  # the rows that behave as the reference recipe, one per mode
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+# Dense 16-bit tensor-core TFLOP/s with fp32 accumulation (bf16; fp16 on V100 and T4, which have no bf16), by
+# the words of torch.cuda.get_device_name(); the first entry whose words all appear wins.
+PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0,
+               "L4": 121.0, "A10": 125.0, "A6000": 155.0, "4090": 165.0, "3090": 71.0, "V100 PCIe": 112.0,
+               "V100": 125.0, "T4": 65.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The GPU's entry in PEAK_TFLOPS (None when it has none): "NVIDIA A10" is an A10, not an A100."""
+    words = set(re.split(r"[\s-]+", device_name))
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if set(key.split()) <= words), None)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """What the steps autocast to: bf16 on GPUs that compute it natively, fp16 on older ones (V100, T4 only emulate
+    bf16), none (fp32) on CPU."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16
 
 
 # torch's flop counter knows the GPU attention kernels but not the CPU one: count it the same way
@@ -270,6 +296,48 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+def count_step_flops(step, model: torch.nn.Module) -> tuple[int, int]:
+    """(FLOPs `step()` executes, the part of them that recomputes checkpointed layers in the backward pass).
+
+    A checkpointed layer hands its forward to its `_gradient_checkpointing_func` (transformers'
+    GradientCheckpointingLayer), which runs it once in the forward pass and again, in the backward pass, for
+    the recomputation: the FLOPs of those later runs are counted. They can be less than the layer's forward,
+    since non-reentrant checkpointing stops recomputing once the tensors the backward pass needs are back.
+    """
+    layers = [m for m in model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and m.training]
+    recomputed = 0
+
+    def counting(checkpoint):
+        def checkpointed(function, *args, **kwargs):
+            calls = 0
+
+            def run(*inner_args, **inner_kwargs):
+                nonlocal calls, recomputed
+                calls += 1
+                start = counter.get_total_flops()
+                try:
+                    return function(*inner_args, **inner_kwargs)
+                finally:  # a recomputation that stops early ends in an exception
+                    if calls > 1:
+                        recomputed += counter.get_total_flops() - start
+
+            return checkpoint(run, *args, **kwargs)
+
+        return checkpointed
+
+    originals = [layer._gradient_checkpointing_func for layer in layers]
+    for layer, original in zip(layers, originals):
+        layer._gradient_checkpointing_func = counting(original)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    finally:
+        for layer, original in zip(layers, originals):
+            layer._gradient_checkpointing_func = original
+    return counter.get_total_flops(), recomputed
+
+
 @dataclass
 class Row:
     """One configuration the bench measures."""
@@ -277,7 +345,7 @@ class Row:
     name: str
     mode: str
     attn: str
-    groups: list[list[Sample]]  # the batches, in order
+    groups: list[list[Sample]]  # the batches, in order: every row of a distribution times the same samples
     packing: bool = False
     full_logits: bool = False  # the reference's loss over every position (and all crop slots through CLIP)
     checkpointing: bool = True
@@ -285,7 +353,12 @@ class Row:
     compile_backend: str | None = None  # timed steps run torch.compile(model), as --torch_compile does
 
 
-def run_config(row_config: Row, model, steps, device, amp_dtype, peak_tflops) -> dict:
+def run_config(row_config: Row, model, device, amp_dtype, peak_tflops, useful_flops: dict | None = None) -> dict:
+    """Times `model` on every batch of the row; MFU counts the model's FLOPs (what the step computes once), HFU
+    every FLOP executed (recomputation of checkpointed layers included), both over the timed batches.
+
+    `useful_flops`: the useful work's FLOPs by (mode, attention, checkpointing, cached features), shared by the
+    rows of a distribution (they time the same samples), so each is counted once."""
     name, groups, packing, full_logits = row_config.name, row_config.groups, row_config.packing, row_config.full_logits
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -316,24 +389,28 @@ def run_config(row_config: Row, model, steps, device, amp_dtype, peak_tflops) ->
             loss.backward()
         optimizer.zero_grad(set_to_none=True)
 
-    first = collate(groups[0], packing)
-    executed = count_flops(lambda: step(first))
-    baseline_embedding = image_embedding(model) if full_logits else None
-    if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
-        del baseline_embedding.forward
-    alone = [collate([sample], False) for sample in groups[0]]
-    useful = count_flops(lambda: useful_step(alone))
-    if baseline_embedding is not None:
-        baseline_embedding.forward = types.MethodType(all_crops_embedding, baseline_embedding)
-
-    if device.type == "cuda":  # warm-up; the timed steps measure the allocator's peak
-        step(first)
-    else:  # warm-up, with the optimizer states that the first step created
-        with PeakTensorMemory(training_state(model, optimizer)) as memory:
-            step(first)
-    timed = [groups[1 + i % (len(groups) - 1)] for i in range(steps)]
     # Batches are built before the clock starts, as DataLoader workers build them ahead of the GPU.
-    timed_batches = [collate(group, packing) for group in timed]
+    timed_batches = [collate(group, packing) for group in groups]
+    # FLOPs are counted on the very batches that are timed, before the clock; these steps also warm up
+    # (on CPU they give the peak memory, the optimizer states that the first one creates included).
+    memory = PeakTensorMemory(training_state(model, optimizer)) if device.type != "cuda" else contextlib.nullcontext()
+    executed = recomputed = 0
+    with memory:
+        for batch in timed_batches:
+            flops, again = count_step_flops(functools.partial(step, batch), model)
+            executed, recomputed = executed + flops, recomputed + again
+    useful_flops = {} if useful_flops is None else useful_flops
+    key = (row_config.mode, row_config.attn, row_config.checkpointing, row_config.cached)
+    if key not in useful_flops:
+        baseline_embedding = image_embedding(model) if full_logits else None
+        if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
+            del baseline_embedding.forward
+        alone = [collate([sample], False) for group in groups for sample in group]
+        useful_flops[key] = count_flops(lambda: useful_step(alone))
+        if baseline_embedding is not None:
+            baseline_embedding.forward = types.MethodType(all_crops_embedding, baseline_embedding)
+    useful = useful_flops[key]
+
     if row_config.compile_backend:  # FLOPs and (on CPU) memory were measured eagerly: compiling changes no FLOP
         model = torch.compile(model, backend=row_config.compile_backend)
         for batch in timed_batches:  # compiles (and recompiles for each new length) before the clock
@@ -349,22 +426,30 @@ def run_config(row_config: Row, model, steps, device, amp_dtype, peak_tflops) ->
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     elapsed = sum(seconds)
-    samples = sum(len(g) for g in timed)
-    tokens = sum(len(s.input_ids) for g in timed for s in g)
-    executed_per_sample = executed / len(groups[0])
-    row = {
+    samples = sum(len(g) for g in groups)
+    tokens = sum(len(s.input_ids) for g in groups for s in g)
+    cuda = device.type == "cuda"
+
+    def utilisation(flops: int) -> float | None:
+        return flops / elapsed / (peak_tflops * 1e12) if peak_tflops else None
+
+    return {
         "config": name,
-        "samples/s": samples / elapsed,
-        "tokens/s": tokens / elapsed,
-        "peak GB": (torch.cuda.max_memory_allocated() if device.type == "cuda" else memory.peak) / 1e9,
-        "padding": 0.0 if packing else padding_fraction(timed),
+        "samples": samples,
+        "tokens": tokens,
+        "samples_per_s": samples / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "peak_allocated_gb": (torch.cuda.max_memory_allocated() if cuda else memory.peak) / 1e9,
+        "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None,  # CPU: no allocator cache
+        "padding": 0.0 if packing else padding_fraction(groups),
         "exec/useful": executed / useful,
         "logits MB": logit_bytes / 1e6,
+        "model TFLOP": (executed - recomputed) / 1e12,
+        "executed TFLOP": executed / 1e12,
+        "mfu": utilisation(executed - recomputed),
+        "hfu": utilisation(executed),
         "step seconds": seconds,
     }
-    if peak_tflops:
-        row["MFU"] = executed_per_sample * samples / elapsed / (peak_tflops * 1e12)
-    return row
 
 
 META_SAMPLES = 4  # samples per distribution whose steps are measured on the meta device
@@ -467,15 +552,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Crops per image instead of the distribution's own (docvqa and memes 16, nlvr2 4).")
     parser.add_argument("--batch_size", type=int, default=4,
                         help="Per-device batch of the batched rows (padded, packed); 1: batch-1 rows only.")
-    parser.add_argument("--steps", type=int, default=3, help="Timed optimizer steps per configuration.")
-    parser.add_argument("--num_samples", type=int, default=400, help="Generated samples (padding statistics).")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="Timed batches of the batched rows; the batch-1 rows time the same samples one by one "
+                             "(--steps x --batch_size optimizer steps).")
+    parser.add_argument("--num_samples", type=int, default=400,
+                        help="Generated samples (padding statistics); the first --steps x --batch_size are timed.")
     parser.add_argument("--no_baseline", action="store_true", help="Skip the reference-like baseline rows.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda; meta: no timing, FLOPs and memory per GPU at any size in seconds (sizing).")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"],
                         help="Attention of our rows (packed rows without flash-attn: SDPA per sample); the baselines run "
                              "flash_attention_2 when it is picked (the reference's --use_flash_attention), else eager.")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="Device peak dense TFLOPS for MFU (default: by GPU name; none on CPU).")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="Device peak dense 16-bit TFLOP/s for MFU and HFU (default: by GPU name, see PEAK_TFLOPS; "
+                             "none on CPU).")
     parser.add_argument("--torch_compile_backend", default=None,
                         help="Also time each mode's batch-1 row (no checkpointing) under torch.compile with this "
                              "backend, as the recipes' --torch_compile does (inductor; compiling takes minutes on CPU).")
@@ -493,10 +583,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return
-    amp_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    amp_dtype = autocast_dtype(device)
     peak = args.peak_tflops
     if device.type == "cuda" and peak is None:
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+        peak = peak_tflops(torch.cuda.get_device_name(device))
+    timed = args.steps * args.batch_size
+    if args.num_samples < timed:
+        raise SystemExit(f"error: --num_samples {args.num_samples} is fewer than the --steps x --batch_size = {timed} "
+                         "samples every row times")
     config = make_config(args.size)
     distributions = list(DISTRIBUTIONS) if args.distribution == "all" else [args.distribution]
     rows = []
@@ -508,7 +602,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f} "
                   f"tokens; padding at batch {args.batch_size}: {padding_fraction(random_order):.1%} in random order, "
                   f"{padding_fraction(grouped):.1%} length-grouped", flush=True)
-            one_by_one = batches(samples, 1, False)
+            # Every row times the same samples: the batch-1 rows one by one, the batched rows in --steps batches.
+            pool = samples[:timed]
+            one_by_one, grouped, random_order = (batches(pool, 1, False), batches(pool, args.batch_size, True),
+                                                 batches(pool, args.batch_size, False))
             configs = []
             flash = args.attn == "flash_attention_2"
             attn, packed_attn = training_attention(flash, packing=False), training_attention(flash, packing=True)
@@ -529,7 +626,8 @@ def main(argv: list[str] | None = None) -> None:
                     configs.append(Row(f"{mode} b{args.batch_size} padded+grouped", mode, attn, grouped))
                     configs.append(Row(f"{mode} b{args.batch_size} packed", mode, packed_attn, random_order,
                                        packing=True))
-            base_speed = {}  # mode -> the baseline's samples/s
+            base_speed = {}  # mode -> the baseline's samples_per_s
+            useful_flops = {}  # see run_config
             for row_config in configs:
                 name, mode, full_logits = row_config.name, row_config.mode, row_config.full_logits
                 torch.manual_seed(0)
@@ -540,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
                     if full_logits:
                         embedding = image_embedding(model)
                         embedding.forward = types.MethodType(all_crops_embedding, embedding)
-                    row = run_config(row_config, model, args.steps, device, amp_dtype, peak)
+                    row = run_config(row_config, model, device, amp_dtype, peak, useful_flops)
                 except (torch.OutOfMemoryError, ImportError) as error:  # report it, measure the rest
                     model = None
                     if device.type == "cuda":
@@ -552,9 +650,9 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 row["distribution"] = distribution
                 if full_logits:
-                    base_speed[mode] = row["samples/s"]
-                if mode in base_speed:  # same work: against the reference's step in the same mode
-                    row["vs baseline"] = row["samples/s"] / base_speed[mode]
+                    base_speed[mode] = row["samples_per_s"]
+                if mode in base_speed:  # same samples: against the reference's step in the same mode
+                    row["vs baseline"] = row["samples_per_s"] / base_speed[mode]
                 rows.append(row)
                 print(format_row(row), flush=True)
                 del model
@@ -563,11 +661,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def format_row(row: dict) -> str:
-    extra = f"  MFU {row['MFU']:.1%}" if "MFU" in row else ""
+    utilisation = f"  MFU {row['mfu']:.1%} HFU {row['hfu']:.1%}" if row["mfu"] is not None else ""
+    reserved = f" ({row['peak_reserved_gb']:.2f} reserved)" if row["peak_reserved_gb"] is not None else ""
     versus = f"  x{row['vs baseline']:.2f} vs baseline" if "vs baseline" in row else ""
-    return (f"  {row['config']:<28} {row['samples/s']:7.3g} samples/s {row['tokens/s']:9.0f} tok/s  "
-            f"peak {row['peak GB']:6.2f} GB  padding {row['padding']:5.1%}  exec/useful {row['exec/useful']:.3f}  "
-            f"logits {row['logits MB']:8.1f} MB{extra}{versus}")
+    return (f"  {row['config']:<28} {row['samples_per_s']:7.3g} samples/s {row['tokens_per_s']:9.0f} tok/s  "
+            f"peak {row['peak_allocated_gb']:6.2f} GB{reserved}  padding {row['padding']:5.1%}  "
+            f"exec/useful {row['exec/useful']:.3f}  logits {row['logits MB']:8.1f} MB{utilisation}{versus}")
 
 
 if __name__ == "__main__":

@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Weights precision (default auto: bf16 on GPUs that support it, else fp16; fp32 on CPU).")
     hw.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available, else cpu).")
     hw.add_argument("--attn_implementation", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
-                    help="Attention kernel (default sdpa; flash_attention_2 falls back to sdpa without flash-attn).")
+                    help="Attention kernel (default sdpa; flash_attention_2 falls back to sdpa without flash-attn, "
+                         "before Ampere, or with fp32 weights).")
     return parser
 
 

@@ -19,6 +19,8 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 from transformers.generation.utils import GenerationMixin
 
+from .attention import native_bf16
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_PROMPT = "Describe the image."
 
@@ -147,14 +149,11 @@ def length_sorted_batches(
 # ----------------------------------------------------------------------------- loading
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """`--dtype`: "auto" is bf16 on GPUs with native bf16 (Ampere and newer), fp16 on older GPUs, fp32 on CPU.
-
-    `torch.cuda.is_bf16_supported()` also says yes where bf16 is only emulated (V100, T4), which is slow.
-    """
+    """`--dtype`: "auto" is bf16 on GPUs with native bf16 (Ampere and newer), fp16 on older GPUs, fp32 on CPU."""
     if name != "auto":
         return DTYPES[name]
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.get_device_capability(torch.device(device))[0] >= 8 else torch.float16
+        return torch.bfloat16 if native_bf16(torch.device(device)) else torch.float16
     return torch.float32
 
 
@@ -214,7 +213,12 @@ def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str =
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ValueError(f"--adapter {adapter}: no adapter_config.json in it (is it a LoRA output folder?)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = Phi3VForCausalLM.from_pretrained(model_name, dtype=resolve_dtype(dtype, device),
+    weights_dtype = resolve_dtype(dtype, device)
+    if attn_implementation == "flash_attention_2" and weights_dtype == torch.float32:
+        print("notice: --attn_implementation flash_attention_2 runs bf16/fp16 only (flash-attn rejects fp32 "
+              "weights): using sdpa with --dtype fp32", file=sys.stderr)
+        attn_implementation = "sdpa"
+    model = Phi3VForCausalLM.from_pretrained(model_name, dtype=weights_dtype,
                                              attn_implementation=attn_implementation, device_map={"": device})
     if adapter is not None:
         model = apply_adapter(model, adapter, model_name)

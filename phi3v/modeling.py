@@ -238,12 +238,16 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         image_sizes: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         decoding: bool = False,
+        prompt_cache=None,
     ) -> torch.Tensor:
         """Token embeddings with image features written at the positions where `input_ids < 0`.
 
         The features are `vision_embed_tokens(pixel_values, image_sizes)`, or `image_features` when given:
         that output computed before ([image tokens, hidden], images in order; a frozen tower's, see
-        phi3v.training.vision_cache). `decoding`: a generation step after the prompt (images never come then).
+        phi3v.training.vision_cache; empty for text only). With them the vision tower does not run at all.
+        `decoding`: a generation step after the prompt (images never come then). `prompt_cache`: the cache of
+        a prompt's pass in generate(); its image features (empty for text only) are kept with it, for the
+        recomputation at LongRoPE's switch (Phi3VForCausalLM.prepare_inputs_for_generation).
         """
         inputs_embeds = self.embed_tokens(input_ids.clamp(min=0))
         image_positions = (input_ids < 0).unsqueeze(-1)
@@ -255,8 +259,12 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
                     "input_ids contain image positions (negative ids) but no pixel_values/image_sizes were given; "
                     "build inputs with Phi3VProcessor(text, images)."
                 )
+            if prompt_cache is not None:
+                prompt_cache.prompt_image_features = torch.zeros(0)
             return inputs_embeds + (0.0 if decoding else self.unused_vision_term(inputs_embeds))
         features = self.vision_embed_tokens(pixel_values, image_sizes) if image_features is None else image_features
+        if prompt_cache is not None:
+            prompt_cache.prompt_image_features = features
         if checked and features.shape[0] != int(image_positions.sum()):
             raise ValueError(
                 f"input_ids have {int(image_positions.sum())} image positions but the images give "
@@ -298,7 +306,8 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
         cache = kwargs.get("past_key_values")
         decoding = cache is not None and cache.get_seq_length() > 0
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_features, decoding)
+            prompt_cache = cache if cache is not None and not decoding else None
+            inputs_embeds = self.embed(input_ids, pixel_values, image_sizes, image_features, decoding, prompt_cache)
         if self.config._attn_implementation == "sdpa_packed" and not decoding:
             # The sample boundaries read once per forward pass, not in every layer (a GPU-to-host copy each).
             kwargs["packed_bounds"] = sample_bounds(kwargs.get("position_ids"), kwargs.get("cu_seq_lens_q"))
@@ -414,17 +423,27 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         return input_ids, model_kwargs
 
     def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_sizes=None, **kwargs):
-        """Images go in at prefill, and again when Phi-3 drops the cache at LongRoPE's switch.
+        """Images go in at prefill; when Phi-3 drops the cache at LongRoPE's switch, the features computed then.
 
         Once a sequence grows past `original_max_position_embeddings` (4,096), Phi-3 recomputes it
-        whole with the long factors instead of reusing keys cached with the short ones; that pass
-        reads the image positions again, so it needs the pixels too.
+        whole with the long factors instead of reusing keys cached with the short ones. That pass reads
+        the image positions again and gets the prefill's image features (kept with the cache by
+        Phi3VModel.forward): the vision tower does not run again. Under sharded weights (ZeRO-3, FSDP2,
+        synced_gpus) it would gather its weights while the ranks that did not cross take a decode step
+        without it: different collectives, and the run hangs.
         """
+        cache = kwargs.get("past_key_values")
         inputs = super().prepare_inputs_for_generation(
             input_ids, pixel_values=pixel_values, image_sizes=image_sizes, **kwargs
         )
-        if pixel_values is not None and "pixel_values" not in inputs and inputs.get("past_key_values") is None:
-            inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)
+        dropped = cache is not None and cache.get_seq_length() > 0 and inputs.get("past_key_values") is None
+        features = getattr(cache, "prompt_image_features", None) if dropped else None
+        if features is not None:
+            inputs.pop("pixel_values", None)
+            inputs.pop("image_sizes", None)
+            inputs["image_features"] = features
+        elif pixel_values is not None and "pixel_values" not in inputs and inputs.get("past_key_values") is None:
+            inputs.update(pixel_values=pixel_values, image_sizes=image_sizes)  # a cache that was filled elsewhere
         return inputs
 
 

@@ -324,3 +324,23 @@ def test_an_output_that_cannot_be_written_and_a_missing_model_stop_before_the_mo
         main(["--model", str(tmp_path / "nowhere" / "model"), "--prompt", "x"])
     assert exit_info.value.code == 2 and capsys.readouterr().err.strip().endswith(
         f"error: --model {tmp_path / 'nowhere' / 'model'}: no such folder")
+
+
+def test_flash_attention_with_fp32_weights_falls_back_to_sdpa(tiny, images, capsys, monkeypatch):
+    """flash-attn rejects fp32 tensors: on a GPU where it would run, --dtype fp32 loads SDPA, with a notice."""
+    from phi3v import modeling
+
+    monkeypatch.setattr(modeling, "flash_attn_unusable", lambda: None)  # an Ampere GPU with flash-attn installed
+    loads = []
+    original = Phi3VForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        loads.append((kwargs["attn_implementation"], kwargs["dtype"]))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Phi3VForCausalLM, "from_pretrained", classmethod(from_pretrained))
+    code, out, err = run(capsys, "--model", tiny, "--image", images[0], "--prompt", "What colour is it?",
+                         "--max_new_tokens", 4, "--dtype", "fp32", "--attn_implementation", "flash_attention_2")
+    assert code == 0 and out.strip()
+    assert loads == [("sdpa", torch.float32)]
+    assert "notice: --attn_implementation flash_attention_2 runs bf16/fp16 only" in err

@@ -222,25 +222,58 @@ def test_generate_with_and_without_cache_agree_and_images_only_in_prefill(model)
     assert torch.equal(cached, uncached)
 
 
-def test_generate_across_the_longrope_switch_gives_the_images_again():
-    """Past original_max_position_embeddings Phi-3 drops its cache and recomputes the whole sequence."""
+def generation_steps_running_the_tower(model, **generate_kwargs) -> tuple[torch.Tensor, list[int]]:
+    """generate()'s output, and the forward passes (numbered from 0) in which the vision tower ran."""
+    steps, tower_steps = [], []
+    hooks = [model.model.register_forward_pre_hook(lambda *a: steps.append(len(steps))),
+             model.model.vision_embed_tokens.register_forward_hook(lambda *a: tower_steps.append(steps[-1]))]
+    try:
+        return model.generate(**generate_kwargs), tower_steps
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_generate_across_the_longrope_switch_reuses_the_prompts_image_features():
+    """Past original_max_position_embeddings Phi-3 drops its cache and recomputes the whole sequence: with the image
+    features of the prefill, not by running the vision tower again (under ZeRO-3/FSDP2 the other ranks, taking a decode
+    step, would not join its collectives)."""
     crops = [(1, 1)]
     ids = torch.tensor([prompt_ids(crops)])
     torch.manual_seed(0)
     model = Phi3VForCausalLM(tiny_config(original_max_position_embeddings=ids.shape[1] + 2)).eval()
     pixel_values, image_sizes = image_inputs(crops, max_crops=2)
-    vision_calls = []
-    hook = model.model.vision_embed_tokens.register_forward_hook(lambda *a: vision_calls.append(1))
     common = dict(input_ids=ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=6, do_sample=False,
                   eos_token_id=None)
-    try:
-        cached = model.generate(**common)
-        assert len(vision_calls) == 2  # prefill, then the recomputation at the switch
-        uncached = model.generate(**common, use_cache=False)
-    finally:
-        hook.remove()
+    recomputed = []
+    original = model.prepare_inputs_for_generation
+
+    def prepare(*args, **kwargs):
+        inputs = original(*args, **kwargs)
+        recomputed.append("image_features" in inputs)
+        return inputs
+
+    model.prepare_inputs_for_generation = prepare
+    cached, tower_steps = generation_steps_running_the_tower(model, **common)
+    assert recomputed == [False, False, False, True, False, False]  # the switch: past limit + 1 tokens
+    assert tower_steps == [0]  # the prefill only
+    uncached, tower_steps = generation_steps_running_the_tower(model, **common, use_cache=False)
     assert cached.shape[1] == ids.shape[1] + 6
-    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, uncached)  # the same answer as recomputing everything at every step
+
+
+def test_sharded_text_only_generation_runs_the_tower_at_prefill_only(monkeypatch):
+    """Under sharded weights a text-only prompt runs the tower on a blank crop at prefill, as image prompts on other ranks
+    do; at LongRoPE's switch it must not, as no rank does."""
+    from phi3v import modeling
+
+    ids = torch.tensor([[1, *range(5, 30)]])
+    torch.manual_seed(0)
+    model = Phi3VForCausalLM(tiny_config(original_max_position_embeddings=ids.shape[1] + 2)).eval()
+    monkeypatch.setattr(modeling, "parameters_are_sharded", lambda module: True)
+    output, tower_steps = generation_steps_running_the_tower(model, input_ids=ids, max_new_tokens=6, do_sample=False,
+                                                             eos_token_id=None)
+    assert output.shape[1] == ids.shape[1] + 6 and tower_steps == [0]
 
 
 def test_generate_stops_on_end_token(model):

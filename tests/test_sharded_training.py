@@ -7,6 +7,7 @@ single-process run's, be saved in the Hub layout, and a resumed run must equal a
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def test_sharded_full_finetuning_on_mixed_batches_matches_one_process_and_resume
     # Evaluation before (partitioned weights, no engine yet) and after (gathered per module, ranks in step);
     # rank 1 answers 2 text-only rows, rank 0 3 image rows: rank 1 makes a filler generate call.
     check_eval_file(straight / "eval_before.json", "accuracy", 5)
+    # FSDP2 evaluates before training once the Trainer has sharded the model: no rank holds it whole.
+    assert re.search(r"Evaluation before training: accuracy [\d.]+ on 5 examples \(weights sharded", result.stdout)
     after = check_eval_file(straight / "eval_after.json", "accuracy", 5)
     assert [e["question"].startswith("Say the word") for e in after["examples"]] == [False, True, False, True, False]
 
@@ -102,3 +105,14 @@ def test_sharded_frozen_vision_trains_the_language_model_only(strategy, tiny, mi
     vision = [name for name in before if name.startswith("model.vision_embed_tokens.")]
     assert vision and all(torch.equal(before[name], after[name]) for name in vision)
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    if strategy == "zero3":
+        # The feature pre-pass runs before the DeepSpeed engine: it gathers the partitioned tower itself (its
+        # convolution got empty weight slices), and trains as the uncached run does.
+        cached = tmp_path / "cached"
+        result = torchrun_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--freeze_vision_model",
+                                 "--cache_vision_features", "--max_steps", "2", "--skip_eval_before",
+                                 "--max_eval_samples", "2", "--output_dir", str(cached))
+        assert re.search(r"\(([1-9]\d*) computed now\)", result.stdout)  # rank 0's share of the image rows
+        with_cache = weights(cached / "model.safetensors")
+        for name in after:
+            torch.testing.assert_close(with_cache[name], after[name], rtol=1e-5, atol=1e-6)

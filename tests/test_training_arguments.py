@@ -160,6 +160,30 @@ def test_several_gpus_in_one_process_are_refused(tmp_path, monkeypatch, capsys):
     assert "4 GPUs are visible to one process: run it with torchrun --nproc_per_node=4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("gpu, capability, bf16", [("Tesla V100-SXM2-16GB", (7, 0), False), ("Tesla T4", (7, 5), False),
+                                                  ("NVIDIA A100-SXM4-80GB", (8, 0), True)])
+def test_bf16_is_replaced_by_fp16_where_the_gpu_only_emulates_it(tmp_path, monkeypatch, gpu, capability, bf16):
+    """torch.cuda.is_bf16_supported(), which transformers checks, says yes on V100 and T4 too (emulated, slow)."""
+    import torch
+
+    from phi3v.training import arguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)
+    # transformers' own checks would set the (absent) device up: they pass where torch says bf16 is supported.
+    monkeypatch.setattr(arguments.TrainingArguments, "__post_init__", lambda self: None)
+    warnings = []
+    monkeypatch.setattr(arguments.logger, "warning", warnings.append)
+    training = parse(tmp_path, "--use_lora", "--bf16").training
+    assert (training.bf16, training.fp16) == (bf16, not bf16)
+    assert [w for w in warnings if w.startswith("--bf16")] == ([] if bf16 else [
+        f"--bf16: {gpu} (compute capability {capability[0]}.{capability[1]}) only emulates bf16, many times slower: "
+        "training in fp16 instead."])
+
+
 def test_zero2_accumulates_gradients_in_fp32():
     """bf16/fp16 gradients summed over 8-16 micro-batches lose precision (DeepSpeed warns): fp32 accumulation."""
     import json

@@ -98,3 +98,37 @@ def test_the_recipe_plans_at_the_start_of_training_and_trains_as_with_checkpoint
     assert "checkpointing 0 of 2 LM layers, 0 of 2 CLIP layers" in capsys.readouterr().out
     for name, weight in everywhere.items():
         assert torch.equal(auto[name], weight), name
+
+
+def test_the_budget_is_the_free_gpu_memory_less_the_communication_buffers(monkeypatch):
+    """Not a share of the total: other processes, the CUDA context and DeepSpeed's buckets are not the step's."""
+    import json
+    from types import SimpleNamespace
+
+    from phi3v.training import checkpointing
+    from test_recipes import ROOT
+
+    gb = 10**9
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * gb, 80 * gb))  # 50 GB held elsewhere
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 12 * gb)  # this process's weights so far
+    cuda = torch.device("cuda", 0)
+    assert checkpointing.memory_budget(None, cuda) == 42 * gb - 4 * gb  # less 5% of 80 GB for fragmentation
+    assert checkpointing.memory_budget(None, cuda, reserve_bytes=5 * gb) == 33 * gb
+    assert checkpointing.memory_budget(7.5, cuda, reserve_bytes=5 * gb) == 7.5 * gb  # --memory_budget_gb as given
+
+    # ZeRO-2 (the shipped config): two 5e8-element fp32 reduce buckets (overlap_comm); the all-gather has none.
+    zero2 = json.loads((ROOT / "ds_config_zero2.json").read_text())
+    assert checkpointing.deepspeed_buffer_bytes(zero2) == 2 * 5 * 10**8 * 4
+    assert checkpointing.deepspeed_buffer_bytes({**zero2, "data_types": {}}) == 2 * 5 * 10**8 * 2
+    # ZeRO-3 as the Trainer finalises "auto" (hidden_size 3072): a 16-bit reduce bucket and the prefetch bucket.
+    zero3 = json.loads((ROOT / "ds_config_zero3.json").read_text())
+    zero3["zero_optimization"].update(reduce_bucket_size=3072**2, stage3_prefetch_bucket_size=int(0.9 * 3072**2))
+    assert checkpointing.deepspeed_buffer_bytes(zero3) == 2 * (3072**2 + int(0.9 * 3072**2))
+    assert checkpointing.deepspeed_buffer_bytes(None) == 0
+
+    def training(world_size, config=None):
+        return SimpleNamespace(world_size=world_size,
+                               hf_deepspeed_config=SimpleNamespace(config=config) if config else None)
+
+    assert checkpointing.communication_reserve(training(1)) == 0
+    assert checkpointing.communication_reserve(training(4, zero2)) == 4 * 10**9 + checkpointing.NCCL_RESERVE_BYTES

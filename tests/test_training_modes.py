@@ -53,18 +53,20 @@ def test_lora_target_modules(tiny_model):
 @pytest.fixture
 def half_only_attention(monkeypatch):
     """A stand-in for transformers' flash attention: fp32 queries go to the dtype `get_target_dtype` picks (the
-    autocast dtype, else the layer's weights'), and like flash-attn it refuses what is still fp32."""
+    autocast dtype, else the layer's weights'), and like flash-attn it refuses what is still fp32. Gives the dtypes it
+    saw and, for each call, (whether gradients were on, whether autocast's cache was on)."""
     from transformers import AttentionInterface
     from transformers.integrations.flash_attention import get_target_dtype
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from phi3v.training import modes
 
-    seen = []
+    seen, grad_and_cache = [], []
 
     def half_only(module, query, key, value, *args, **kwargs):
         dtype = get_target_dtype(query, module) or query.dtype
         seen.append(dtype)
+        grad_and_cache.append((torch.is_grad_enabled(), torch.is_autocast_cache_enabled()))
         if dtype not in (torch.float16, torch.bfloat16):
             raise RuntimeError(f"FlashAttention only supports fp16 and bf16, got {dtype}")
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
@@ -75,21 +77,27 @@ def half_only_attention(monkeypatch):
 
     ALL_MASK_ATTENTION_FUNCTIONS.register("half_only", sdpa_mask)
     monkeypatch.setattr(modes, "training_attention", lambda flash, packing: "half_only")
-    return seen
+    return seen, grad_and_cache
 
 
 @pytest.mark.parametrize("mode", [["--deepspeed", "none"], ["--deepspeed", "none", "--freeze_vision_model"],
                                   ["--use_lora", "--lora_rank", "4"]], ids=["full", "frozen vision", "LoRA"])
 def test_evaluation_before_and_after_training_feeds_the_kernel_half_precision(tiny, shapes, tmp_path, mode,
                                                                               half_only_attention):
-    """Full fine-tuning keeps fp32 weights (AMP): evaluating them must still run in the training precision."""
+    """Full fine-tuning keeps fp32 weights (AMP): evaluating them must still run in the training precision, without
+    autocast's cache, which would hold a 16-bit copy of every fp32 weight for the whole evaluation."""
     from test_recipes import run_recipe
 
     run_recipe("finetune_hf_trainer_hateful_memes.py", "--model_name_or_path", str(tiny), "--dataset_name_or_path",
                str(shapes), "--output_dir", str(tmp_path / "out"), "--bf16", "--batch_size", "2",
                "--batch_size_per_gpu", "2", "--max_steps", "1", "--max_eval_samples", "2", *mode)
     assert (tmp_path / "out" / "eval_before.json").is_file() and (tmp_path / "out" / "eval_after.json").is_file()
-    assert half_only_attention and set(half_only_attention) == {torch.bfloat16}
+    seen, grad_and_cache = half_only_attention
+    assert seen and set(seen) == {torch.bfloat16}
+    # The evaluation before training: every call until training's first. (The evaluation after training runs the
+    # Trainer's wrapped forward, with accelerate's own autocast and its cache: the 16-bit copies training held.)
+    before = grad_and_cache[: next(i for i, (grad, _) in enumerate(grad_and_cache) if grad)]
+    assert before and not any(cache for _, cache in before)
 
 
 def test_weights_are_loaded_in_the_precision_the_mode_trains(tiny, tmp_path, monkeypatch):

@@ -72,7 +72,8 @@ def test_the_pre_pass_keeps_what_it_computed_until_the_model_changes(rows, tiny_
     with torch.no_grad():
         assert torch.equal(cached["image_features"], model.model.vision_embed_tokens(sample["pixel_values"],
                                                                                      sample["image_sizes"]))
-    assert "image_features" not in cache.attach(1, encode(rows[1]))
+    # Text only: empty features, so that the model runs no tower (no blank pass under ZeRO-3/FSDP either).
+    assert cache.attach(1, encode(rows[1]))["image_features"].numel() == 0
     # A resumed run computes nothing again (reads no row either); other weights or num_crops start over.
     assert cache.fill(model, rows, [0, 1, 2], encode, num_crops=1, disable_tqdm=True) == 0
     assert cache.fill(model, rows, [0, 1, 2], None, num_crops=1, disable_tqdm=True) == 0

@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from transformers.utils import logging
 
+from ..attention import native_bf16
 from ..distributed import print_once
 from ..errors import SetupError, report_setup_errors
 from ..files import cannot_write_in
@@ -187,8 +188,8 @@ class Phi3VTrainingArguments(TrainingArguments):
     )
     memory_budget_gb: float | None = field(
         default=None,
-        metadata={"help": "GB per GPU a training step may use, for --gradient_checkpointing auto (default: 90%% of "
-                  "the GPU's memory)."},
+        metadata={"help": "GB per GPU a training step may use, for --gradient_checkpointing auto (default: the GPU "
+                  "memory free to the process, less DeepSpeed's and NCCL's buffers and 5%% for fragmentation)."},
     )
     auto_checkpointing: bool = field(default=False, init=False, metadata={"help": "Set from --gradient_checkpointing."})
     dataloader_num_workers: int = field(default=2, metadata={"help": "Data-loading worker processes per GPU."})
@@ -276,6 +277,12 @@ class Phi3VTrainingArguments(TrainingArguments):
             self.use_cpu = True
         if self.fsdp and self.use_cpu:
             enable_fsdp_on_cpu()
+        if self.bf16 and not self.use_cpu and not native_bf16():
+            # transformers checks torch.cuda.is_bf16_supported(), which also says yes where bf16 is emulated
+            major, minor = torch.cuda.get_device_capability()
+            logger.warning(f"--bf16: {torch.cuda.get_device_name()} (compute capability {major}.{minor}) only emulates "
+                           "bf16, many times slower: training in fp16 instead.")
+            self.bf16, self.fp16 = False, True
         if self.use_cpu and self.fp16:  # the Trainer has no fp16 autocast on CPU: it would silently run fp32
             logger.warning("--fp16: fp16 mixed precision is unavailable on CPU, training in fp32 (pass --bf16 for "
                            "bf16).")

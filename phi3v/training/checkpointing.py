@@ -4,8 +4,9 @@ Checkpointing every layer costs a third more compute (each layer's forward runs 
 spare, most runs need none of it (LoRA and QLoRA hold 2-10 GB of weights on 40-80 GB GPUs). At the start of
 training the plan measures, on the meta device (phi3v.training.sizing), what one layer of the LM and of the
 vision tower keeps for the backward pass on the longest batch, and checkpoints the fewest layers that fit
-the budget: the GPU's memory less a margin, or --memory_budget_gb. A frozen tower has nothing to recompute
-and is never checkpointed.
+the budget: the GPU memory this process can still have (free memory plus what its allocator holds) less
+DeepSpeed's communication buffers, NCCL's and a margin for fragmentation, or --memory_budget_gb. A frozen
+tower has nothing to recompute and is never checkpointed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from .arguments import LoraArguments, ModelArguments, RecipeArguments
 from .sharding import sharding_strategy
 from .sizing import Layout, StepCost, meta_model, sample_layout, state_bytes, step_cost
 
-GPU_MEMORY_SHARE = 0.9  # of the GPU's memory: the rest for the allocator's cache, DeepSpeed's buckets, CUDA
+FRAGMENTATION_SHARE = 0.05  # of the GPU's memory: the caching allocator's rounding and fragmented blocks
+# NCCL's buffers live outside torch's allocator; the first collectives of each kind and channel allocate more
+# (4 MiB per channel and peer by default, NVLS and tree buffers on top).
+NCCL_RESERVE_BYTES = 1 << 29
 
 
 @dataclass
@@ -107,22 +111,55 @@ def longest_layout(samples: Sequence[dict]) -> Layout:
     return sample_layout(longest["input_ids"], longest["labels"], longest.get("image_sizes"))
 
 
-def memory_budget(budget_gb: float | None, device: torch.device) -> int | None:
-    """Bytes a step may use: --memory_budget_gb, else the GPU's memory less a margin; None on CPU (no default
-    there: every layer stays checkpointed)."""
+def deepspeed_buffer_bytes(config: dict | None) -> int:
+    """Bytes of the communication buffers DeepSpeed allocates on the GPU for a step, from its (finalised) config,
+    whose sizes are in elements; 0 without ZeRO.
+
+    ZeRO-1/2 reduce gradients through `reduce_bucket_size` buffers (two with overlap_comm) in the gradient
+    accumulation dtype (stage_1_and_2.py, `ipg_buckets`); their all-gather of updated weights writes into the
+    weights' own flat buffers in chunks of `allgather_bucket_size` (runtime/utils.py, `all_gather_dp_groups`),
+    with no buffer of its own. ZeRO-3 reduces through one 16-bit `reduce_bucket_size` buffer (stage3.py) and
+    holds `stage3_prefetch_bucket_size` 16-bit elements gathered ahead of the layer that runs.
+    """
+    zero = (config or {}).get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+
+    def elements(key: str, default: float) -> int:  # "auto" left unresolved: DeepSpeed's default
+        value = zero.get(key, default)
+        return int(value if isinstance(value, (int, float)) else default)
+
+    reduce_buffers = elements("reduce_bucket_size", 5e8) if zero.get("contiguous_gradients", True) else 0
+    if stage in (1, 2):
+        grad_bytes = 4 if (config.get("data_types") or {}).get("grad_accum_dtype") == "fp32" else 2
+        return reduce_buffers * grad_bytes * (2 if zero.get("overlap_comm", False) else 1)
+    if stage == 3:
+        return 2 * (reduce_buffers + elements("stage3_prefetch_bucket_size", 5e7))
+    return 0
+
+
+def memory_budget(budget_gb: float | None, device: torch.device, reserve_bytes: int = 0) -> int | None:
+    """Bytes a step may use: --memory_budget_gb, else what this process can still have of the GPU, less
+    `reserve_bytes` (communication buffers) and a margin for fragmentation; None on CPU (no default there: every
+    layer stays checkpointed).
+
+    Free memory already leaves out the CUDA context and other processes; what this process's allocator holds
+    (the weights and states loaded so far) is counted back, since the plan counts the whole training state.
+    """
     if budget_gb is not None:
         return int(budget_gb * 1e9)
     if device.type == "cuda":
-        return int(GPU_MEMORY_SHARE * torch.cuda.get_device_properties(device).total_memory)
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - reserve_bytes - FRAGMENTATION_SHARE * total)
     return None
 
 
 def apply_auto_checkpointing(model: torch.nn.Module, model_args: ModelArguments, lora: LoraArguments,
                              layout: Layout, batch_size: int, gpus: int,
-                             strategy: str, budget_gb: float | None, device: torch.device) -> CheckpointingPlan | None:
+                             strategy: str, budget_gb: float | None, device: torch.device,
+                             reserve_bytes: int = 0) -> CheckpointingPlan | None:
     """Plans and sets per-layer checkpointing on `model`; says what it chose. None (every layer checkpointed)
-    on CPU without a budget."""
-    budget = memory_budget(budget_gb, device)
+    on CPU without a budget. `reserve_bytes`: GPU memory the step needs besides the plan's (communication)."""
+    budget = memory_budget(budget_gb, device, reserve_bytes)
     if budget is None:
         print_once("Gradient checkpointing auto: every layer checkpointed (on CPU without --memory_budget_gb).")
         return None
@@ -142,4 +179,12 @@ class AutoCheckpointing(TrainerCallback):
         training = self.args.training
         self.plan = apply_auto_checkpointing(model, self.args.model, self.args.lora, self.longest,
                                              training.per_device_train_batch_size, training.world_size,
-                                             sharding_strategy(training), training.memory_budget_gb, training.device)
+                                             sharding_strategy(training), training.memory_budget_gb, training.device,
+                                             communication_reserve(training))
+
+
+def communication_reserve(training) -> int:
+    """GPU bytes a run's communication takes outside the plan: DeepSpeed's buffers (its config as the Trainer
+    finalised it) and, with several processes, NCCL's."""
+    ds_config = getattr(getattr(training, "hf_deepspeed_config", None), "config", None)
+    return deepspeed_buffer_bytes(ds_config) + (NCCL_RESERVE_BYTES if training.world_size > 1 else 0)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 import shlex
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..chat import FormatExample
 from ..collator import Phi3VDataCollator
@@ -30,6 +30,7 @@ from ..errors import SetupError
 from ..evaluation import evaluate as evaluate_rows
 from ..generation import try_command
 from ..metrics import Metric, resolve_metric
+from ..modeling import parameters_are_sharded
 from ..processing import Phi3VProcessor
 from ..remote_code import set_code_repo
 from .arguments import RecipeArguments
@@ -109,7 +110,13 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
 
     if point.checkpoint is not None:
         print_once(f"Resuming from {point.checkpoint} (pass --no_auto_resume to start over)")
-    if not args.data.skip_eval_before and not (point.checkpoint and (output_dir / "eval_before.json").is_file()):
+    evaluated = point.checkpoint is not None and (output_dir / "eval_before.json").is_file()
+    evaluate_before = not args.data.skip_eval_before and not evaluated
+    # FSDP2 shards the model only when the Trainer prepares it: evaluated now, every rank would hold the whole
+    # fp32 model. A fresh run evaluates once the Trainer has sharded it, before the first step (a resumed one
+    # has loaded its checkpoint by then, so it evaluates the base model now).
+    on_sharded_model = evaluate_before and bool(training.fsdp) and point.checkpoint is None
+    if evaluate_before and not on_sharded_model:
         evaluate(model, processor, eval_rows, format_example, metric, args, "before")
 
     collator = Phi3VDataCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
@@ -125,6 +132,9 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         # Encoded from its row, pixels included: the feature cache (--cache_vision_features) is filled later.
         samples = TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode)
         trainer.add_callback(AutoCheckpointing(args, longest_layout(samples)))
+    if on_sharded_model:
+        trainer.add_callback(EvaluateBefore(lambda model: evaluate(model, processor, eval_rows, format_example, metric,
+                                                                   args, "before")))
     stopper = StopAtStepEnd(signals, trainer.bad_samples, max_bad - len(rows.unreadable))
     trainer.add_callback(stopper)
     finished = point.checkpoint is not None and trained_steps(point.checkpoint) >= planned_steps(trainer)
@@ -158,6 +168,16 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         command = try_command(str(output_dir), args.model.model_name_or_path, args.lora.use_lora, example_image)
         report = report or "none (no evaluation rows)"
         print(f"Try it with:\n  {command}\nTraining curves: {curves}\nEvaluation report: {report}", flush=True)
+
+
+class EvaluateBefore(TrainerCallback):
+    """The evaluation before training, on the model as the Trainer has prepared it (FSDP2: sharded)."""
+
+    def __init__(self, evaluate_model: Callable[[torch.nn.Module], Any]):
+        self.evaluate_model = evaluate_model
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.evaluate_model(model)
 
 
 def evaluation_during_training(args: RecipeArguments, processor: Phi3VProcessor, eval_rows: Sequence[Any],
@@ -225,22 +245,27 @@ def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[A
         )
     for item in summary.get("skipped", []):
         print_once(f"  unreadable, not evaluated: {item['where']}: {item['reason']}")
+    sharded = " (weights sharded: the processes generate in step)" if parameters_are_sharded(model) else ""
     if summary["score"] is None:  # metric "none"
         print_once(f"Evaluation {when} training: {summary['num_examples']} answers written to eval_{when}.json "
-                   "(metric none: not scored)")
+                   f"(metric none: not scored){sharded}")
     else:
         print_once(f"Evaluation {when} training: {summary['metric']} {100 * summary['score']:.2f} "
-                   f"on {summary['num_examples']} examples")
+                   f"on {summary['num_examples']} examples{sharded}")
     return summary
 
 
 def half_precision(args: RecipeArguments, model: torch.nn.Module):
     """Evaluation in the precision training computes in (autocast to bf16/fp16), also for fp32 weights:
-    flash attention takes half-precision inputs only, and a 4B model needs twice the memory in fp32."""
+    flash attention takes half-precision inputs only, and a 4B model needs twice the memory in fp32.
+
+    Without autocast's cache: it would keep a 16-bit copy of every fp32 weight that requires grad (full
+    fine-tuning: 8.3 GB) for the whole evaluation, beside the fp32 weights and the generation cache.
+    """
     training = args.training
     dtype = torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else None
     device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
 
 
 def save(trainer: Trainer, processor: Phi3VProcessor, args: RecipeArguments, from_checkpoint: Path | None = None) -> None:

@@ -36,6 +36,7 @@ from ..distributed import is_main_process, main_process_decides, rank_and_world_
 from ..errors import SetupError
 from ..files import follow_umask
 from ..modeling import Phi3VImageEmbedding
+from .sharding import full_weights
 
 KEY_FILE = "key.json"
 
@@ -74,9 +75,14 @@ class VisionFeatureCache:
         return self.directory / f"{index}.safetensors"
 
     def attach(self, index: int, sample: dict[str, Any]) -> dict[str, Any]:
-        """`sample` (the collator's encoding of row `index`) with its cached `image_features` in place of pixels."""
+        """`sample` (the collator's encoding of row `index`) with its cached `image_features` in place of pixels.
+
+        A text-only sample gets empty features: with them the model runs no vision tower, where a text-only
+        batch would run it on a blank crop under ZeRO-3/FSDP (a collective that ranks with cached features in
+        their batches never join).
+        """
         if sample["pixel_values"] is None:
-            return sample
+            return {**sample, "image_features": torch.zeros(0)}  # torch.cat skips it beside other features
         path = self.path(index)
         if not path.is_file():
             raise SetupError(f"--cache_vision_features: no features for training row {index} in {self.directory} "
@@ -101,29 +107,32 @@ class VisionFeatureCache:
         under DeepSpeed). Under torchrun the rows are shared out between processes.
         """
         embedding = image_embedding(model)
-        if device is not None and next(embedding.parameters()).device != device:
-            embedding.to(device)
         vision_config = embedding.img_processor.vision_model.config
         if vision_config.attention_dropout:
             raise SetupError(f"--cache_vision_features: the vision tower's attention dropout is "
                              f"{vision_config.attention_dropout}: its features change at every step")
-        device = next(embedding.parameters()).device
-        with autocast():
-            precision = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        key = {"vision_weights": weights_fingerprint(embedding), "num_crops": num_crops,
-               "weights_dtype": str(next(embedding.parameters()).dtype), "autocast": str(precision),
-               "torch": torch.__version__}
-        main_process_decides(lambda: self.start(key))
-        rank, world_size = rank_and_world_size()
-        missing = [index for index in indices if not self.path(index).is_file()]
-        computed = self.compute(embedding, rows, missing[rank::world_size], encode, autocast, num_workers,
-                                disable_tqdm or not is_main_process())
-        if dist.is_initialized():
-            dist.barrier()
-        # Processes on other machines may not see these files (an output_dir on local disks): each computes
-        # what it still misses.
-        missing = [index for index in indices if not self.path(index).is_file()]
-        return computed + self.compute(embedding, rows, missing, encode, autocast, num_workers, True)
+        # Under ZeRO-3 the pre-pass runs before the DeepSpeed engine exists, which would gather each weight in
+        # forward passes: each rank holds empty slices until they are gathered here, for the fingerprint too.
+        with full_weights(embedding):
+            if device is not None and next(embedding.parameters()).device != device:
+                embedding.to(device)
+            device = next(embedding.parameters()).device
+            with autocast():
+                precision = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+            key = {"vision_weights": weights_fingerprint(embedding), "num_crops": num_crops,
+                   "weights_dtype": str(next(embedding.parameters()).dtype), "autocast": str(precision),
+                   "torch": torch.__version__}
+            main_process_decides(lambda: self.start(key))
+            rank, world_size = rank_and_world_size()
+            missing = [index for index in indices if not self.path(index).is_file()]
+            computed = self.compute(embedding, rows, missing[rank::world_size], encode, autocast, num_workers,
+                                    disable_tqdm or not is_main_process())
+            if dist.is_initialized():
+                dist.barrier()
+            # Processes on other machines may not see these files (an output_dir on local disks): each computes
+            # what it still misses.
+            missing = [index for index in indices if not self.path(index).is_file()]
+            return computed + self.compute(embedding, rows, missing, encode, autocast, num_workers, True)
 
     def start(self, key: dict[str, Any]) -> None:
         """Empties the folder when its features were computed with another key (weights, num_crops, precision)."""
