@@ -293,10 +293,11 @@ class Phi3VTrainingArguments(TrainingArguments):
                                "for bf16).")
             else:
                 self.fp16 = True  # the reference recipe: bf16 when asked for, else fp16
-        super().__post_init__()
-        unknown = [name for name in self.report_to if name not in INTEGRATION_TO_CALLBACK]
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        unknown = [name for name in names if name not in ("none", "all", *INTEGRATION_TO_CALLBACK)]
         if unknown:  # the Trainer would refuse it only once the model is loaded
             raise FlagError(f"--report_to {unknown[0]}: not one of none, all, {', '.join(INTEGRATION_TO_CALLBACK)}")
+        super().__post_init__()
 
 
 @dataclass
