@@ -33,8 +33,9 @@ demo: venv
 gpu-check: venv
 	$(PY) -m phi3v.gpu_check
 
+# Two pytest workers (pytest-xdist): one alone leaves a core idle while a test waits on its subprocesses.
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) demo_output
