@@ -2,11 +2,17 @@
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import built_once
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One thread per process (set before torch loads; subprocesses inherit it): the tiny models' ops are too small to
+# share, and OpenMP workers spinning on a 2-core machine beside another test process made in-process runs 4-7x
+# slower (the task-metric recipe test: 54-79 s with the default 2 threads, 12 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
@@ -41,17 +47,29 @@ def tiny_processor():
     return build_tiny_processor(num_crops=4)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A random tiny checkpoint saved with num_crops 1, for end-to-end recipe runs."""
+def listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def shared(folder: Path) -> Iterator[Path]:
+    """Yields `folder`, then fails the run if a test wrote into it (such a test needs its own copy: copytree)."""
+    before = listing(folder)
+    yield folder
+    assert listing(folder) == before, f"a test wrote into the shared {folder}: give it a copy (shutil.copytree)"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Iterator[Path]:
+    """A random tiny checkpoint saved with num_crops 1, for end-to-end recipe runs (one per test run: read only)."""
     from phi3v.tiny import build_tiny_checkpoint
 
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-phi3v", num_crops=1)
+    yield from shared(built_once(tmp_path_factory, "tiny-phi3v", lambda path: build_tiny_checkpoint(path, num_crops=1)))
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    """500 eval rows + 32 train rows, one in four text-only."""
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Iterator[Path]:
+    """500 eval rows + 32 train rows, one in four text-only (one per test run: read only)."""
     from phi3v.synthetic import make_shapes_dataset
 
-    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=32, text_only_every=4)
+    yield from shared(built_once(tmp_path_factory, "shapes",
+                                 lambda path: make_shapes_dataset(path, num_train=32, text_only_every=4)))

@@ -1,7 +1,29 @@
 """Small helpers shared by several test files (pytest puts this folder on sys.path)."""
 
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
+from filelock import FileLock
 from PIL import Image
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """The folder `name`, built by `build` once per test run: under pytest-xdist the first worker to ask builds it
+    (under a file lock) and the others use that copy. Tests must not write into it."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, done = root / "built-once" / name, root / "built-once" / f"{name}.done"
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            build(folder)
+            done.touch()
+    return folder
 
 
 def image_runs(ids: list[int]) -> list[tuple[int, int]]:

@@ -15,15 +15,9 @@ from phi3v.generate import build_parser, main
 from phi3v.generation import try_command
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
-from phi3v.tiny import build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "<|user|>\n{tags}{text}<|end|>\n<|assistant|>\n"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), num_crops=1)
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,12 @@ from PIL import Image
 from phi3v.merge_lora import checkpoint_shapes, main, merge_adapter, merge_lora, state_shapes
 from phi3v.modeling import Phi3VForCausalLM
 from phi3v.processing import Phi3VProcessor
-from phi3v.tiny import build_tiny_checkpoint
 from phi3v.training.modes import lora_target_modules, quantization_config
 
 # fp32 merge vs fp32 base + unmerged adapter: the same sums in another order (observed 3e-6 on logits up to 2).
 FP32_ATOL = 1e-4
 # bf16 merged weights vs fp32 base + adapter: bf16 rounding of every weight (observed 1-2% of the largest logit).
 BF16_RTOL_OF_MAX = 0.05
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), num_crops=1)
 
 
 @pytest.fixture(scope="module")

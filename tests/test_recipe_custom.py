@@ -16,15 +16,9 @@ from test_recipes import ROOT, check_eval_file, run_recipe
 
 from phi3v import Phi3VForCausalLM, Phi3VProcessor
 from phi3v.synthetic import COLOURS, shape_image
-from phi3v.tiny import build_tiny_checkpoint
 
 SCRIPT = "finetune_hf_trainer_custom.py"
 QUESTION = "What colour is the shape? Answer red, green or blue."
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-phi3v", num_crops=1)
 
 
 def shapes(images_dir: Path, count: int, seed: int) -> list[tuple[str, str]]:

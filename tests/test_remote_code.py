@@ -2,19 +2,12 @@
 
 import json
 
-import pytest
 import torch
 from helpers import check_loads_elsewhere
 from PIL import Image
 
 from phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from phi3v.remote_code import MODEL_AUTO_MAP, code_repo, with_repo
-from phi3v.tiny import build_tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-phi3v", num_crops=1)
 
 
 def test_code_repo_of_hub_ids_cache_snapshots_and_local_copies(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import built_once
 from test_recipes import ROOT, check_eval_file, log_losses, run_recipe, torchrun_recipe, weights
 
 from phi3v import Phi3VForCausalLM
@@ -25,10 +26,11 @@ STRATEGIES = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mixed(tmp_path_factory) -> Path:
     """Every other row text-only: with sequential order rank 0 gets the image rows, rank 1 the text-only ones."""
-    return make_shapes_dataset(tmp_path_factory.mktemp("mixed") / "mixed", num_train=16, num_eval=500, text_only_every=2)
+    return built_once(tmp_path_factory, "mixed", lambda path: make_shapes_dataset(
+        path, num_train=16, num_eval=500, text_only_every=2))
 
 
 def common(tiny: Path, data: Path) -> list[str]:
@@ -38,12 +40,11 @@ def common(tiny: Path, data: Path) -> list[str]:
             "--train_sampling_strategy", "sequential", "--max_eval_samples", "5", "--eval_batch_size", "1"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def single_process(tiny, mixed, tmp_path_factory) -> Path:
-    """The same training in one process without sharding (plain fp32 AdamW)."""
-    out = tmp_path_factory.mktemp("single") / "out"
-    run_recipe(MEMES, *common(tiny, mixed), "--deepspeed", "none", "--skip_eval_before", "--output_dir", str(out))
-    return out
+    """The same training in one process without sharding (plain fp32 AdamW); one run for both strategies."""
+    return built_once(tmp_path_factory, "single-process", lambda out: run_recipe(
+        MEMES, *common(tiny, mixed), "--deepspeed", "none", "--skip_eval_before", "--output_dir", str(out)))
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
