@@ -24,7 +24,7 @@ def tree_follows_umask(folder: str | Path) -> None:
     makes its files 0600, which colleagues and serving accounts cannot read.
     """
     folder = Path(folder)
-    for path in [folder, *folder.rglob("*")]:
+    for path in [folder, *folder.rglob("*")] if folder.exists() else []:
         if not path.is_symlink():
             follow_umask(path)
 
