@@ -52,6 +52,7 @@ from .collator import pack_batch, pad_batch
 from .configuration import Phi3VConfig
 from .image_processing import CROP_SIZE, hd_image_size, num_image_tokens
 from .modeling import Phi3VForCausalLM
+from .processing import Phi3VProcessor
 from .training.sizing import (STRATEGIES, Layout, meta_model, mode_arguments, reference_clip, sample_layout,
                               state_bytes, step_cost)
 from .training.arguments import LoraArguments, ModelArguments
@@ -239,7 +240,8 @@ def padding_fraction(groups: list[list[Sample]]) -> float:
 
 def collate_samples(group: list[Sample], packing: bool) -> dict:
     samples = [s.as_dict() for s in group]
-    return pack_batch(samples) if packing else pad_batch(samples, pad_token_id=32000)
+    return (pack_batch(samples, Phi3VProcessor.batch_images) if packing
+            else pad_batch(samples, pad_token_id=32000, batch_images=Phi3VProcessor.batch_images))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

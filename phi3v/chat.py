@@ -14,13 +14,16 @@ A recipe describes each of its rows with `format_example(row) -> (conversation, 
 In a user text, `<|image_N|>` tags place the turn's images (each image once, in order, numbered
 over the whole conversation); a text without tags gets its turn's tags first, one per line.
 Training learns the answers only; evaluation answers the last turn and scores it.
+
+How the turns are laid out as text differs per model family: its processor's `user_turn` and
+`answer_turn` (Phi-3-V's are the functions of the same names here).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 # Chat answers end with <|end|>; <|endoftext|> ends a training sample.
@@ -30,14 +33,29 @@ Conversation = list[dict[str, Any]]
 FormatExample = Callable[[Any], tuple[Conversation, Sequence[Any]]]
 
 
+class ChatLayout(Protocol):
+    """A model family's text layout of one exchange (its processor has these methods)."""
+
+    def user_turn(self, user: str) -> str: ...
+
+    def answer_turn(self, assistant: str) -> str: ...
+
+
 def user_turn(user: str) -> str:
-    """A user turn and the start of the answer: the prompt of one exchange."""
+    """Phi-3-V: a user turn and the start of the answer: the prompt of one exchange."""
     return f"<|user|>\n{user}<|end|>\n<|assistant|>\n"
 
 
 def answer_turn(assistant: str) -> str:
-    """An answer as it follows its `user_turn` (the last answer of a sample also gets <|endoftext|>)."""
+    """Phi-3-V: an answer as it follows its `user_turn` (the last answer of a sample also gets <|endoftext|>)."""
     return f"{assistant}<|end|>\n"
+
+
+class Phi3VChat:
+    """Phi-3-V's layout as a `ChatLayout` (Phi3VProcessor answers the same)."""
+
+    user_turn = staticmethod(user_turn)
+    answer_turn = staticmethod(answer_turn)
 
 
 def image_tag(number: int) -> str:
@@ -108,21 +126,22 @@ def images_per_turn(conversation: Sequence[dict[str, Any]], num_images: int) -> 
     return [num_images] + [0] * (len(conversation) - 1)
 
 
-def conversation_prompt(conversation: Sequence[dict[str, Any]], num_images: int) -> str:
-    """The prompt that asks for the last turn's answer: earlier turns as history, tags as in training."""
+def conversation_prompt(conversation: Sequence[dict[str, Any]], num_images: int, layout: ChatLayout) -> str:
+    """The prompt that asks for the last turn's answer: earlier turns as history, tags as in training,
+    in the `layout` of the model's family (its processor)."""
     parts, first_image = [], 1
     counts = images_per_turn(conversation, num_images)
     for index, (turn, count) in enumerate(zip(conversation, counts)):
-        parts.append(user_turn(with_image_tags(turn["user"], first_image, count)))
+        parts.append(layout.user_turn(with_image_tags(turn["user"], first_image, count)))
         if index < len(conversation) - 1:
-            parts.append(answer_turn(turn["assistant"]))
+            parts.append(layout.answer_turn(turn["assistant"]))
         first_image += count
     return "".join(parts)
 
 
-def generation_prompt(user: str, num_images: int) -> str:
+def generation_prompt(user: str, num_images: int, layout: ChatLayout) -> str:
     """The prompt of one question about `num_images` images."""
-    return conversation_prompt([{"user": user}], num_images)
+    return conversation_prompt([{"user": user}], num_images, layout)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -2,16 +2,17 @@
 input_ids, labels and pixel values."""
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .chat import FormatExample
-from .processing import Phi3VProcessor
+
+BatchImages = Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
-class Phi3VDataCollator:
+class DataCollator:
     """Encodes a list of dataset rows into a training batch: right-padded, or packed.
 
     Labels are -100 over the prompt, the image tokens and the padding, so only answer tokens
@@ -19,23 +20,24 @@ class Phi3VDataCollator:
     `packing`, the rows are concatenated into one sequence with no padding at all.
     """
 
-    def __init__(self, processor: Phi3VProcessor, format_example: FormatExample, num_crops: int, packing: bool = False):
+    def __init__(self, processor, format_example: FormatExample, num_crops: int, packing: bool = False):
         self.processor = processor
         self.format_example = format_example
         self.num_crops = num_crops
         self.packing = packing
 
     def encode(self, row: Any) -> dict[str, Any]:
-        """One row -> input_ids, labels (lists) and its images' pixel values (or None)."""
+        """One row -> input_ids, labels (lists) and its images' model inputs (pixel values, sizes... as the
+        processor names them; none for a text-only row)."""
         conversation, images = self.format_example(row)
-        pixel_values = image_sizes = None
+        image_inputs: dict[str, torch.Tensor] = {}
         image_tokens: list[int] = []
         if images:
             processed = self.processor.image_processor.preprocess(images, num_crops=self.num_crops, return_tensors="pt")
-            pixel_values, image_sizes = processed["pixel_values"], processed["image_sizes"]
-            image_tokens = list(processed["num_img_tokens"])
+            image_tokens = list(processed.pop("num_img_tokens"))
+            image_inputs = dict(processed)
         input_ids, labels = self.processor.encode_conversation(conversation, image_tokens)
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "image_sizes": image_sizes}
+        return {"input_ids": input_ids, "labels": labels, **image_inputs}
 
     def __call__(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
         return self.collate([self.encode(row) for row in rows])
@@ -43,24 +45,16 @@ class Phi3VDataCollator:
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """A batch of encoded samples (`encode`'s output); the unreadable rows they replaced go along as
         "bad_samples" (see phi3v.training.trainer.TrainingSamples)."""
-        batch = pack_batch(samples) if self.packing else pad_batch(samples, self.processor.tokenizer.pad_token_id)
+        batch_images = self.processor.batch_images
+        batch = (pack_batch(samples, batch_images) if self.packing
+                 else pad_batch(samples, self.processor.tokenizer.pad_token_id, batch_images))
         bad = [where for sample in samples for where in sample.get("bad_samples", [])]
         return {**batch, "bad_samples": bad} if bad else batch
 
 
-def batch_images(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """pixel_values and image_sizes of all samples' images, in sample order, or their cached `image_features`
-    (phi3v.training.vision_cache); empty when there is no image."""
-    batch = {}
-    for name in ("pixel_values", "image_sizes", "image_features"):
-        parts = [s[name] for s in samples if s.get(name) is not None]
-        if parts:
-            batch[name] = torch.cat(parts)
-    return batch
-
-
-def pad_batch(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads encoded samples into one batch; images of all samples in sample order."""
+def pad_batch(samples: list[dict[str, Any]], pad_token_id: int, batch_images: BatchImages) -> dict[str, torch.Tensor]:
+    """Right-pads encoded samples into one batch; images of all samples in sample order (`batch_images`: the
+    processor's)."""
     length = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(samples), length), -100, dtype=torch.long)
@@ -73,7 +67,7 @@ def pad_batch(samples: list[dict[str, Any]], pad_token_id: int) -> dict[str, tor
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **batch_images(samples)}
 
 
-def pack_batch(samples: list[dict[str, Any]]) -> dict[str, Any]:
+def pack_batch(samples: list[dict[str, Any]], batch_images: BatchImages) -> dict[str, Any]:
     """Concatenates encoded samples into one row of shape [1, total tokens], with no padding.
 
     Position ids restart at 0 for every sample and no attention mask is passed: transformers

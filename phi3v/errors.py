@@ -7,6 +7,12 @@ import sys
 from .distributed import is_main_process
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line (its type's name when it says nothing): libraries' messages run long."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class SetupError(Exception):
     """A mistake in what the user gave; `exit_status` 2 for flags, 1 for data, models and files."""
 

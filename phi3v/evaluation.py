@@ -29,7 +29,7 @@ from .metrics import Metric, resolve_metric
 from .modeling import longrope_limit, parameters_are_sharded
 
 # What a rank with no rows left answers while the others generate, when all must step together.
-FILLER_PROMPT = conversation_prompt([{"user": "Hello."}], 0)
+FILLER_TURN = [{"user": "Hello."}]
 
 
 def _row_id(row: Any, index: int) -> Any:
@@ -104,7 +104,7 @@ def evaluate(
             conversation, images = format_example(row)
             images = list(images)
             last = conversation[-1]
-            prompt = conversation_prompt(conversation, len(images))
+            prompt = conversation_prompt(conversation, len(images), processor)
             length = processor.num_prompt_tokens(prompt, [upright_size(image) for image in images], num_crops)
         except UNREADABLE as e:
             skipped.append({"index": index, "where": row_location(rows, index), "reason": describe_error(e)})
@@ -153,7 +153,7 @@ def evaluate(
                     batch.append(item)
                 if not batch:
                     if synced:
-                        generate_answers(model, processor, [FILLER_PROMPT], [[]], max_new_tokens=max_new_tokens,
+                        generate_answers(model, processor, [conversation_prompt(FILLER_TURN, 0, processor)], [[]], max_new_tokens=max_new_tokens,
                                          do_sample=False, num_beams=1, synced_gpus=True)
                     continue
                 predictions = generate_answers(

@@ -27,6 +27,7 @@ from PIL import Image
 from .chat import conversation_prompt, generation_prompt
 from .data.converted import Problem, ValidationError, record_images, validate_record
 from .data.hub import missing_local_folder
+from .errors import SetupError
 from .files import cannot_write_in, write_jsonl
 from .generation import DTYPES, generate_answers, length_sorted_batches, load_pretrained
 from .images import image_size, open_image
@@ -42,7 +43,7 @@ def answer_prompt(model, processor, prompt: str, images: Sequence[Image.Image], 
 
     streaming = stream and (generate_kwargs.get("num_beams") or 1) == 1  # generate() streams no beam search
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if streaming else None
-    answer = generate_answers(model, processor, [generation_prompt(prompt, len(images))], [images],
+    answer = generate_answers(model, processor, [generation_prompt(prompt, len(images), processor)], [images],
                               num_crops=num_crops, max_new_tokens=max_new_tokens, streamer=streamer,
                               **generate_kwargs)[0]
     if stream and not streaming:
@@ -94,7 +95,7 @@ def answer_file(model, processor, input_file: str, output_file: str, images_dir:
 
     images_root = Path(images_dir) if images_dir is not None else Path(input_file).parent / "images"
     records = read_records(input_file, images_root)
-    prompts = [conversation_prompt(r["conversations"], len(record_images(r))) for r in records]
+    prompts = [conversation_prompt(r["conversations"], len(record_images(r)), processor) for r in records]
     sizes = [[image_size(images_root / path) for path in record_images(record)] for record in records]
     lengths = [processor.num_prompt_tokens(prompt, image_sizes, num_crops) for prompt, image_sizes in zip(prompts, sizes)]
     batches = length_sorted_batches(lengths, batch_size, longrope_limit(model), max_new_tokens)
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = answer_file(model, processor, args.input, args.output, args.images_dir,
                                   batch_size=args.batch_size, progress=not args.no_tqdm, **options)
             print(f"Wrote {len(results)} predictions to {args.output}", file=sys.stderr)
-    except (ValidationError, ValueError, OSError) as e:
+    except (ValidationError, ValueError, OSError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

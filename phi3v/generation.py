@@ -3,7 +3,7 @@
 The library behind evaluation and `python -m phi3v.generate`:
 
     model, processor = load_pretrained("microsoft/Phi-3.5-vision-instruct")          # or a base + adapter
-    generate_answers(model, processor, [conversation_prompt(turns, 1)], [[image]])   # -> ["answer"]
+    generate_answers(model, processor, [conversation_prompt(turns, 1, processor)], [[image]])   # -> ["answer"]
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def generate_answers(
     """Answers to a batch of prompts (left-padded into one `generate` call), stripped, without special tokens.
 
     Args:
-        model: `Phi3VForCausalLM` or a peft model wrapping one, in eval mode, on any device.
-        processor: `Phi3VProcessor`; its tokenizer gives the stop ids (`<|end|>`, `<|endoftext|>`) and decodes.
+        model: a model of one of the families (phi3v.families), or a peft model wrapping one, in eval mode, on
+            any device.
+        processor: its processor; gives the stop ids (`<|end|>`, `<|endoftext|>`), and its tokenizer decodes.
         prompts: full prompts with `<|image_N|>` tags (see `phi3v.chat.conversation_prompt`).
         images: per prompt, its images (PIL) in tag order; empty for text-only prompts.
         num_crops: crops per image (None: the processor's default).
@@ -203,8 +204,7 @@ def apply_adapter(model: torch.nn.Module, adapter: str | Path, base_name: str, b
 def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str = "auto",
                     device: str | None = None, attn_implementation: str = "sdpa"):
     """The model (with the LoRA adapter applied when given), in eval mode on `device`, and its processor."""
-    from .modeling import Phi3VForCausalLM
-    from .processing import Phi3VProcessor
+    from .families import family_of
 
     if (Path(model_name) / "adapter_config.json").is_file() and not (Path(model_name) / "config.json").is_file():
         base = json.loads((Path(model_name) / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -218,11 +218,12 @@ def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str =
         print("notice: --attn_implementation flash_attention_2 runs bf16/fp16 only (flash-attn rejects fp32 "
               "weights): using sdpa with --dtype fp32", file=sys.stderr)
         attn_implementation = "sdpa"
-    model = Phi3VForCausalLM.from_pretrained(model_name, dtype=weights_dtype,
+    family = family_of(model_name, "--model")
+    model = family.model_class().from_pretrained(model_name, dtype=weights_dtype,
                                              attn_implementation=attn_implementation, device_map={"": device})
     if adapter is not None:
         model = apply_adapter(model, adapter, model_name)
-    processor = Phi3VProcessor.from_pretrained(processor_source(model_name, adapter))
+    processor = family.load_processor(processor_source(model_name, adapter))
     use_chat_stop_tokens(model, processor)
     return model.eval(), processor
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from .data.hub import missing_local_folder
+from .errors import SetupError
+from .families import family_of
 from .files import cannot_write_in, tree_follows_umask
 from .generation import DTYPES, apply_adapter, processor_source, try_command, use_chat_stop_tokens
 from .remote_code import set_code_repo
@@ -91,9 +93,6 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
     `remote_code_repo`: the Hub repo whose code the written auto_map entries name (default: the one the base
     and the processor were loaded from, see `phi3v.remote_code.code_repo`).
     """
-    from .modeling import Phi3VForCausalLM
-    from .processing import Phi3VProcessor
-
     # Everything that needs no model is checked first: a merge takes minutes at full size.
     out_dir = Path(out)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -107,11 +106,12 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
     if missing_local_folder(base):
         raise FileNotFoundError(f"--base {base}: no such folder")
 
-    model = Phi3VForCausalLM.from_pretrained(base, dtype=DTYPES[dtype])
+    family = family_of(base, "--base")
+    model = family.model_class().from_pretrained(base, dtype=DTYPES[dtype])
     expected = state_shapes(model)
     merged = merge_adapter(apply_adapter(model, adapter, base, "--base"), expected)
 
-    processor = Phi3VProcessor.from_pretrained(processor_source(base, adapter))
+    processor = family.load_processor(processor_source(base, adapter))
     if remote_code_repo:
         set_code_repo(remote_code_repo, merged.config, processor.image_processor)
     use_chat_stop_tokens(merged, processor)
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--adapter {args.adapter}: its adapter_config.json names no base model; pass --base")
         print(f"Merging {args.adapter} into {base} ({args.dtype}) ...", file=sys.stderr)
         out = merge_lora(base, args.adapter, args.out, args.dtype, args.max_shard_size, args.remote_code_repo)
-    except (OSError, ValueError) as e:  # missing or bad files and folders, a base that cannot be found
+    except (OSError, ValueError, SetupError) as e:  # missing or bad files and folders, a base that cannot be found
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"Wrote the merged model to {out}. Try it with:\n  {try_command(str(out), None, is_adapter=False)}")

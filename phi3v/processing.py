@@ -184,6 +184,14 @@ class Phi3VProcessor(ProcessorMixin):
         counts = [self.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
         return len(self.encode_conversation(turns, counts)[0])
 
+    # ----- the chat layout (phi3v.chat.ChatLayout) -----
+
+    def user_turn(self, user: str) -> str:
+        return user_turn(user)
+
+    def answer_turn(self, assistant: str) -> str:
+        return answer_turn(assistant)
+
     @property
     def stop_token_ids(self) -> list[int]:
         """Where a chat answer ends: the ids of <|end|> and <|endoftext|>."""
@@ -224,6 +232,18 @@ class Phi3VProcessor(ProcessorMixin):
             labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
             first_image += count
         return input_ids, labels
+
+    @staticmethod
+    def batch_images(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The image inputs of encoded samples (phi3v.collator) as one batch: `pixel_values` and `image_sizes`
+        of all their images in sample order, or their cached `image_features` (phi3v.training.vision_cache);
+        empty when there is no image."""
+        batch = {}
+        for name in ("pixel_values", "image_sizes", "image_features"):
+            parts = [s[name] for s in samples if s.get(name) is not None]
+            if parts:
+                batch[name] = torch.cat(parts)
+        return batch
 
     # ----- the call -----
 

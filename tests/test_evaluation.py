@@ -170,7 +170,7 @@ def test_evaluate_batches_give_single_prompt_answers_across_the_longrope_switch(
 
     rows = make_rows()
     items = [format_example(row) for row in rows]
-    prompts = [conversation_prompt(conversation, len(images)) for conversation, images in items]
+    prompts = [conversation_prompt(conversation, len(images), processor) for conversation, images in items]
     lengths = [processor.num_prompt_tokens(prompt, [image.size for image in images])
                for prompt, (_, images) in zip(prompts, items)]
     assert lengths == [19, 784, 1548, 776, 65, 1541]

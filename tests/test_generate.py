@@ -175,7 +175,7 @@ def test_jsonl_batches_never_straddle_the_longrope_switch(tiny, images, tmp_path
     processor = Phi3VProcessor.from_pretrained(tiny)
     lengths = {}
     for record in records:
-        prompt = conversation_prompt(record["conversations"], len(record["conversations"][0]["images"]))
+        prompt = conversation_prompt(record["conversations"], len(record["conversations"][0]["images"]), processor)
         sizes = [Image.open(tmp_path / "images" / name).size for name in record["conversations"][0]["images"]]
         lengths[prompt] = processor.num_prompt_tokens(prompt, sizes)
     limit = sorted(lengths.values())[5]

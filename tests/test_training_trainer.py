@@ -5,7 +5,7 @@ import torch
 from helpers import identity, random_image, sample
 from PIL import Image
 
-from phi3v.collator import Phi3VDataCollator
+from phi3v.collator import DataCollator
 from phi3v.data import load_hf_dataset
 from phi3v.errors import SetupError
 from phi3v.training import parse_args
@@ -33,7 +33,7 @@ def _rows():
 def test_filter_by_length_skips_rows_over_the_budget(tiny_processor, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     rows = _rows()
-    collator = Phi3VDataCollator(tiny_processor, identity, num_crops=4)
+    collator = DataCollator(tiny_processor, identity, num_crops=4)
     lengths = [collator([row])["input_ids"].shape[1] for row in rows]
     assert lengths[1] < lengths[2] < lengths[0] < lengths[3]
 
@@ -55,7 +55,7 @@ def test_filter_by_length_skips_rows_over_the_budget(tiny_processor, capsys, mon
     assert "4 kept, 0 skipped" in capsys.readouterr().out
 
     # num_crops 1 makes the image rows shorter, so more fit.
-    short = [Phi3VDataCollator(tiny_processor, identity, num_crops=1)([row])["input_ids"].shape[1] for row in rows]
+    short = [DataCollator(tiny_processor, identity, num_crops=1)([row])["input_ids"].shape[1] for row in rows]
     kept, kept_lengths = kept_rows(rows, identity, tiny_processor, 1, lengths[2], disable_tqdm=True)
     assert kept_lengths == [short[i] for i in kept]
     assert kept == [i for i in range(4) if short[i] <= lengths[2]] and len(kept) > 2
@@ -103,7 +103,7 @@ def test_length_grouped_batches_have_little_padding(tiny_processor, tmp_path, si
         argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
                 "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}"]
         args = parse_args(argv=argv)
-        collator = Phi3VDataCollator(tiny_processor, identity, num_crops=1)
+        collator = DataCollator(tiny_processor, identity, num_crops=1)
         trainer = Phi3VTrainer(
             model=Phi3VForCausalLM(tiny_config()), args=args.training,
             train_dataset=TrainingSamples(rows, kept, lengths, encode=collator.encode), data_collator=collator.collate,
@@ -165,7 +165,7 @@ def test_filter_by_length_on_converted_data_reads_frame_headers_only(tiny_proces
         return recipe.format_example(row, tmp_path / "images")
 
     expected = [tiny_processor.num_conversation_tokens(r["conversations"], [(320, 240)] * (i + 1), 4) for i, r in enumerate(rows)]
-    batch = Phi3VDataCollator(tiny_processor, format_row, num_crops=4)(rows)  # the frames decode for training
+    batch = DataCollator(tiny_processor, format_row, num_crops=4)(rows)  # the frames decode for training
     assert batch["pixel_values"].shape[0] == 6 and batch["attention_mask"].sum(1).tolist() == expected
 
     def no_decoding(*args, **kwargs):
@@ -191,7 +191,7 @@ def test_training_batches_stay_on_one_side_of_the_longrope_switch(tiny_processor
     limit = sorted(lengths)[40]  # 62 samples past the switch
     argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
             "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}", f"--packing={packing}"]
-    collator = Phi3VDataCollator(tiny_processor, identity, num_crops=1, packing=packing)
+    collator = DataCollator(tiny_processor, identity, num_crops=1, packing=packing)
     trainer = Phi3VTrainer(
         model=Phi3VForCausalLM(tiny_config(original_max_position_embeddings=limit)),
         args=parse_args(argv=argv).training,
@@ -224,7 +224,7 @@ def test_an_unreadable_sample_is_named_and_replaced_by_the_next(tiny_processor, 
     records = Records(rows, locations)
     kept = kept_rows(records, open_frame, tiny_processor, 1, None, disable_tqdm=True)
     assert kept[0] == [0, 1, 2]  # the header reads fine
-    collator = Phi3VDataCollator(tiny_processor, open_frame, num_crops=1)
+    collator = DataCollator(tiny_processor, open_frame, num_crops=1)
     samples = TrainingSamples(records, *kept, encode=collator.encode)
     first, second = samples[0], samples[1]
     assert first["bad_samples"] == []
@@ -244,7 +244,7 @@ def test_trainer_bar_shows_the_loss_unless_bars_are_off(tiny_processor, tmp_path
 
     args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none", f"--disable_tqdm={disable_tqdm}"])
     trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
-                           data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1))
+                           data_collator=DataCollator(tiny_processor, identity, num_crops=1))
     bars = [type(c) for c in trainer.callback_handler.callbacks if isinstance(c, (ProgressCallback, PrinterCallback))]
     assert bars == ([PrinterCallback] if disable_tqdm else [LossProgressCallback])
 
@@ -261,7 +261,7 @@ def test_only_the_saving_process_builds_the_state_dict_under_zero2(tiny_processo
 
     args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none"])
     trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
-                           data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1))
+                           data_collator=DataCollator(tiny_processor, identity, num_crops=1))
     built = []
     monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
     monkeypatch.setattr(trainer, "deepspeed", types.SimpleNamespace(config={"zero_optimization": {"stage": stage}}),

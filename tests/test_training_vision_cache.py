@@ -55,7 +55,7 @@ def rows():
 def test_the_pre_pass_keeps_what_it_computed_until_the_model_changes(rows, tiny_processor, tmp_path):
     from helpers import identity
 
-    from phi3v.collator import Phi3VDataCollator
+    from phi3v.collator import DataCollator
     from phi3v.errors import SetupError
     from phi3v.modeling import Phi3VForCausalLM
     from phi3v.tiny import tiny_config
@@ -63,7 +63,7 @@ def test_the_pre_pass_keeps_what_it_computed_until_the_model_changes(rows, tiny_
 
     torch.manual_seed(0)
     model = Phi3VForCausalLM(tiny_config())
-    encode = Phi3VDataCollator(tiny_processor, identity, num_crops=1).encode
+    encode = DataCollator(tiny_processor, identity, num_crops=1).encode
     cache = VisionFeatureCache(tmp_path / "features")
     assert cache.fill(model, rows, [0, 1, 2], encode, num_crops=1, disable_tqdm=True) == 2  # row 1 has no image
     sample = encode(rows[2])

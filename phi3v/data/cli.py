@@ -14,9 +14,9 @@ DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
 
 
 def load_processor(model_name_or_path: str):
-    from ..processing import Phi3VProcessor
+    from ..families import family_of
 
-    return Phi3VProcessor.from_pretrained(model_name_or_path)
+    return family_of(model_name_or_path, "--model_name_or_path").load_processor(model_name_or_path)
 
 
 def token_report(report: FileReport, processor, num_crops: int, max_seq_length: int | None,

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..distributed import main_process_first
-from ..errors import SetupError
+from ..errors import SetupError, first_line
 from .rows import name_rows
 
 SPLIT_FILE = re.compile(r"^(train|test|val|validation|dev)[-_.]")
@@ -57,9 +57,8 @@ def _load(name_or_path: str, config_name: str | None, split: str):
         try:
             return datasets.load_dataset(name_or_path, config_name, split=split)
         except Exception as e:  # noqa: BLE001 - offline, no such dataset or config, no such split...
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DatasetError(f"{name_or_path}: not a local folder, and loading it from the Hub failed "
-                               f"({first_line})") from None
+                               f"({first_line(e)})") from None
     if not path.is_dir():
         raise DatasetError(f"{path}: not a folder (a saved dataset or a folder of parquet files)")
     if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():

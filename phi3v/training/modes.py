@@ -15,15 +15,11 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from ..attention import training_attention
 from ..data.hub import missing_local_folder
 from ..distributed import print_once
-from ..errors import SetupError
+from ..errors import SetupError, first_line
+from ..families import family_of, family_of_model
 from ..generation import use_chat_stop_tokens
-from ..modeling import Phi3VForCausalLM
-from ..processing import Phi3VProcessor
 from .arguments import LoraArguments, ModelArguments, RecipeArguments
 from .sharding import keep_used_key_conversions, parameter_count, start_deepspeed_comm
-
-LANGUAGE_LORA_TARGETS = ["qkv_proj", "o_proj", "down_proj", "gate_up_proj"]
-VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 
 
 def mode_name(model_args: ModelArguments, lora: LoraArguments) -> str:
@@ -31,27 +27,9 @@ def mode_name(model_args: ModelArguments, lora: LoraArguments) -> str:
     return mode + (" (vision frozen)" if model_args.freeze_vision_model else "")
 
 
-def lora_target_modules(model: Phi3VForCausalLM, include_vision: bool) -> list[str]:
-    """Full names of the reference recipe's LoRA targets present in `model`.
-
-    Vision targets stop at the CLIP feature layer: the later layers never run, and adapters on
-    them would wait forever for a gradient under DDP.
-    """
-    tower = model.model.vision_embed_tokens.img_processor
-    used_vision_layers = {f"encoder.layers.{i}." for i in range(tower.num_layers_used)}
-    targets = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if name == "lm_head" or (name.startswith("model.layers.") and leaf in LANGUAGE_LORA_TARGETS):
-            targets.append(name)
-        elif include_vision and name.startswith("model.vision_embed_tokens."):
-            if name.endswith(("img_projection.0", "img_projection.2")):
-                targets.append(name)
-            elif leaf in VISION_LORA_TARGETS and any(layer in name for layer in used_vision_layers):
-                targets.append(name)
-    return targets
+def lora_target_modules(model: torch.nn.Module, include_vision: bool) -> list[str]:
+    """Full names of the layers LoRA adapts in `model` (its family's targets, see phi3v.families)."""
+    return family_of_model(model).lora_target_modules(model, include_vision)
 
 
 def quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -60,14 +38,15 @@ def quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def setup_mode(model: Phi3VForCausalLM, model_args: ModelArguments, lora: LoraArguments) -> torch.nn.Module:
+def setup_mode(model: torch.nn.Module, model_args: ModelArguments, lora: LoraArguments) -> torch.nn.Module:
     """Freezes what the mode does not train and adds the LoRA adapters; returns the model to train.
 
     The seed must be set before: the adapters' initial weights are random.
     """
-    model.model.vision_embed_tokens.img_processor.freeze_unused()
+    family = family_of_model(model)
+    family.prepare_for_training(model)
     if model_args.freeze_vision_model:
-        model.model.vision_embed_tokens.requires_grad_(False)
+        family.vision_module(model).requires_grad_(False)
     if not lora.use_lora:
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -91,18 +70,19 @@ def setup_mode(model: Phi3VForCausalLM, model_args: ModelArguments, lora: LoraAr
     return get_peft_model(model, config)
 
 
-def load_processor(model_name_or_path: str) -> Phi3VProcessor:
-    """The checkpoint's processor: also the cheap check that --model_name_or_path is there, before the model loads."""
+def load_processor(model_name_or_path: str):
+    """The checkpoint's processor (its family's): also the cheap check that --model_name_or_path is there and is
+    a model these recipes fine-tune, before the model loads."""
     if missing_local_folder(model_name_or_path):
         raise SetupError(f"--model_name_or_path {model_name_or_path}: no such folder")
+    family = family_of(model_name_or_path)
     try:
-        return Phi3VProcessor.from_pretrained(model_name_or_path)
+        return family.load_processor(model_name_or_path)
     except OSError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SetupError(f"--model_name_or_path {model_name_or_path}: cannot load it ({first_line})") from None
+        raise SetupError(f"--model_name_or_path {model_name_or_path}: cannot load it ({first_line(e)})") from None
 
 
-def load_for_training(args: RecipeArguments, processor: Phi3VProcessor) -> torch.nn.Module:
+def load_for_training(args: RecipeArguments, processor) -> torch.nn.Module:
     """The model set up for the chosen mode."""
     training, model_args, lora = args.training, args.model, args.lora
     on_gpu = torch.cuda.is_available()
@@ -122,7 +102,8 @@ def load_for_training(args: RecipeArguments, processor: Phi3VProcessor) -> torch
         kwargs["device_map"] = {"": training.device}
     if is_deepspeed_zero3_enabled():
         start_deepspeed_comm()  # before zero.Init partitions the weights as they load
-    model = Phi3VForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    model_class = family_of(model_args.model_name_or_path).model_class()
+    model = model_class.from_pretrained(model_args.model_name_or_path, **kwargs)
     if is_deepspeed_zero3_enabled():
         keep_used_key_conversions(model)
     use_chat_stop_tokens(model, processor)

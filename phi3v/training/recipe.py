@@ -24,14 +24,14 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..chat import FormatExample
-from ..collator import Phi3VDataCollator
+from ..collator import DataCollator
 from ..distributed import finish, gather_lists, is_main_process, main_process_decides, print_once
 from ..errors import SetupError
 from ..evaluation import evaluate as evaluate_rows
+from ..families import Processor
 from ..generation import try_command
 from ..metrics import Metric, resolve_metric
 from ..modeling import parameters_are_sharded
-from ..processing import Phi3VProcessor
 from ..remote_code import set_code_repo
 from .arguments import RecipeArguments
 from .checkpointing import AutoCheckpointing, longest_layout
@@ -119,7 +119,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
     if evaluate_before and not on_sharded_model:
         evaluate(model, processor, eval_rows, format_example, metric, args, "before")
 
-    collator = Phi3VDataCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
+    collator = DataCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
     cache = VisionFeatureCache(output_dir / "vision_features") if args.model.cache_vision_features else None
     trainer = Phi3VTrainer(
         model=model,
@@ -180,7 +180,7 @@ class EvaluateBefore(TrainerCallback):
         self.evaluate_model(model)
 
 
-def evaluation_during_training(args: RecipeArguments, processor: Phi3VProcessor, eval_rows: Sequence[Any],
+def evaluation_during_training(args: RecipeArguments, processor: Processor, eval_rows: Sequence[Any],
                                format_example: FormatExample, metric: str | Metric) -> dict[str, Any]:
     """With --eval_strategy steps|epoch: the rows whose loss is measured, and the task metric (the same batched
     generation as the evaluations before and after) that the Trainer logs as eval_<metric> beside eval_loss."""
@@ -189,7 +189,7 @@ def evaluation_during_training(args: RecipeArguments, processor: Phi3VProcessor,
     data, model_args = args.data, args.model
     rows = filter_by_length(eval_rows, format_example, processor, model_args.num_crops, None,
                             args.training.disable_tqdm, limit=data.max_eval_samples, label="Evaluation samples")
-    encoder = Phi3VDataCollator(processor, format_example, model_args.num_crops)
+    encoder = DataCollator(processor, format_example, model_args.num_crops)
 
     def task_metric(model: torch.nn.Module) -> dict:
         with half_precision(args, model):
@@ -220,7 +220,7 @@ def stopped(stopper: StopAtStepEnd, trainer: Trainer, bad: list[str], max_bad: i
     raise SystemExit(128 + stopper.signum)
 
 
-def evaluate(model: torch.nn.Module, processor: Phi3VProcessor, rows: Sequence[Any], format_example: FormatExample,
+def evaluate(model: torch.nn.Module, processor: Processor, rows: Sequence[Any], format_example: FormatExample,
              metric: str | Metric, args: RecipeArguments, when: str) -> dict | None:
     """Batched, sharded evaluation written to `output_dir/eval_{when}.json`; returns the summary (None
     without rows: nothing is evaluated)."""
@@ -268,7 +268,7 @@ def half_precision(args: RecipeArguments, model: torch.nn.Module):
     return torch.autocast(device, dtype=dtype, enabled=dtype is not None, cache_enabled=False)
 
 
-def save(trainer: Trainer, processor: Phi3VProcessor, args: RecipeArguments, from_checkpoint: Path | None = None) -> None:
+def save(trainer: Trainer, processor: Processor, args: RecipeArguments, from_checkpoint: Path | None = None) -> None:
     """Final model (full weights in the Hub layout, or the LoRA adapter) and processor in output_dir."""
     output_dir = args.training.output_dir
     if from_checkpoint is None:

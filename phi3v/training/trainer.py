@@ -20,9 +20,9 @@ from ..data.hub import sizes_only
 from ..data.rows import UNREADABLE, describe_error, row_location
 from ..distributed import is_main_process
 from ..errors import SetupError
+from ..families import Processor
 from ..images import upright_size
 from ..modeling import longrope_limit
-from ..processing import Phi3VProcessor
 from ..files import tree_follows_umask
 from .checkpoints import mark_complete
 from .progress import LossProgressCallback
@@ -44,7 +44,7 @@ class TrainingRows:
 def filter_by_length(
     rows: Sequence[Any],
     format_example: FormatExample,
-    processor: Phi3VProcessor,
+    processor: Processor,
     num_crops: int,
     max_seq_length: int | None,
     disable_tqdm: bool = False,

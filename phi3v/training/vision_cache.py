@@ -81,7 +81,7 @@ class VisionFeatureCache:
         batch would run it on a blank crop under ZeRO-3/FSDP (a collective that ranks with cached features in
         their batches never join).
         """
-        if sample["pixel_values"] is None:
+        if sample.get("pixel_values") is None:
             return {**sample, "image_features": torch.zeros(0)}  # torch.cat skips it beside other features
         path = self.path(index)
         if not path.is_file():
@@ -162,7 +162,7 @@ class VisionFeatureCache:
             for index, sample in tqdm(samples, desc="Caching image features", disable=disable_tqdm):
                 if sample is None:
                     continue  # unreadable: training replaces it (TrainingSamples)
-                if sample["pixel_values"] is None:  # text only: nothing to compute, but done
+                if sample.get("pixel_values") is None:  # text only: nothing to compute, but done
                     self.store(index, torch.zeros(0), "no images")
                     continue
                 with torch.no_grad(), autocast():

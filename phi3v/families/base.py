@@ -1,0 +1,67 @@
+"""What each model family answers: the interface the library asks (see phi3v.families)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+
+class Processor(Protocol):
+    """What the library calls on a family's processor (Phi3VProcessor is the reference; each method's
+    docstring there says what it does)."""
+
+    tokenizer: Any
+    image_processor: Any  # .preprocess(images, num_crops=, return_tensors=) -> model inputs + "num_img_tokens";
+    #                       .num_image_tokens(width, height, num_crops) -> int
+
+    @property
+    def stop_token_ids(self) -> list[int]: ...
+
+    def user_turn(self, user: str) -> str: ...
+
+    def answer_turn(self, assistant: str) -> str: ...
+
+    def encode_conversation(self, turns: Sequence[dict[str, Any]], num_image_tokens: Sequence[int]
+                            ) -> tuple[list[int], list[int]]: ...
+
+    def num_conversation_tokens(self, turns: Sequence[dict[str, Any]], image_sizes: Sequence[tuple[int, int]],
+                                num_crops: int | None = None) -> int: ...
+
+    def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]: ...
+
+    def __call__(self, text: str | list[str], images: Any = None, num_crops: int | None = None,
+                 padding_side: str = "left", return_tensors: str | None = "pt") -> Any: ...
+
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> list[str]: ...
+
+
+class ModelFamily:
+    """One model family the recipes fine-tune. Subclasses fill in every method."""
+
+    name: str  # in messages: "Phi-3.5-vision"
+    model_type: str  # config.json's model_type
+    # What only some families offer (flags that ask for it elsewhere get a one-line error).
+    supports_vision_cache: bool = False
+    supports_step_sizing: bool = False  # meta-device sizing of a step (auto checkpointing, the "which mode fits" table)
+
+    def model_class(self) -> type:
+        """The transformers model class, loaded with `from_pretrained`."""
+        raise NotImplementedError
+
+    def load_processor(self, name_or_path: str, **kwargs: Any) -> Processor:
+        """The checkpoint's processor (see Phi3VProcessor for the interface every family's processor has)."""
+        raise NotImplementedError
+
+    def prepare_for_training(self, model: torch.nn.Module) -> None:
+        """Freezes the parameters that never run in vision-language training (they would never get a gradient)."""
+        raise NotImplementedError
+
+    def vision_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What --freeze_vision_model freezes: the image encoder and its projector."""
+        raise NotImplementedError
+
+    def lora_target_modules(self, model: torch.nn.Module, include_vision: bool) -> list[str]:
+        """Full names of the linear layers LoRA adapts (the vision side only with `include_vision`)."""
+        raise NotImplementedError
