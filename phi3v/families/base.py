@@ -45,6 +45,7 @@ class ModelFamily:
     # What only some families offer (flags that ask for it elsewhere get a one-line error).
     supports_vision_cache: bool = False
     supports_step_sizing: bool = False  # meta-device sizing of a step (auto checkpointing, the "which mode fits" table)
+    supports_remote_code: bool = False  # saved files can name the original remote code (--remote_code_repo)
 
     def model_class(self) -> type:
         """The transformers model class, loaded with `from_pretrained`."""

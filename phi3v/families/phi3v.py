@@ -17,6 +17,7 @@ class Phi3VFamily(ModelFamily):
     model_type = "phi3_v"
     supports_vision_cache = True
     supports_step_sizing = True
+    supports_remote_code = True
 
     def model_class(self) -> type:
         from ..modeling import Phi3VForCausalLM

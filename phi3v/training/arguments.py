@@ -51,17 +51,18 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default="microsoft/Phi-3.5-vision-instruct",
-        metadata={"help": "Hub id or local directory of a Phi-3(.5)-vision checkpoint."},
+        metadata={"help": "Hub id or local directory of a Phi-3(.5)-vision or Phi-4-multimodal checkpoint."},
     )
     num_crops: int | None = field(
-        default=16, metadata={"help": "Max 336x336 crops per image (HD transform). None only until a recipe picks "
-                              "its default from the data (finetune_hf_trainer_custom.py)."}
+        default=16, metadata={"help": "Max crops per image: 336x336 for Phi-3(.5)-vision (HD transform), 448x448 for "
+                              "Phi-4-multimodal (its dynamic_hd). None only until a recipe picks its default from the "
+                              "data (finetune_hf_trainer_custom.py)."}
     )
     use_flash_attention: bool = field(
         default=False, metadata={"help": "Use flash-attn 2 (bf16/fp16 on GPU); SDPA when flash-attn is not installed."}
     )
     freeze_vision_model: bool = field(
-        default=False, metadata={"help": "Freeze the image encoder (CLIP, projection and separators)."}
+        default=False, metadata={"help": "Freeze the image encoder (CLIP or SigLIP, projection and separators)."}
     )
     cache_vision_features: bool = field(
         default=False,

@@ -18,7 +18,7 @@ from ..distributed import print_once
 from ..errors import SetupError, first_line
 from ..families import family_of, family_of_model
 from ..generation import use_chat_stop_tokens
-from .arguments import LoraArguments, ModelArguments, RecipeArguments
+from .arguments import FlagError, LoraArguments, ModelArguments, RecipeArguments
 from .sharding import keep_used_key_conversions, parameter_count, start_deepspeed_comm
 
 
@@ -68,6 +68,15 @@ def setup_mode(model: torch.nn.Module, model_args: ModelArguments, lora: LoraArg
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def check_family_flags(model_args: ModelArguments) -> None:
+    """A one-line FlagError for a model flag that the checkpoint's family cannot honour (before the model loads)."""
+    family = family_of(model_args.model_name_or_path)
+    if model_args.cache_vision_features and not family.supports_vision_cache:
+        raise FlagError(f"--cache_vision_features: not available for {family.name} yet")
+    if model_args.remote_code_repo and not family.supports_remote_code:
+        raise FlagError(f"--remote_code_repo: {family.name} loads in transformers itself, with no remote code to name")
 
 
 def load_processor(model_name_or_path: str):

@@ -37,7 +37,7 @@ from .arguments import RecipeArguments
 from .checkpointing import AutoCheckpointing, longest_layout
 from .checkpoints import (CheckpointError, copy_model_files, find_resume_point, load_model_weights, log_history,
                           run_is_complete, trained_steps)
-from .modes import load_for_training, load_processor
+from .modes import check_family_flags, load_for_training, load_processor
 from .output_lock import OutputDirBusy, OutputDirLock
 from .report import save_example_image, write_pictures
 from .sharding import full_weights
@@ -97,6 +97,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         print_once(f"{incomplete} is incomplete (the run was stopped while writing it): moved to {moved_to}.")
 
     processor = load_processor(args.model.model_name_or_path)
+    check_family_flags(args.model)
     rows = filter_by_length(train_rows, format_train, processor, args.model.num_crops, args.data.max_seq_length,
                             training.disable_tqdm, limit=args.data.max_train_samples)
     max_bad = args.data.max_bad_samples
