@@ -1,8 +1,8 @@
-"""phi3v.chat: prompt layout, image tags and stop tokens, in one place for training, evaluation and generation."""
+"""phivision.chat: prompt layout, image tags and stop tokens, in one place for training, evaluation and generation."""
 
 import pytest
 
-from phi3v.chat import (ImageTagList, Phi3VChat, conversation_prompt, generation_prompt, image_tag_problem,
+from phivision.chat import (ImageTagList, Phi3VChat, conversation_prompt, generation_prompt, image_tag_problem,
                         images_per_turn, stop_token_ids, user_turn)
 
 PHI3V = Phi3VChat()

@@ -7,8 +7,8 @@ import torch
 from helpers import identity, image_runs, random_image, sample
 from PIL import Image
 
-from phi3v.collator import DataCollator, pack_batch
-from phi3v.processing import IGNORE_INDEX
+from phivision.collator import DataCollator, pack_batch
+from phivision.phi3v.processing import IGNORE_INDEX
 
 
 PROMPT = "<|user|>\n{}<|end|>\n<|assistant|>\n"

@@ -1,13 +1,13 @@
-"""phi3v.families: a checkpoint's family is read from its config.json, before anything loads."""
+"""phivision.families: a checkpoint's family is read from its config.json, before anything loads."""
 
 import json
 
 import pytest
 
-from phi3v.errors import SetupError
-from phi3v.families import family_of, family_of_model
-from phi3v.families.phi3v import Phi3VFamily
-from phi3v.training.modes import load_processor
+from phivision.errors import SetupError
+from phivision.families import family_of, family_of_model
+from phivision.phi3v.family import Phi3VFamily
+from phivision.training.modes import load_processor
 
 
 def test_a_phi3v_checkpoint_and_its_model_belong_to_the_phi3v_family(tiny):

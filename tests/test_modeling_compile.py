@@ -5,9 +5,9 @@ dynamo captures do not depend on the backend)."""
 import pytest
 import torch
 
-from phi3v import Phi3VForCausalLM, Phi3VProcessor
-from phi3v.collator import pad_batch
-from phi3v.tiny import tiny_config
+from phivision import Phi3VForCausalLM, Phi3VProcessor
+from phivision.collator import pad_batch
+from phivision.tiny import tiny_config
 from test_modeling import image_inputs, prompt_ids
 
 dynamo = pytest.importorskip("torch._dynamo")
