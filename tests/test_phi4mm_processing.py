@@ -106,7 +106,7 @@ def test_no_images_gives_empty_batch():
 
 def test_resize_matches_float_path_where_uint8_kernel_is_not_used(monkeypatch):
     """Without a native uint8 kernel torchvision resizes in float32 and rounds; so must we."""
-    image = torch.from_numpy(np.asarray(make_golden.golden_image(300, 200, "RGB"))).permute(2, 0, 1).contiguous()
+    image = torch.from_numpy(np.array(make_golden.golden_image(300, 200, "RGB"))).permute(2, 0, 1).contiguous()
     monkeypatch.setattr(image_module, "_native_uint8_bilinear", lambda: False)
     resized = image_module._resize(image, 150, 333, "bilinear", antialias=True)
     expected = torch.nn.functional.interpolate(image[None].float(), size=[150, 333], mode="bilinear",
@@ -124,3 +124,117 @@ def test_config_round_trip_in_transformers_layout(tmp_path, image_golden):
     loaded = Phi4MMImageProcessor.from_pretrained(tmp_path)
     assert loaded.dynamic_hd == 16 and loaded.size == {"height": 448, "width": 448}
     assert Phi4MMImageProcessor.from_pretrained(tmp_path, dynamic_hd=4).dynamic_hd == 4
+
+
+# ----- the processor -----
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from phi3v.phi4mm.tiny import build_tiny_processor
+
+    return build_tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def processor_golden() -> dict:
+    return json.loads((GOLDEN_DIR / "phi4mm" / "processor.json").read_text())
+
+
+def test_prompt_ids_equal_transformers_processor(processor, processor_golden):
+    """Each <|image_N|> tag becomes num_img_tokens copies of the image token, as transformers' processor expands
+    its image token; text tokenised alike (the goldens ran transformers' AutoProcessor on the tiny checkpoint)."""
+    assert processor.image_token == processor_golden["image_token"]
+    assert processor.image_token_id == processor_golden["image_token_id"]
+    for row in processor_golden["prompts"]:
+        images = [make_golden.golden_image(*make_golden.IMAGES[i]) for i in row["images"]]
+        ours = processor(row["prompt"], images=images)
+        assert ours["input_ids"][0].tolist() == row["input_ids"], row["prompt"]
+        assert sorted(ours.keys()) == row["keys"]
+        counts = Phi4MMImageProcessor().preprocess(images)["num_img_tokens"] if images else []
+        assert processor.encode_prompt(row["prompt"], counts) == row["input_ids"]
+        sizes = [image.size for image in images]
+        assert processor.num_prompt_tokens(row["prompt"], sizes) == len(row["input_ids"])
+
+
+def test_chat_layout_is_the_chat_template(processor):
+    tokenizer = processor.tokenizer
+    user = [{"role": "user", "content": "<|image_1|>What is it?"}]
+    assert tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == processor.user_turn(
+        "<|image_1|>What is it?")
+    both = user + [{"role": "assistant", "content": "A dog."}]
+    expected = processor.user_turn("<|image_1|>What is it?") + processor.answer_turn("A dog.") + "<|endoftext|>"
+    assert tokenizer.apply_chat_template(both, tokenize=False) == expected
+    assert processor.user_turn("hi") == "<|user|>hi<|end|><|assistant|>"
+    assert processor.answer_turn("yes") == "yes<|end|>"
+
+
+def test_encode_conversation_labels_answers_only(processor):
+    tokenizer = processor.tokenizer
+    turns = [{"user": "<|image_1|>What is it?", "assistant": "A dog."},
+             {"user": "And <|image_2|>?", "assistant": "A cat."}]
+    ids, labels = processor.encode_conversation(turns, [5, 7])
+    assert len(ids) == len(labels)
+    image_id = processor.image_token_id
+    assert ids.count(image_id) == 12 and ids[1:6] == [image_id] * 5  # after <|user|>, image 1's 5 tokens
+    answered = [i for i, label in zip(ids, labels) if label != -100]
+    assert tokenizer.decode(answered) == "A dog.<|end|>A cat.<|end|><|endoftext|>"
+    assert labels[-1] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    text = tokenizer.decode([i for i in ids if i != image_id])
+    assert text == "<|user|>What is it?<|end|><|assistant|>A dog.<|end|><|user|>And ?<|end|><|assistant|>A cat.<|end|><|endoftext|>"
+    assert processor.num_conversation_tokens(turns, [(10, 10), (900, 100)], num_crops=1) == len(
+        processor.encode_conversation(turns, [Phi4MMImageProcessor().num_image_tokens(10, 10, 1),
+                                              Phi4MMImageProcessor().num_image_tokens(900, 100, 1)])[0])
+    # Untagged text gets its turn's tags first (the data contract of phi3v.chat).
+    untagged, _ = processor.encode_conversation([{"user": "What?", "assistant": "No."}], [3])
+    assert untagged[1:4] == [image_id] * 3
+    with pytest.raises(ValueError, match="turn 1: .*tag"):
+        processor.encode_conversation([turns[0], {"user": "<|image_1|>?", "assistant": "x"}], [5, 7])
+    with pytest.raises(ValueError, match="<|image_N|> tags"):
+        processor.encode_prompt("<|endoftext10|>hi", [])
+
+
+def test_stop_token_ids_are_end_and_endoftext(processor):
+    vocab = processor.tokenizer.get_vocab()
+    assert processor.stop_token_ids == [vocab["<|end|>"], vocab["<|endoftext|>"]]
+    # <|endoftext|> is also the unk token, as in the real tokenizer: it must not be skipped.
+    assert processor.tokenizer.unk_token == "<|endoftext|>"
+
+
+def test_batch_of_prompts_pads_and_batch_images_pads_crops(processor):
+    small, large = make_golden.golden_image(300, 200, "RGB"), make_golden.golden_image(1300, 900, "RGB")
+    out = processor(["<|image_1|>a", "no image, longer text here", "<|image_1|><|image_2|>b"],
+                    images=[[small], None, [large, small]], padding_side="right", num_crops=4)
+    assert out["image_pixel_values"].shape[:2] == (3, 5)  # 1 + 4 crops for the large image
+    assert out["attention_mask"][1].sum() < out["attention_mask"][0].numel()
+    singles = [processor.image_processor.preprocess(images, num_crops=4) for images in ([small], [large, small])]
+    samples = [{name: s[name] for name in ("image_pixel_values", "image_sizes", "image_attention_mask")}
+               for s in singles]
+    batch = processor.batch_images([samples[0], {"input_ids": [1]}, samples[1]])
+    for name in ("image_pixel_values", "image_sizes", "image_attention_mask"):
+        assert torch.equal(batch[name], out[name]), name
+    assert batch["image_pixel_values"][0, 2:].abs().sum() == 0 and batch["image_attention_mask"][0, 2:].min() == 1
+    assert processor.batch_images([{"input_ids": [1]}]) == {}
+
+
+def test_save_and_load_native_layout(processor, tmp_path):
+    from phi3v.phi4mm.processing import Phi4MMProcessor
+
+    processor.save_pretrained(tmp_path)
+    nested = json.loads((tmp_path / "processor_config.json").read_text())
+    assert nested["processor_class"] == "Phi4MultimodalProcessor"
+    assert nested["image_processor"]["image_processor_type"] == "Phi4MultimodalImageProcessor"
+    assert nested["audio_processor"]["feature_extractor_type"] == "Phi4MultimodalFeatureExtractor"
+    merged = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert merged["dynamic_hd"] == 36 and merged["sampling_rate"] == 16000
+    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tokenizer_config["image_token"] == "<|endoftext10|>" and tokenizer_config["audio_token"] == "<|endoftext11|>"
+    assert (tmp_path / "chat_template.jinja").read_text() == processor.chat_template
+    loaded = Phi4MMProcessor.from_pretrained(tmp_path, dynamic_hd=4)
+    assert loaded.image_processor.dynamic_hd == 4
+    prompt = "<|user|><|image_1|>hi<|end|><|assistant|>"
+    image = make_golden.golden_image(900, 500, "RGB")
+    assert torch.equal(loaded(prompt, [image])["input_ids"], processor(prompt, [image], num_crops=4)["input_ids"])
+    # Without processor_config.json (a Hub folder from older transformers) the merged file is read.
+    (tmp_path / "processor_config.json").unlink()
+    assert Phi4MMProcessor.from_pretrained(tmp_path).image_processor.dynamic_hd == 36

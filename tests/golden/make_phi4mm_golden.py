@@ -151,7 +151,7 @@ def main() -> None:
     if not args.skip_images:
         (OUT_DIR / "image_processor.json").write_text(json.dumps(image_goldens()) + "\n")
     if args.tiny:
-        (OUT_DIR / "processor.json").write_text(json.dumps(processor_goldens(args.tiny), indent=1) + "\n")
+        (OUT_DIR / "processor.json").write_text(json.dumps(processor_goldens(args.tiny)) + "\n")
     for path in sorted(OUT_DIR.iterdir()):
         print(f"{path}: {path.stat().st_size / 1e3:.1f} kB")
 
