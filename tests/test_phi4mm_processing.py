@@ -235,6 +235,12 @@ def test_save_and_load_native_layout(processor, tmp_path):
     prompt = "<|user|><|image_1|>hi<|end|><|assistant|>"
     image = make_golden.golden_image(900, 500, "RGB")
     assert torch.equal(loaded(prompt, [image])["input_ids"], processor(prompt, [image], num_crops=4)["input_ids"])
-    # Without processor_config.json (a Hub folder from older transformers) the merged file is read.
+    # Without processor_config.json (a Hub folder from older transformers) the merged file is read, and its
+    # speech settings stay out of the image processor's (transformers' own class lets them in).
     (tmp_path / "processor_config.json").unlink()
-    assert Phi4MMProcessor.from_pretrained(tmp_path).image_processor.dynamic_hd == 36
+    merged["sampling_rate"] = 8000
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(merged))
+    reloaded = Phi4MMProcessor.from_pretrained(tmp_path)
+    assert reloaded.image_processor.dynamic_hd == 36 and reloaded.audio_processor["sampling_rate"] == 8000
+    assert "sampling_rate" not in reloaded.image_processor.to_dict()
+    assert reloaded.to_dict()["image_processor"] == processor.to_dict()["image_processor"]

@@ -40,6 +40,17 @@ RESAMPLE_BICUBIC = 3
 NATIVE_CLASS = "Phi4MultimodalImageProcessor"
 
 
+def speech_settings() -> dict[str, Any]:
+    """The speech feature extractor's settings (transformers' defaults). Native checkpoints keep them in the
+    same preprocessor_config.json as the image settings; speech is not ours to process, but they are saved back
+    so that transformers' AutoProcessor reads the folder."""
+    from transformers import Phi4MultimodalFeatureExtractor
+
+    settings = Phi4MultimodalFeatureExtractor().to_dict()
+    settings.pop("mel_filters", None)  # computed from the others; transformers does not save it either
+    return settings
+
+
 class Phi4MMImageProcessorKwargs(ImagesKwargs, total=False):
     """Keyword arguments that `from_pretrained(..., dynamic_hd=16)` may override."""
 
@@ -217,6 +228,9 @@ class Phi4MMImageProcessor(BaseImageProcessor):
         **kwargs,
     ) -> None:
         kwargs.pop("image_processor_type", None)  # ours to write
+        # A native preprocessor_config.json holds the speech settings too: they are not this processor's.
+        speech = speech_settings()
+        kwargs = {key: value for key, value in kwargs.items() if key not in speech}
         super().__init__(**kwargs)
         self.dynamic_hd = _check_max_crops(dynamic_hd, "dynamic_hd")
         self.size = dict(size or {"height": CROP_SIZE, "width": CROP_SIZE})

@@ -22,22 +22,12 @@ from transformers.feature_extraction_utils import BatchFeature
 from ..chat import IMAGE_TAG, STOP_TOKENS, image_tag_problem, images_per_turn, with_image_tags
 from ..files import write_json
 from ..processing import IGNORE_INDEX, TokenCounts, padded_batch, prompts_and_images
-from .image_processing import Phi4MMImageProcessor, pad_crops
+from .image_processing import Phi4MMImageProcessor, pad_crops, speech_settings
 
 NATIVE_PROCESSOR_CLASS = "Phi4MultimodalProcessor"
 # The model's image inputs, as Phi4MultimodalForCausalLM names its arguments.
 IMAGE_INPUTS = ("image_pixel_values", "image_sizes", "image_attention_mask")
 END_OF_TEXT = "<|endoftext|>"
-
-
-def _audio_processor_dict() -> dict[str, Any]:
-    """The speech feature extractor's settings, which the native files keep beside the image processor's (speech
-    input is not ours to process, but transformers' AutoProcessor needs them)."""
-    from transformers import Phi4MultimodalFeatureExtractor
-
-    settings = Phi4MultimodalFeatureExtractor().to_dict()
-    settings.pop("mel_filters", None)  # computed from the others; transformers does not save it either
-    return settings
 
 
 class Phi4MMProcessor(TokenCounts):
@@ -61,7 +51,7 @@ class Phi4MMProcessor(TokenCounts):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.chat_template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
-        self.audio_processor = dict(audio_processor) if audio_processor is not None else _audio_processor_dict()
+        self.audio_processor = dict(audio_processor) if audio_processor is not None else speech_settings()
         self.image_token = getattr(tokenizer, "image_token", None) or "<|endoftext10|>"
         image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if not isinstance(image_token_id, int) or image_token_id == tokenizer.unk_token_id:
@@ -86,6 +76,11 @@ class Phi4MMProcessor(TokenCounts):
             image_processor = Phi4MMImageProcessor(**{**nested["image_processor"], **image_kwargs})
         else:
             image_processor = Phi4MMImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_kwargs)
+            merged = folder / "preprocessor_config.json"
+            if merged.is_file():  # the speech settings beside the image ones
+                speech = speech_settings()
+                saved = json.loads(merged.read_text())
+                nested["audio_processor"] = {**speech, **{k: v for k, v in saved.items() if k in speech}}
         # Loaded as the fast tokenizer of tokenizer.json: the class its config names may rebuild the pipeline.
         tokenizer = PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
         audio = nested.get("audio_processor") if isinstance(nested.get("audio_processor"), dict) else None
