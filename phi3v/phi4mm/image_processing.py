@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import platform
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -88,14 +89,21 @@ class CropLayout:
         return self.cols * self.crop_size
 
 
+@lru_cache(maxsize=None)
+def _grids(max_crops: int) -> tuple[tuple[int, int], ...]:
+    """(cols, rows) of every grid of at most `max_crops` crops, fewest crops first, in transformers' order (which
+    decides exact ties); cached, as token counting runs over whole datasets."""
+    grids = {(i, j) for n in range(1, max_crops + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+             if i * j <= max_crops}
+    return tuple(sorted(grids, key=lambda grid: grid[0] * grid[1]))
+
+
 def _closest_grid(width: int, height: int, max_crops: int, crop_size: int) -> tuple[int, int]:
     """(cols, rows) among grids of at most `max_crops` crops whose aspect ratio is nearest the image's;
     on a tie the larger grid wins when the image covers more than half of it (transformers' rule)."""
     aspect_ratio = width / height
-    grids = {(i, j) for n in range(1, max_crops + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-             if i * j <= max_crops}
     best, best_diff = (1, 1), float("inf")
-    for cols, rows in sorted(grids, key=lambda grid: grid[0] * grid[1]):
+    for cols, rows in _grids(max_crops):
         diff = abs(aspect_ratio - cols / rows)
         if diff < best_diff:
             best, best_diff = (cols, rows), diff
