@@ -67,7 +67,9 @@ The quick brown fox jumps over the lazy dog. Hello world! How are you today? I a
 """
 
 
-def learn_bpe(trainer_tokenizer: Tokenizer, trainer: trainers.BpeTrainer, first_id: int) -> tuple[list[str], list[tuple[str, str]]]:
+def learn_bpe(
+    trainer_tokenizer: Tokenizer, trainer: trainers.BpeTrainer, first_id: int
+) -> tuple[list[str], list[tuple[str, str]]]:
     """Tokens (ids >= first_id, in id order) and merges that `trainer` learns from TRAINING_TEXT through
     `trainer_tokenizer`'s normalizer and pre-tokenizer (deterministic: same text, same result). Shared by the
     tiny tokenizers of both families, which differ only in that pipeline."""
@@ -205,7 +207,8 @@ def main(argv: list[str] | None = None) -> None:
                              "dynamic_hd, default 36).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument("--full_size", action="store_true",
-                        help="Phi-3.5-vision's real sizes (4.15B parameters, 8.3 GB in bf16), for GPU checks (phi3v only).")
+                        help="Phi-3.5-vision's real sizes (4.15B parameters, 8.3 GB in bf16), for GPU checks "
+                             "(phi3v only).")
     args = parser.parse_args(argv)
     if args.family == "phi4mm":
         if args.full_size:

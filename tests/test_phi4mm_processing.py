@@ -43,7 +43,8 @@ def test_image_outputs_equal_transformers(image_golden, golden_images, case_inde
     for key in ("pixel_shape", "image_sizes", "num_img_tokens", "mask_shape"):
         assert mine[key] == case[key], key
     np.testing.assert_array_equal(
-        make_golden.unpack_mask(mine["mask"], mine["mask_shape"]), make_golden.unpack_mask(case["mask"], case["mask_shape"])
+        make_golden.unpack_mask(mine["mask"], mine["mask_shape"]),
+        make_golden.unpack_mask(case["mask"], case["mask_shape"]),
     )
     assert ours["image_attention_mask"].dtype == torch.float32 and ours["image_sizes"].dtype == torch.long
     if _same_uint8_resize_path(image_golden):
@@ -181,7 +182,8 @@ def test_encode_conversation_labels_answers_only(processor):
     assert tokenizer.decode(answered) == "A dog.<|end|>A cat.<|end|><|endoftext|>"
     assert labels[-1] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     text = tokenizer.decode([i for i in ids if i != image_id])
-    assert text == "<|user|>What is it?<|end|><|assistant|>A dog.<|end|><|user|>And ?<|end|><|assistant|>A cat.<|end|><|endoftext|>"
+    assert text == ("<|user|>What is it?<|end|><|assistant|>A dog.<|end|>"
+                    "<|user|>And ?<|end|><|assistant|>A cat.<|end|><|endoftext|>")
     assert processor.num_conversation_tokens(turns, [(10, 10), (900, 100)], num_crops=1) == len(
         processor.encode_conversation(turns, [Phi4MMImageProcessor().num_image_tokens(10, 10, 1),
                                               Phi4MMImageProcessor().num_image_tokens(900, 100, 1)])[0])

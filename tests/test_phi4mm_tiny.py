@@ -62,7 +62,8 @@ def test_tokenizer_is_laid_out_like_phi4_mini(tiny_dir):
     tokenizer = processor.tokenizer
     first = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     # The real ids minus 199999: <|endoftext10|> 200010, <|assistant|> 200019, <|end|> 200020, <|user|> 200021.
-    assert [tokenizer.convert_tokens_to_ids(t) - first for t in tiny4.ADDED_TOKENS] == list(range(len(tiny4.ADDED_TOKENS)))
+    offsets = [tokenizer.convert_tokens_to_ids(t) - first for t in tiny4.ADDED_TOKENS]
+    assert offsets == list(range(len(tiny4.ADDED_TOKENS)))
     assert {t: tokenizer.convert_tokens_to_ids(t) - first for t in ("<|endoftext10|>", "<|assistant|>", "<|end|>",
                                                                    "<|user|>", "<|system|>")} == {
         "<|endoftext10|>": 11, "<|assistant|>": 20, "<|end|>": 21, "<|user|>": 22, "<|system|>": 23}

@@ -106,7 +106,8 @@ class Phi4MMProcessor(TokenCounts):
             (folder / "chat_template.jinja").write_text(self.chat_template)
         processor = self.to_dict()
         write_json(folder / "processor_config.json", processor)
-        merged = {**processor["audio_processor"], **processor["image_processor"], "processor_class": NATIVE_PROCESSOR_CLASS}
+        merged = {**processor["audio_processor"], **processor["image_processor"],
+                  "processor_class": NATIVE_PROCESSOR_CLASS}
         write_json(folder / "preprocessor_config.json", dict(sorted(merged.items())))
         return [str(folder / name) for name in ("processor_config.json", "preprocessor_config.json")]
 

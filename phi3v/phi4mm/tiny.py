@@ -106,7 +106,8 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_tiny_processor(dynamic_hd: int = 36) -> Phi4MMProcessor:
     """The real image processor (448-pixel crops, crop limit `dynamic_hd`) with the tiny tokenizer."""
-    return Phi4MMProcessor(image_processor=Phi4MMImageProcessor(dynamic_hd=dynamic_hd), tokenizer=build_tiny_tokenizer())
+    return Phi4MMProcessor(image_processor=Phi4MMImageProcessor(dynamic_hd=dynamic_hd),
+                           tokenizer=build_tiny_tokenizer())
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides):

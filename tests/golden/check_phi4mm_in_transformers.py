@@ -31,7 +31,8 @@ def main(tiny_dir: str) -> None:
         with torch.no_grad():
             difference = (model(**their_inputs).logits - model(**our_inputs).logits).abs().max().item()
         worst = max(worst, difference)
-        print(f"{len(indices)} image(s), {our_inputs['input_ids'].shape[1]} tokens: max |logit difference| {difference}")
+        tokens = our_inputs["input_ids"].shape[1]
+        print(f"{len(indices)} image(s), {tokens} tokens: max |logit difference| {difference}")
     print(f"all inputs equal; worst logit difference {worst}")
 
 
