@@ -1,6 +1,7 @@
 """A tiny Phi-3-V for tests and the CPU demo, built offline: tokenizer, processor and model.
 
     python -m phivision.tiny OUT_DIR [--num_crops 4]   # a few MB in the Hub's on-disk layout
+    python -m phivision.tiny OUT_DIR --family phi4mm   # Phi-4-multimodal instead (phivision.phi4mm.tiny)
 
 
 The tokenizer mirrors the real one's pipeline (tokenizer.json of microsoft/Phi-3.5-vision-instruct):
@@ -20,8 +21,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .phi3v.configuration import Phi3VConfig
 from .generation import use_chat_stop_tokens
+from .phi3v.configuration import Phi3VConfig
 from .phi3v.image_processing import Phi3VImageProcessor
 from .phi3v.modeling import Phi3VForCausalLM
 from .phi3v.processing import Phi3VProcessor
@@ -66,8 +67,21 @@ The quick brown fox jumps over the lazy dog. Hello world! How are you today? I a
 """
 
 
+def learn_bpe(
+    trainer_tokenizer: Tokenizer, trainer: trainers.BpeTrainer, first_id: int
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Tokens (ids >= first_id, in id order) and merges that `trainer` learns from TRAINING_TEXT through
+    `trainer_tokenizer`'s normalizer and pre-tokenizer (deterministic: same text, same result). Shared by the
+    tiny tokenizers of both families, which differ only in that pipeline."""
+    trainer_tokenizer.train_from_iterator(TRAINING_TEXT.splitlines(), trainer=trainer)
+    model = json.loads(trainer_tokenizer.to_str())["model"]
+    learned = sorted((i, token) for token, i in model["vocab"].items() if i >= first_id)
+    merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+    return [token for _, token in learned], merges
+
+
 def _train_vocab_and_merges() -> tuple[list[str], list[tuple[str, str]]]:
-    """Learn characters and merges from TRAINING_TEXT (deterministic: same text, same result)."""
+    """Learn characters and merges from TRAINING_TEXT, SentencePiece-style."""
     trainer_tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     trainer_tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     # Split before every "▁" only while training, so learned tokens never span two words (as in SentencePiece).
@@ -79,11 +93,7 @@ def _train_vocab_and_merges() -> tuple[list[str], list[tuple[str, str]]]:
         initial_alphabet=printable_ascii + ["▁"],
         show_progress=False,
     )
-    trainer_tokenizer.train_from_iterator(TRAINING_TEXT.splitlines(), trainer=trainer)
-    model = json.loads(trainer_tokenizer.to_str())["model"]
-    learned = sorted((i, token) for token, i in model["vocab"].items() if i >= 3)
-    merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
-    return [token for _, token in learned], merges
+    return learn_bpe(trainer_tokenizer, trainer, first_id=3)
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -187,16 +197,32 @@ def build_tiny_checkpoint(out_dir: str | Path, num_crops: int = 4, seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write a random tiny Phi-3-V checkpoint in the Hub layout.")
+    parser = argparse.ArgumentParser(description="Write a random tiny checkpoint (Phi-3-V or Phi-4-MM) for tests.")
     parser.add_argument("out_dir", help="Directory to write (config.json, model.safetensors, tokenizer, preprocessor).")
-    parser.add_argument("--num_crops", type=int, default=4, help="num_crops saved in preprocessor_config.json.")
+    parser.add_argument("--family", choices=("phi3v", "phi4mm"), default="phi3v",
+                        help="phi3v: Phi-3.5-vision in the Hub's remote-code layout; phi4mm: Phi-4-multimodal in the "
+                             "transformers-native layout (with vision-lora/ and speech-lora/).")
+    parser.add_argument("--num_crops", type=int, default=None,
+                        help="Crop limit saved in the preprocessor config (phi3v: num_crops, default 4; phi4mm: "
+                             "dynamic_hd, default 36).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument("--full_size", action="store_true",
-                        help="Phi-3.5-vision's real sizes (4.15B parameters, 8.3 GB in bf16), for GPU checks.")
+                        help="Phi-3.5-vision's real sizes (4.15B parameters, 8.3 GB in bf16), for GPU checks "
+                             "(phi3v only).")
     args = parser.parse_args(argv)
-    path = build_tiny_checkpoint(args.out_dir, args.num_crops, args.seed, args.full_size)
-    size = sum(f.stat().st_size for f in path.iterdir())
-    print(f"Wrote a tiny random Phi-3-V ({size / 1e6:.1f} MB) to {path}")
+    if args.family == "phi4mm":
+        if args.full_size:
+            parser.error("--full_size is for --family phi3v only")
+        from .phi4mm.tiny import build_tiny_checkpoint as build_phi4mm
+
+        path = build_phi4mm(args.out_dir, 36 if args.num_crops is None else args.num_crops, args.seed)
+        name = "Phi-4-MM"
+    else:
+        path = build_tiny_checkpoint(args.out_dir, 4 if args.num_crops is None else args.num_crops, args.seed,
+                                     args.full_size)
+        name = "Phi-3-V"
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"Wrote a tiny random {name} ({size / 1e6:.1f} MB) to {path}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,69 @@ def _image_list(images: Any) -> list:
     return [images]
 
 
-class Phi3VProcessor(ProcessorMixin):
+def prompts_and_images(text: str | list[str], images: Any, padding_side: str) -> tuple[list[str], list[list]]:
+    """A processor call's prompts and each prompt's images (see `Phi3VProcessor.__call__`), checked."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if isinstance(text, str):
+        return [text], [_image_list(images)]
+    texts = list(text)
+    if not texts:
+        raise ValueError("text is empty: give a prompt or a list of prompts")
+    if images is None:
+        return texts, [[] for _ in texts]
+    if isinstance(images, (list, tuple)) and len(images) == len(texts):
+        return texts, [_image_list(entry) for entry in images]
+    raise ValueError(
+        f"with a list of {len(texts)} prompts, images must be a list of {len(texts)} entries (the "
+        "images of each prompt: a list, a single image, or None), got "
+        f"{type(images).__name__} of length {len(images) if hasattr(images, '__len__') else '?'}"
+    )
+
+
+def padded_batch(rows: list[list[int]], pad_id: int | None, padding_side: str, image_inputs: dict[str, Any],
+                 return_tensors: str | None) -> BatchFeature:
+    """`input_ids` and `attention_mask` of token rows padded to the longest on `padding_side`, with the
+    batch's image inputs, as a BatchFeature of `return_tensors` ("pt", "np" or None for lists)."""
+    longest = max(len(row) for row in rows)
+    if pad_id is None and any(len(row) < longest for row in rows):
+        raise ValueError("the tokenizer has no pad token to pad the batch with; set tokenizer.pad_token")
+    input_ids, attention_mask = [], []
+    for row in rows:
+        padding = longest - len(row)
+        if padding_side == "left":
+            input_ids.append([pad_id] * padding + row)
+            attention_mask.append([0] * padding + [1] * len(row))
+        else:
+            input_ids.append(row + [pad_id] * padding)
+            attention_mask.append([1] * len(row) + [0] * padding)
+    data = {"input_ids": input_ids, "attention_mask": attention_mask, **image_inputs}
+    if return_tensors is None:
+        return BatchFeature(data)
+    if return_tensors == "np":
+        data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    return BatchFeature(data, tensor_type=return_tensors)
+
+
+class TokenCounts:
+    """Token counts from image sizes alone, for a processor with `image_processor.num_image_tokens`,
+    `encode_prompt` and `encode_conversation` (both families' processors)."""
+
+    def num_prompt_tokens(self, prompt: str, image_sizes: Sequence[tuple[int, int]], num_crops: int | None = None) -> int:
+        """Tokens of a prompt, image tokens included, from its images' (width, height) alone."""
+        counts = [self.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
+        return len(self.encode_prompt(prompt, counts))
+
+    def num_conversation_tokens(
+        self, turns: Sequence[dict[str, Any]], image_sizes: Sequence[tuple[int, int]], num_crops: int | None = None
+    ) -> int:
+        """Tokens of a training sample (prompts, image tokens and answers) from its images' (width, height)
+        alone: no pixel work, cheap enough to run over a whole dataset before training."""
+        counts = [self.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
+        return len(self.encode_conversation(turns, counts)[0])
+
+
+class Phi3VProcessor(TokenCounts, ProcessorMixin):
     """Wraps a `Phi3VImageProcessor` and the Phi-3-V tokenizer.
 
     Args:
@@ -171,19 +233,6 @@ class Phi3VProcessor(ProcessorMixin):
         pieces = self._split_at_tags(text, len(num_image_tokens))
         return self._encode([pieces], [num_image_tokens])[0]
 
-    def num_prompt_tokens(self, prompt: str, image_sizes: Sequence[tuple[int, int]], num_crops: int | None = None) -> int:
-        """Tokens of a prompt, image tokens included, from its images' (width, height) alone."""
-        counts = [self.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
-        return len(self.encode_prompt(prompt, counts))
-
-    def num_conversation_tokens(
-        self, turns: Sequence[dict[str, Any]], image_sizes: Sequence[tuple[int, int]], num_crops: int | None = None
-    ) -> int:
-        """Tokens of a training sample (prompts, image tokens and answers) from its images' (width, height)
-        alone: no pixel work, cheap enough to run over a whole dataset before training."""
-        counts = [self.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
-        return len(self.encode_conversation(turns, counts)[0])
-
     # ----- the chat layout (phivision.chat.ChatLayout) -----
 
     def user_turn(self, user: str) -> str:
@@ -271,24 +320,7 @@ class Phi3VProcessor(ProcessorMixin):
             padding) and, with images, `pixel_values` and `image_sizes` of all images of all prompts in
             prompt order.
         """
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if isinstance(text, str):
-            texts, per_prompt = [text], [_image_list(images)]
-        else:
-            texts = list(text)
-            if images is None:
-                per_prompt = [[] for _ in texts]
-            elif isinstance(images, (list, tuple)) and len(images) == len(texts):
-                per_prompt = [_image_list(entry) for entry in images]
-            else:
-                raise ValueError(
-                    f"with a list of {len(texts)} prompts, images must be a list of {len(texts)} entries (the "
-                    "images of each prompt: a list, a single image, or None), got "
-                    f"{type(images).__name__} of length {len(images) if hasattr(images, '__len__') else '?'}"
-                )
-        if not texts:
-            raise ValueError("text is empty: give a prompt or a list of prompts")
+        texts, per_prompt = prompts_and_images(text, images, padding_side)
 
         where = "prompt" if isinstance(text, str) else "prompt {}"
         pieces = [
@@ -307,22 +339,4 @@ class Phi3VProcessor(ProcessorMixin):
             counts = [[next(tokens) for _ in prompt_images] for prompt_images in per_prompt]
 
         rows = self._encode(pieces, counts)
-        longest = max(len(row) for row in rows)
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None and any(len(row) < longest for row in rows):
-            raise ValueError("the tokenizer has no pad token to pad the batch with; set tokenizer.pad_token")
-        input_ids, attention_mask = [], []
-        for row in rows:
-            padding = longest - len(row)
-            if padding_side == "left":
-                input_ids.append([pad_id] * padding + row)
-                attention_mask.append([0] * padding + [1] * len(row))
-            else:
-                input_ids.append(row + [pad_id] * padding)
-                attention_mask.append([1] * len(row) + [0] * padding)
-        data = {"input_ids": input_ids, "attention_mask": attention_mask, **data}
-        if return_tensors is None:
-            return BatchFeature(data)
-        if return_tensors == "np":
-            data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
-        return BatchFeature(data, tensor_type=return_tensors)
+        return padded_batch(rows, self.tokenizer.pad_token_id, padding_side, data, return_tensors)
