@@ -43,10 +43,11 @@ SHIPPED_TARGETS = r"model.layers.\d+.((self_attn.(qkv|o)_proj)|(mlp.(gate_up|dow
 
 
 def tiny_config(**overrides) -> Phi4MultimodalConfig:
-    """Phi-4-MM's structure at toy sizes: 2 LM layers, 3 SigLIP layers (feature layer -2 leaves the last unused)."""
+    """Phi-4-MM's structure at toy sizes (tied embeddings, as on the Hub): 2 LM layers, 3 SigLIP layers (feature
+    layer -2 leaves the last unused)."""
     return Phi4MultimodalConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=[2],
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=[2], tie_word_embeddings=True,
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                            image_size=448, patch_size=14, crop_size=448, image_token_id=IMAGE_TOKEN),
         audio_config=dict(hidden_size=32, intermediate_size=32, num_blocks=1, num_attention_heads=2,
