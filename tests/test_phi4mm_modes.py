@@ -378,6 +378,24 @@ def test_continue_vision_lora_loads_every_shipped_weight_trainable(checkpoint):
     assert not torch.allclose(logits(model, image_batch()), before, atol=1e-4)
 
 
+def test_the_official_recipe_trains_the_vision_lora_and_the_image_embedding(checkpoint):
+    """Microsoft's sample: the shipped vision LoRA and the whole image embedding trainable, the rest frozen.
+    prepare_for_training comes after the image embedding is made trainable, or it would unfreeze SigLIP's unused
+    last layer and head, which never get a gradient."""
+    model = continue_vision_lora(load(checkpoint), checkpoint)
+    vision_module(model).requires_grad_(True)
+    prepare_for_training(model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in name or ".image_embed." in name for name in trainable)
+    assert any(".image_embed.img_processor.encoder.layers.0." in name for name in trainable)
+    model.train()
+    answer_loss(model, image_batch()).backward()
+    assert [name for name, grad in gradients(model).items() if grad is None] == []
+    before = logits(model, image_batch())
+    train_steps(model, [image_batch(1), text_batch(2)])
+    assert not torch.allclose(logits(model, image_batch()), before, atol=1e-4)
+
+
 def test_a_new_lora_learns_on_top_of_the_shipped_vision_lora(checkpoint, tmp_path):
     batch = image_batch()
     base_logits = logits(load(checkpoint), batch)

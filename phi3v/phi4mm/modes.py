@@ -117,7 +117,8 @@ def prepare_for_training(model: nn.Module) -> None:
     nothing reads their output). The speech encoder (`audio_embed`, 466M parameters at full size) only runs
     for audio inputs: it is dropped, so it takes no device memory, no optimizer state and no DDP bucket.
     A saved full model gets its weights back, unchanged, from the base checkpoint (`restore_speech_weights`).
-    Call it after loading (`from_pretrained` resets requires_grad) and before the adapters go on.
+    Call it after loading (`from_pretrained` resets requires_grad) and after making the image embedding
+    trainable (the official recipe trains all of it, which would unfreeze the unused layers again).
     """
     lm = causal_lm(model)
     tower = lm.model.embed_tokens_extend.image_embed.img_processor
