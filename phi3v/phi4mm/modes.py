@@ -15,9 +15,13 @@ model does for images is base + vision LoRA, so every mode keeps that LoRA appli
 
 - continuing the shipped vision LoRA (Microsoft's own vision fine-tuning sample): `continue_vision_lora`;
 - every other mode (full fine-tuning, frozen vision, a new LoRA, QLoRA) starts from `apply_vision_lora`,
-  which merges it into the base weights; a new adapter then goes on `lora_target_modules`.
+  which merges it into the base weights.
 
-Every mode calls `prepare_for_training` first; --freeze_vision_model freezes `vision_module(model)`.
+The order: load; `apply_vision_lora` or `continue_vision_lora`; freeze (--freeze_vision_model freezes
+`vision_module(model)`) or train the image embedding; `prepare_for_training`; then a new adapter on
+`lora_target_pattern` (after `prepare_model_for_kbit_training` for QLoRA). Text-only batches add
+`zero_vision_term` to the loss, `answer_loss` computes it, and a saved full model gets
+`restore_speech_weights`.
 """
 
 from __future__ import annotations
