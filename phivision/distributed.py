@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
@@ -102,3 +103,15 @@ def main_process_first(local: bool = True) -> Iterator[None]:
     finally:
         if first:
             dist.barrier()  # let the others in
+
+
+def parameters_are_sharded(module: torch.nn.Module) -> bool:
+    """True when `module`'s weights are split over ranks (DeepSpeed ZeRO-3 or FSDP2).
+
+    Each forward pass then gathers the weights of every submodule it calls, a collective that
+    every rank must join in the same order. ZeRO-3 marks its parameters with `ds_id`; FSDP2 turns
+    the modules it wraps into `FSDPModule`s (their parameters are plain tensors while gathered).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(hasattr(p, "ds_id") for p in module.parameters()) or any(isinstance(m, FSDPModule) for m in module.modules())

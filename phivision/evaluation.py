@@ -20,13 +20,13 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .chat import FormatExample, conversation_prompt
-from .distributed import rank_and_world_size
+from .distributed import parameters_are_sharded, rank_and_world_size
 from .files import write_json
 from .generation import generate_answers, length_sorted_batches, model_device
 from .images import decoded, upright_size
 from .data.rows import UNREADABLE, describe_error, row_location
 from .metrics import Metric, resolve_metric
-from .phi3v.modeling import longrope_limit, parameters_are_sharded
+from .phi3v.modeling import longrope_limit
 
 # What a rank with no rows left answers while the others generate, when all must step together.
 FILLER_TURN = [{"user": "Hello."}]

@@ -65,6 +65,11 @@ class ModelFamily:
         """The checkpoint's processor (see Phi3VProcessor for the interface every family's processor has)."""
         raise NotImplementedError
 
+    def as_it_runs_on_images(self, model: torch.nn.Module, name_or_path: str) -> torch.nn.Module:
+        """The model loaded from `name_or_path` as it runs on images (Phi-4-MM: its shipped vision LoRA merged in),
+        before training, generation or a merge. Phi-3-V: as loaded."""
+        return model
+
     def prepare_for_training(self, model: torch.nn.Module) -> None:
         """Freezes the parameters that never run in vision-language training (they would never get a gradient)."""
         raise NotImplementedError
@@ -77,13 +82,27 @@ class ModelFamily:
         """Full names of the linear layers LoRA adapts (the vision side only with `include_vision`)."""
         raise NotImplementedError
 
+    def lora_targets(self, model: torch.nn.Module, include_vision: bool) -> list[str] | str:
+        """`target_modules` for peft's LoraConfig: those layers."""
+        return self.lora_target_modules(model, include_vision)
+
+    def training_loss(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor | None:
+        """The loss of a training batch when the family computes it itself (None: the model's own `loss`)."""
+        return None
+
+    def state_dict_to_save(self, state_dict: Any, base: str) -> Any:
+        """What a full model's save writes: `state_dict` completed with what training left out (Phi-4-MM: the
+        speech encoder, from the base checkpoint `base`)."""
+        return state_dict
+
 
 @functools.cache
 def known_families() -> dict[str, ModelFamily]:
     """Each family by its config.json model_type (imported here: each family's module builds on this one)."""
     from .phi3v.family import Phi3VFamily
+    from .phi4mm.family import Phi4MMFamily
 
-    return {family.model_type: family for family in (Phi3VFamily(),)}
+    return {family.model_type: family for family in (Phi3VFamily(), Phi4MMFamily())}
 
 
 def family_for_type(model_type: str | None, what: str) -> ModelFamily:

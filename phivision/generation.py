@@ -221,6 +221,7 @@ def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str =
     family = family_of(model_name, "--model")
     model = family.model_class().from_pretrained(model_name, dtype=weights_dtype,
                                              attn_implementation=attn_implementation, device_map={"": device})
+    model = family.as_it_runs_on_images(model, model_name)
     if adapter is not None:
         model = apply_adapter(model, adapter, model_name)
     processor = family.load_processor(processor_source(model_name, adapter))

@@ -35,8 +35,10 @@ from .phi3v.remote_code import set_code_repo
 
 
 def state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor `save_pretrained` writes (parameters and persistent buffers)."""
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    """Name -> shape of every tensor `save_pretrained` writes (parameters and persistent buffers; a weight tied to
+    another, such as Phi-4-MM's lm_head, is written once, under its source's name)."""
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in tied}
 
 
 def checkpoint_shapes(directory: str | Path) -> dict[str, tuple[int, ...]]:
@@ -108,6 +110,7 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
 
     family = family_of(base, "--base")
     model = family.model_class().from_pretrained(base, dtype=DTYPES[dtype])
+    model = family.as_it_runs_on_images(model, base)
     expected = state_shapes(model)
     merged = merge_adapter(apply_adapter(model, adapter, base, "--base"), expected)
 

@@ -24,6 +24,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM, Phi3Model, P
 from transformers.utils import logging
 
 from ..attention import flash_attn_unusable, sample_bounds
+from ..distributed import parameters_are_sharded
 from .configuration import Phi3VConfig
 
 logger = logging.get_logger(__name__)
@@ -37,18 +38,6 @@ def longrope_limit(model: nn.Module) -> int | None:
     """
     rope = getattr(getattr(model, "config", None), "rope_parameters", None) or {}
     return rope.get("original_max_position_embeddings") if rope.get("rope_type") == "longrope" else None
-
-
-def parameters_are_sharded(module: nn.Module) -> bool:
-    """True when `module`'s weights are split over ranks (DeepSpeed ZeRO-3 or FSDP2).
-
-    Each forward pass then gathers the weights of every submodule it calls, a collective that
-    every rank must join in the same order. ZeRO-3 marks its parameters with `ds_id`; FSDP2 turns
-    the modules it wraps into `FSDPModule`s (their parameters are plain tensors while gathered).
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(hasattr(p, "ds_id") for p in module.parameters()) or any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 class Phi3VVisionTower(nn.Module):

@@ -41,7 +41,7 @@ from transformers import Phi4MultimodalForCausalLM
 
 from ..data.hub import looks_like_a_path
 from ..errors import SetupError
-from ..phi3v.modeling import parameters_are_sharded
+from ..distributed import parameters_are_sharded
 
 # The language-model layers the shipped vision-lora adapter targets (its adapter_config.json: r 256, alpha 512,
 # target_modules r"model.layers.\d+.((self_attn.(qkv|o)_proj)|(mlp.(gate_up|down)_proj))").
@@ -272,4 +272,8 @@ def apply_vision_lora(model: nn.Module, checkpoint: str | Path) -> Phi4Multimoda
     on the base without its vision LoRA: the ms-swift #5811 trap.) A 4-bit base (QLoRA) takes the merge too:
     PEFT dequantizes each layer, adds the LoRA product and quantizes again.
     """
-    return _with_vision_lora(model, checkpoint, trainable=False).merge_and_unload()
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    merged = _with_vision_lora(model, checkpoint, trainable=False).merge_and_unload()
+    for name, parameter in merged.named_parameters():  # PEFT froze the whole base for its adapter
+        parameter.requires_grad_(name in trainable)
+    return merged

@@ -64,7 +64,7 @@ def setup_mode(model: torch.nn.Module, model_args: ModelArguments, lora: LoraArg
         lora_alpha=round(lora.lora_rank * lora.lora_alpha_ratio),
         lora_dropout=lora.lora_dropout,
         init_lora_weights="gaussian",
-        target_modules=lora_target_modules(model, include_vision=not model_args.freeze_vision_model),
+        target_modules=family.lora_targets(model, include_vision=not model_args.freeze_vision_model),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -111,10 +111,11 @@ def load_for_training(args: RecipeArguments, processor) -> torch.nn.Module:
         kwargs["device_map"] = {"": training.device}
     if is_deepspeed_zero3_enabled():
         start_deepspeed_comm()  # before zero.Init partitions the weights as they load
-    model_class = family_of(model_args.model_name_or_path).model_class()
-    model = model_class.from_pretrained(model_args.model_name_or_path, **kwargs)
+    family = family_of(model_args.model_name_or_path)
+    model = family.model_class().from_pretrained(model_args.model_name_or_path, **kwargs)
     if is_deepspeed_zero3_enabled():
         keep_used_key_conversions(model)
+    model = family.as_it_runs_on_images(model, model_args.model_name_or_path)
     use_chat_stop_tokens(model, processor)
     torch.manual_seed(training.seed)  # LoRA's initial weights follow --seed
     model = setup_mode(model, model_args, lora)

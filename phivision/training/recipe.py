@@ -25,13 +25,13 @@ from transformers import Trainer, TrainerCallback
 
 from ..chat import FormatExample
 from ..collator import DataCollator
-from ..distributed import finish, gather_lists, is_main_process, main_process_decides, print_once
+from ..distributed import (finish, gather_lists, is_main_process, main_process_decides, parameters_are_sharded,
+                           print_once)
 from ..errors import SetupError
 from ..evaluation import evaluate as evaluate_rows
 from ..families import Processor
 from ..generation import try_command
 from ..metrics import Metric, resolve_metric
-from ..phi3v.modeling import parameters_are_sharded
 from ..phi3v.remote_code import set_code_repo
 from .arguments import RecipeArguments
 from .checkpointing import AutoCheckpointing, longest_layout
@@ -127,9 +127,12 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         args=training,
         train_dataset=TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode, features=cache),
         data_collator=collator.collate,
+        base_checkpoint=args.model.model_name_or_path,
         **evaluation_during_training(args, processor, eval_rows, format_example, metric),
     )
-    if training.auto_checkpointing and training.activation_checkpointing and rows.lengths:
+    # --gradient_checkpointing auto sizes a step on the meta device, for the families that can (the others
+    # checkpoint every layer).
+    if training.auto_checkpointing and training.activation_checkpointing and rows.lengths and trainer.family.supports_step_sizing:
         # Encoded from its row, pixels included: the feature cache (--cache_vision_features) is filled later.
         samples = TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode)
         trainer.add_callback(AutoCheckpointing(args, longest_layout(samples)))
@@ -284,4 +287,5 @@ def save(trainer: Trainer, processor: Processor, args: RecipeArguments, from_che
                                 "--adapter", output_dir, "--out", "MERGED_DIR"])
             print(f"Saved the LoRA adapter to {output_dir}. Merge it into a full model with:\n  {merge}")
         else:
-            print(f"Saved the fine-tuned model to {output_dir}: Phi3VForCausalLM.from_pretrained({output_dir!r})")
+            model_class = type(trainer.accelerator.unwrap_model(trainer.model)).__name__
+            print(f"Saved the fine-tuned model to {output_dir}: {model_class}.from_pretrained({output_dir!r})")

@@ -20,7 +20,7 @@ from ..data.hub import sizes_only
 from ..data.rows import UNREADABLE, describe_error, row_location
 from ..distributed import is_main_process
 from ..errors import SetupError
-from ..families import Processor
+from ..families import Processor, family_of_model
 from ..images import upright_size
 from ..phi3v.modeling import longrope_limit
 from ..files import tree_follows_umask
@@ -180,11 +180,17 @@ class Phi3VTrainer(Trainer):
     - DataLoader workers that leave SIGTERM / SIGINT to the main process (see phivision.training.stopping).
     - Evaluations during training (--eval_strategy) that log the task metric (`task_metric(model)`, an
       evaluation summary) as eval_<metric> beside eval_loss, so --metric_for_best_model can name it.
+    - The model family's own training loss where it has one (Phi-4-MM: logits at answer positions only), and
+      a full model saved whole: what training left out (Phi-4-MM's speech encoder) comes back from
+      `base_checkpoint` (see phivision.families).
     """
 
-    def __init__(self, *args, task_metric: Callable[[torch.nn.Module], dict] | None = None, **kwargs):
+    def __init__(self, *args, task_metric: Callable[[torch.nn.Module], dict] | None = None,
+                 base_checkpoint: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.task_metric = task_metric
+        self.family = family_of_model(self.model)
+        self.base_checkpoint = base_checkpoint
         self.bad_samples: list[str] = []
         if self.pop_callback(ProgressCallback):  # none with --disable_tqdm
             self.add_callback(LossProgressCallback)
@@ -221,11 +227,27 @@ class Phi3VTrainer(Trainer):
                 output.metrics[f"{metric_key_prefix}_{summary['metric']}"] = summary["score"]
         return output
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         for where in inputs.pop("bad_samples", []):
             if where not in self.bad_samples:
                 self.bad_samples.append(where)
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        loss = None if return_outputs else self.family.training_loss(model, inputs, num_items_in_batch)
+        if loss is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As the Trainer does for a model that takes num_items_in_batch: the count is over every process, and
+            # DDP / DeepSpeed average the gradients over them.
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.base_checkpoint is not None and not hasattr(model, "peft_config") and self.args.should_save:
+            # A full model: what training left out of it (Phi-4-MM's speech encoder) goes back in, from the base.
+            state_dict = self.family.state_dict_to_save(
+                state_dict if state_dict is not None else model.state_dict(), self.base_checkpoint)
+        super()._save(output_dir, state_dict)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Under ZeRO-1/2 every rank holds the whole 16-bit model, and transformers would copy its state dict to

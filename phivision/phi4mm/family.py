@@ -1,0 +1,74 @@
+"""Phi-4-multimodal: SigLIP on dynamic 448-pixel crops + Phi-4-mini, as transformers ships it
+(`models/phi4_multimodal`, no remote code); our processor (phivision.phi4mm.processing) needs no torchvision."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..distributed import parameters_are_sharded
+from ..errors import SetupError
+from ..families import ModelFamily
+from . import modes
+from .processing import Phi4MMProcessor
+
+
+class Phi4MMFamily(ModelFamily):
+    name = "Phi-4-multimodal"
+    model_type = "phi4_multimodal"
+
+    def model_class(self) -> type:
+        from transformers import Phi4MultimodalForCausalLM
+
+        return Phi4MultimodalForCausalLM
+
+    def load_processor(self, name_or_path: str, **kwargs: Any) -> Phi4MMProcessor:
+        return Phi4MMProcessor.from_pretrained(name_or_path, **kwargs)
+
+    def as_it_runs_on_images(self, model: torch.nn.Module, name_or_path: str) -> torch.nn.Module:
+        """The shipped vision LoRA (vision-lora/) merged in: the model as it runs on images. A model we saved has
+        it merged already (and no vision-lora/ folder)."""
+        if has_vision_lora(name_or_path):
+            if parameters_are_sharded(model):
+                raise SetupError(f"{self.name} under ZeRO-3: its vision LoRA cannot be merged into weights partitioned "
+                                 "as they load; use ZeRO-2 (--deepspeed ds_config_zero2.json) or FSDP2")
+            return modes.apply_vision_lora(model, name_or_path)
+        return model
+
+    def prepare_for_training(self, model: torch.nn.Module) -> None:
+        modes.prepare_for_training(model)
+
+    def vision_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return modes.vision_module(model)
+
+    def lora_target_modules(self, model: torch.nn.Module, include_vision: bool) -> list[str]:
+        return modes.lora_target_modules(model, include_vision)
+
+    def lora_targets(self, model: torch.nn.Module, include_vision: bool) -> str:
+        # A pattern, not a list: PEFT would shorten a long list to suffixes that also pick speech layers.
+        return modes.lora_target_pattern(model, include_vision)
+
+    def training_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        return modes.answer_loss(model, inputs, num_items_in_batch) + modes.zero_vision_term(model, inputs)
+
+    def state_dict_to_save(self, state_dict: Mapping[str, torch.Tensor], base: str) -> dict[str, torch.Tensor]:
+        return modes.restore_speech_weights(state_dict, base)
+
+
+def has_vision_lora(name_or_path: str) -> bool:
+    """Whether a checkpoint ships its vision LoRA as a PEFT folder (a local folder's, or the Hub's)."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return (folder / modes.VISION_LORA_FOLDER / "adapter_config.json").is_file()
+    from huggingface_hub import file_exists
+
+    try:
+        return file_exists(name_or_path, f"{modes.VISION_LORA_FOLDER}/adapter_config.json")
+    except Exception:  # offline: a cached snapshot answers
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name_or_path, f"{modes.VISION_LORA_FOLDER}/adapter_config.json"), str)
