@@ -82,7 +82,8 @@ class Phi4MMProcessor(TokenCounts):
         if isinstance(nested.get("image_processor"), dict):
             image_processor = Phi4MMImageProcessor(**{**nested["image_processor"], **image_kwargs})
         else:
-            image_processor = Phi4MMImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_kwargs)
+            image_processor = Phi4MMImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs,
+                                                                   **image_kwargs)
             # The speech settings beside the image ones in the merged file.
             saved = _saved_json(pretrained_model_name_or_path, "preprocessor_config.json", hub_kwargs)
             speech = speech_settings()
