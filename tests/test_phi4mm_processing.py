@@ -246,3 +246,25 @@ def test_save_and_load_native_layout(processor, tmp_path):
     assert reloaded.image_processor.dynamic_hd == 36 and reloaded.audio_processor["sampling_rate"] == 8000
     assert "sampling_rate" not in reloaded.image_processor.to_dict()
     assert reloaded.to_dict()["image_processor"] == processor.to_dict()["image_processor"]
+
+
+def test_hub_tokenizer_config_naming_gpt2_keeps_the_o200k_split(processor, tmp_path):
+    """The Hub's tokenizer_config.json names a GPT-2 tokenizer class (and its placeholders under
+    extra_special_tokens); transformers 5's AutoTokenizer then rebuilds the pre-tokenizer with GPT-2's split
+    (" 12345" one piece), which is not the model's. We load tokenizer.json as it is."""
+    from phi3v.phi4mm.processing import Phi4MMProcessor
+
+    processor.save_pretrained(tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("image_token", "audio_token", "backend"):
+        config.pop(key, None)
+    config.update(tokenizer_class="GPT2TokenizerFast",
+                  extra_special_tokens={"image_token": "<|endoftext10|>", "audio_token": "<|endoftext11|>"})
+    config_file.write_text(json.dumps(config))
+    loaded = Phi4MMProcessor.from_pretrained(tmp_path)
+    split = loaded.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 12345")
+    assert [piece for piece, _ in split] == ["x", "Ġ", "123", "45"]
+    assert loaded.image_token_id == processor.image_token_id
+    text = "<|user|><|image_1|>Total: 12345 dollars?<|end|><|assistant|>"
+    assert loaded.encode_prompt(text, [3]) == processor.encode_prompt(text, [3])
