@@ -234,6 +234,10 @@ def test_save_and_load_native_layout(processor, tmp_path):
     assert (tmp_path / "chat_template.jinja").read_text() == processor.chat_template
     loaded = Phi4MMProcessor.from_pretrained(tmp_path, dynamic_hd=4)
     assert loaded.image_processor.dynamic_hd == 4
+    # --num_crops is Phi-4-MM's crop limit: the same override under our flag's name, kept off the tokenizer.
+    by_flag = Phi4MMProcessor.from_pretrained(tmp_path, num_crops=9)
+    assert by_flag.image_processor.dynamic_hd == 9 and "num_crops" not in by_flag.tokenizer.init_kwargs
+    assert Phi4MMProcessor.from_pretrained(tmp_path, num_crops=None).image_processor.dynamic_hd == 36
     prompt = "<|user|><|image_1|>hi<|end|><|assistant|>"
     image = make_golden.golden_image(900, 500, "RGB")
     assert torch.equal(loaded(prompt, [image])["input_ids"], processor(prompt, [image], num_crops=4)["input_ids"])

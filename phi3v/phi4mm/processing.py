@@ -72,8 +72,12 @@ class Phi4MMProcessor(TokenCounts):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "Phi4MMProcessor":
         """Loads a native checkpoint's processor files (processor_config.json, or preprocessor_config.json).
-        Image processor keys in `kwargs` (e.g. `dynamic_hd=16`) override the saved ones."""
+        Image processor keys in `kwargs` (e.g. `dynamic_hd=16`, or `num_crops=16`, the same limit under our
+        flag's name) override the saved ones."""
         kwargs.pop("trust_remote_code", None)
+        num_crops = kwargs.pop("num_crops", None)
+        if num_crops is not None:
+            kwargs["dynamic_hd"] = num_crops
         image_keys = set(Phi4MMImageProcessor.valid_kwargs.__annotations__)
         image_kwargs = {k: v for k, v in kwargs.items() if k in image_keys}
         tokenizer_kwargs = {k: v for k, v in kwargs.items() if k not in image_keys}
