@@ -20,8 +20,8 @@ venv: $(VENV)/.installed
 # The hateful-memes recipe end to end on CPU: full fine-tuning under DeepSpeed ZeRO-2 with two
 # processes, on a tiny random checkpoint and a generated "what colour is the shape?" dataset.
 demo: venv
-	$(PY) -m phi3v.tiny demo_output/tiny-phi3v --num_crops 1
-	$(PY) -m phi3v.synthetic demo_output/shapes --num_train 256 --text_only_every 8
+	$(PY) -m phivision.tiny demo_output/tiny-phi3v --num_crops 1
+	$(PY) -m phivision.synthetic demo_output/shapes --num_train 256 --text_only_every 8
 	rm -rf demo_output/run
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 finetune_hf_trainer_hateful_memes.py \
 		--model_name_or_path demo_output/tiny-phi3v --dataset_name_or_path demo_output/shapes \
@@ -30,9 +30,9 @@ demo: venv
 		--gradient_checkpointing false --dataloader_num_workers 0 --save_steps 1000
 
 # Run first on a GPU machine: the recipe modes for a few steps at full size, then the bench, within 540 s
-# (see phi3v/gpu_check.py and README "On an offline GPU machine").
+# (see phivision/gpu_check.py and README "On an offline GPU machine").
 gpu-check: venv
-	$(PY) -m phi3v.gpu_check --budget 540 --out gpu_check_results
+	$(PY) -m phivision.gpu_check --budget 540 --out gpu_check_results
 
 # The wheels an offline GPU machine lacks, for CPython 3.12 manylinux x86_64: one with Python 3.12, a CUDA torch,
 # transformers 5.17, accelerate, peft, tensorboard, matplotlib, pandas and pyarrow (no deepspeed, bitsandbytes,

@@ -5,7 +5,7 @@ multi-image jsonl format that finetune_hf_trainer_ucf101.py reads.
     python convert_ucf101.py --out_dir out --archive UCF101_subset.tar.gz          # a downloaded archive
     python convert_ucf101.py --out_dir out --src_dir my_videos --source my_videos  # your own videos
 
-Output (`python -m phi3v.data validate OUT_DIR` checks it):
+Output (`python -m phivision.data validate OUT_DIR` checks it):
 
     out_dir/images/{split}/{Class}/{video_stem}.{k}.jpg     k = 0 .. num_frames-1
     out_dir/ucf101_{split}.jsonl                            one clip per line, ids {split}-{i:010d}
@@ -239,7 +239,7 @@ def check_out_dir(out_dir: Path, src: Path | None) -> None:
     if src is not None and (src.resolve() == out_dir.resolve() or out_dir.resolve() in src.resolve().parents):
         raise ConversionError(f"--src_dir {src} is inside --out_dir {out_dir}")
     # The output is built beside --out_dir: its nearest existing parent must take new folders. (The rule of
-    # phi3v.files.cannot_write_in; this script does not import the package, which loads transformers.)
+    # phivision.files.cannot_write_in; this script does not import the package, which loads transformers.)
     parent = out_dir.parent
     while not parent.exists():
         parent = parent.parent

@@ -1,6 +1,6 @@
 """Fine-tune Phi-3.5-vision on your own data: converted jsonl, LLaVA / ShareGPT JSON, or a CSV of image, question, answer.
 
-    python -m phi3v.data validate my_data                                           # check it first
+    python -m phivision.data validate my_data                                           # check it first
     torchrun --nproc_per_node=4 finetune_hf_trainer_custom.py --data_dir my_data [--metric anls]
     torchrun --nproc_per_node=4 finetune_hf_trainer_custom.py --data_file llava.json --image_folder /data/coco
 
@@ -14,9 +14,9 @@ or set METRIC below to your own function.
 from dataclasses import dataclass, field
 from functools import partial
 
-from phi3v.data import ValidationError, first_image, is_video_like, load_own_data, record_example
-from phi3v.distributed import print_once, stop
-from phi3v.training import FlagError, parse_args, run
+from phivision.data import ValidationError, first_image, is_video_like, load_own_data, record_example
+from phivision.distributed import print_once, stop
+from phivision.training import FlagError, parse_args, run
 
 METRIC = None  # your own metric instead of --metric: a function (prediction, answers) -> score in 0..1
 
@@ -55,7 +55,7 @@ def main(argv=None):
     try:
         data = load_own_data(data_path, task.image_folder, task.eval_fraction, args.training.seed)
     except ValidationError as e:
-        stop(f"{e}\nCheck the data with: python -m phi3v.data validate {data_path}")
+        stop(f"{e}\nCheck the data with: python -m phivision.data validate {data_path}")
     if args.model.num_crops is None:
         args.model.num_crops = 4 if is_video_like(data.train) else 16
     print_once(f"{len(data.train)} training records; evaluation on {data.eval_source}; "

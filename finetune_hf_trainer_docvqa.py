@@ -10,8 +10,8 @@ Data: nielsr/docvqa_1200_examples (train 1000 / test 200; --dataset_name_or_path
 
 from dataclasses import dataclass, field
 
-from phi3v.data import cauldron_example, load_hf_dataset
-from phi3v.training import parse_args, run
+from phivision.data import cauldron_example, load_hf_dataset
+from phivision.training import parse_args, run
 
 MINI_DATASET, CAULDRON, METRIC = "nielsr/docvqa_1200_examples", "HuggingFaceM4/the_cauldron", "anls"
 

@@ -7,8 +7,8 @@ Data: HuggingFaceM4/the_cauldron, config "nlvr2" (or a local copy: --dataset_nam
 The first 500 rows are held out for evaluation; the metric is exact-match accuracy.
 """
 
-from phi3v.data import cauldron_example, hold_out_first, load_hf_dataset
-from phi3v.training import parse_args, run
+from phivision.data import cauldron_example, hold_out_first, load_hf_dataset
+from phivision.training import parse_args, run
 
 DATASET, CONFIG, NUM_EVAL, METRIC = "HuggingFaceM4/the_cauldron", "nlvr2", 500, "accuracy"
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from phi3v.data import ValidationError, first_image, load_jsonl_dataset, record_example
-from phi3v.distributed import stop
-from phi3v.training import parse_args, run
+from phivision.data import ValidationError, first_image, load_jsonl_dataset, record_example
+from phivision.distributed import stop
+from phivision.training import parse_args, run
 
 METRIC = "accuracy"
 
@@ -34,7 +34,7 @@ def main(argv=None):
     try:
         train_rows, eval_rows = load_jsonl_dataset(data_dir, "train"), load_jsonl_dataset(data_dir, "test")
     except ValidationError as e:
-        stop(f"{e}\nCheck the whole folder with: python -m phi3v.data validate {data_dir}")
+        stop(f"{e}\nCheck the whole folder with: python -m phivision.data validate {data_dir}")
     image_root = Path(data_dir) / "images"
     run(args, train_rows, eval_rows, partial(format_example, image_root=image_root), METRIC,
         example_image=first_image(eval_rows, image_root))

@@ -34,7 +34,7 @@ def golden(reference_dir: Path) -> dict:
 @pytest.fixture(scope="session")
 def hub_processor(reference_dir: Path):
     """Phi3VProcessor loaded from the real Hub tokenizer/preprocessor files."""
-    from phi3v.processing import Phi3VProcessor
+    from phivision.phi3v.processing import Phi3VProcessor
 
     return Phi3VProcessor.from_pretrained(reference_dir / "phi35v_hub_files")
 
@@ -42,7 +42,7 @@ def hub_processor(reference_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_processor():
     """Real image processor (num_crops 4) with the tiny offline tokenizer. Do not mutate."""
-    from phi3v.tiny import build_tiny_processor
+    from phivision.tiny import build_tiny_processor
 
     return build_tiny_processor(num_crops=4)
 
@@ -61,7 +61,7 @@ def shared(folder: Path) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Iterator[Path]:
     """A random tiny checkpoint saved with num_crops 1, for end-to-end recipe runs (one per test run: read only)."""
-    from phi3v.tiny import build_tiny_checkpoint
+    from phivision.tiny import build_tiny_checkpoint
 
     yield from shared(built_once(tmp_path_factory, "tiny-phi3v", lambda path: build_tiny_checkpoint(path, num_crops=1)))
 
@@ -69,7 +69,7 @@ def tiny(tmp_path_factory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> Iterator[Path]:
     """500 eval rows + 32 train rows, one in four text-only (one per test run: read only)."""
-    from phi3v.synthetic import make_shapes_dataset
+    from phivision.synthetic import make_shapes_dataset
 
     yield from shared(built_once(tmp_path_factory, "shapes",
                                  lambda path: make_shapes_dataset(path, num_train=32, text_only_every=4)))

@@ -1,6 +1,6 @@
-"""phi3v.attention: which kernel a training run uses."""
+"""phivision.attention: which kernel a training run uses."""
 
-from phi3v import attention
+from phivision import attention
 
 
 def test_training_attention_packs_per_sample_without_flash_attn(monkeypatch, caplog):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from phi3v import bench
+from phivision import bench
 
 
 def test_padding_statistics_of_the_length_distributions():
@@ -161,7 +161,7 @@ def test_full_size_is_the_shipped_hub_config(reference_dir):
 
     import torch
 
-    from phi3v.modeling import Phi3VForCausalLM
+    from phivision.phi3v.modeling import Phi3VForCausalLM
 
     config = bench.make_config("full")
     hub = json.loads((reference_dir / "phi35v_hub_files" / "config.json").read_text())

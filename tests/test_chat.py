@@ -1,30 +1,32 @@
-"""phi3v.chat: prompt layout, image tags and stop tokens, in one place for training, evaluation and generation."""
+"""phivision.chat: prompt layout, image tags and stop tokens, in one place for training, evaluation and generation."""
 
 import pytest
 
-from phi3v.chat import (ImageTagList, conversation_prompt, generation_prompt, image_tag_problem, images_per_turn,
-                        stop_token_ids, user_turn)
+from phivision.chat import (ImageTagList, Phi3VChat, conversation_prompt, generation_prompt, image_tag_problem,
+                        images_per_turn, stop_token_ids, user_turn)
+
+PHI3V = Phi3VChat()
 
 
 def test_generation_prompt():
-    assert generation_prompt("What is it?", 0) == "<|user|>\nWhat is it?<|end|>\n<|assistant|>\n"
-    assert generation_prompt("Same?", 2) == "<|user|>\n<|image_1|>\n<|image_2|>\nSame?<|end|>\n<|assistant|>\n"
+    assert generation_prompt("What is it?", 0, PHI3V) == "<|user|>\nWhat is it?<|end|>\n<|assistant|>\n"
+    assert generation_prompt("Same?", 2, PHI3V) == "<|user|>\n<|image_1|>\n<|image_2|>\nSame?<|end|>\n<|assistant|>\n"
     tagged = "Left <|image_1|> right <|image_2|>: same?"
-    assert generation_prompt(tagged, 2) == f"<|user|>\n{tagged}<|end|>\n<|assistant|>\n"
+    assert generation_prompt(tagged, 2, PHI3V) == f"<|user|>\n{tagged}<|end|>\n<|assistant|>\n"
 
 
 def test_conversation_prompt_renders_history_and_ends_with_the_generation_prompt():
     conversation = [{"user": "Q1", "assistant": "A1"}, {"user": "Q2", "assistant": "A2"}]
-    assert conversation_prompt(conversation, 1) == (
+    assert conversation_prompt(conversation, 1, PHI3V) == (
         "<|user|>\n<|image_1|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\nQ2<|end|>\n<|assistant|>\n"
     )
-    assert conversation_prompt(conversation[1:], 1) == generation_prompt("Q2", 1)
+    assert conversation_prompt(conversation[1:], 1, PHI3V) == generation_prompt("Q2", 1, PHI3V)
     tagged = [{"user": "Q1", "assistant": "A1"}, {"user": "<|image_1|>Q2", "assistant": "A2"}]
-    assert conversation_prompt(tagged, 1) == (
+    assert conversation_prompt(tagged, 1, PHI3V) == (
         "<|user|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n<|user|>\n<|image_1|>Q2<|end|>\n<|assistant|>\n"
     )
     with pytest.raises(ValueError):
-        conversation_prompt([], 0)
+        conversation_prompt([], 0, PHI3V)
 
 
 def test_conversation_prompt_with_images_per_turn_numbers_tags_across_turns():
@@ -33,13 +35,13 @@ def test_conversation_prompt_with_images_per_turn_numbers_tags_across_turns():
         {"user": "Q2", "assistant": "A2", "images": []},
         {"user": "Q3", "assistant": "A3", "images": ["c"]},
     ]
-    assert conversation_prompt(conversation, 3) == (
+    assert conversation_prompt(conversation, 3, PHI3V) == (
         "<|user|>\n<|image_1|>\n<|image_2|>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n"
         "<|user|>\nQ2<|end|>\n<|assistant|>\nA2<|end|>\n"
         "<|user|>\n<|image_3|>\nQ3<|end|>\n<|assistant|>\n"
     )
     with pytest.raises(ValueError, match="image"):
-        conversation_prompt(conversation, 2)
+        conversation_prompt(conversation, 2, PHI3V)
 
 
 def test_user_turn_is_the_tokenizer_chat_templates_layout(tiny_processor):

@@ -7,8 +7,8 @@ import torch
 from helpers import identity, image_runs, random_image, sample
 from PIL import Image
 
-from phi3v.collator import Phi3VDataCollator, pack_batch
-from phi3v.processing import IGNORE_INDEX
+from phivision.collator import DataCollator, pack_batch
+from phivision.phi3v.processing import IGNORE_INDEX
 
 
 PROMPT = "<|user|>\n{}<|end|>\n<|assistant|>\n"
@@ -44,7 +44,7 @@ def _unpadded(batch, i: int, key: str) -> list[int]:
 
 def test_single_turn_labels_only_the_answer(tiny_processor):
     question, answer = "What is shown in this image?", "A red square."
-    batch = Phi3VDataCollator(tiny_processor, identity, num_crops=4)([sample(question, answer, LARGE)])
+    batch = DataCollator(tiny_processor, identity, num_crops=4)([sample(question, answer, LARGE)])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
 
     n_img = _num_tokens(tiny_processor, LARGE, 4)
@@ -73,7 +73,7 @@ def test_right_padding_and_rows_equal_encode_conversation(tiny_processor):
                 LARGE),
         sample("Answer briefly.", "yes"),
     ]
-    batch = Phi3VDataCollator(tiny_processor, identity, num_crops=4)(samples)
+    batch = DataCollator(tiny_processor, identity, num_crops=4)(samples)
     pad = tiny_processor.tokenizer.pad_token_id
     expected = [
         tiny_processor.encode_conversation(turns, [_num_tokens(tiny_processor, im, 4) for im in images])
@@ -97,7 +97,7 @@ def test_right_padding_and_rows_equal_encode_conversation(tiny_processor):
 def test_multi_image_turn(tiny_processor):
     question, answer = "Compare the two images.", "The first one is brighter."
     images = [SMALL, TALL]
-    batch = Phi3VDataCollator(tiny_processor, identity, num_crops=4)([sample(question, answer, *images)])
+    batch = DataCollator(tiny_processor, identity, num_crops=4)([sample(question, answer, *images)])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     counts = [_num_tokens(tiny_processor, im, 4) for im in images]
     prompt = tiny_processor.encode_prompt(PROMPT.format("<|image_1|>\n<|image_2|>\n" + question), counts)
@@ -117,7 +117,7 @@ def test_multi_turn_labels_both_answers_and_numbers_images_across_turns(tiny_pro
         {"user": q1, "assistant": a1, "images": [LARGE]},
         {"user": q2, "assistant": a2, "images": [SMALL, TALL]},
     ]
-    batch = Phi3VDataCollator(tiny_processor, identity, num_crops=4)([(turns, [LARGE, SMALL, TALL])])
+    batch = DataCollator(tiny_processor, identity, num_crops=4)([(turns, [LARGE, SMALL, TALL])])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     n1, n2, n3 = (_num_tokens(tiny_processor, im, 4) for im in (LARGE, SMALL, TALL))
     bos = tiny_processor.tokenizer.bos_token_id
@@ -140,7 +140,7 @@ def test_multi_turn_labels_both_answers_and_numbers_images_across_turns(tiny_pro
 
 
 def test_turn_tags_place_images_and_a_wrong_image_split_is_rejected(tiny_processor):
-    collator = Phi3VDataCollator(tiny_processor, identity, num_crops=1)
+    collator = DataCollator(tiny_processor, identity, num_crops=1)
     turns = [{"user": "Look: <|image_1|> and <|image_2|>.", "assistant": "ok", "images": [SMALL, LARGE]}]
     ids = collator([(turns, [SMALL, LARGE])])["input_ids"][0].tolist()
     counts = [_num_tokens(tiny_processor, im, 1) for im in (SMALL, LARGE)]
@@ -157,7 +157,7 @@ def test_turn_tags_place_images_and_a_wrong_image_split_is_rejected(tiny_process
 
 
 def test_mixed_batch_of_text_only_and_image_samples(tiny_processor):
-    collator = Phi3VDataCollator(tiny_processor, identity, num_crops=4)
+    collator = DataCollator(tiny_processor, identity, num_crops=4)
     samples = [
         sample("What is shown in this image?", "A square.", LARGE),
         sample("Hello world!", "How are you today?"),
@@ -187,8 +187,8 @@ def test_num_crops_changes_only_the_image_runs(tiny_processor):
         sample("Compare the two images.", "The first one is brighter.", LARGE, TALL),
         sample("What is shown in this image?", "A small dog.", SMALL),
     ]
-    four = Phi3VDataCollator(tiny_processor, identity, num_crops=4)(samples)
-    one = Phi3VDataCollator(tiny_processor, identity, num_crops=1)(samples)
+    four = DataCollator(tiny_processor, identity, num_crops=4)(samples)
+    one = DataCollator(tiny_processor, identity, num_crops=1)(samples)
     assert four["pixel_values"].shape == (3, 5, 3, 336, 336)
     assert one["pixel_values"].shape == (3, 2, 3, 336, 336)
     assert four["image_sizes"].tolist() == [[672, 672]] * 3
@@ -217,7 +217,7 @@ def test_count_tokens_equals_collated_length(tiny_processor, num_crops):
                      {"user": "And this?", "assistant": "A dog.", "images": [random_image(90, 60)]}],
                     [random_image(500, 700), random_image(90, 60)]))
     samples.append(sample("Hello world!", "Hi."))
-    collator = Phi3VDataCollator(tiny_processor, identity, num_crops=num_crops)
+    collator = DataCollator(tiny_processor, identity, num_crops=num_crops)
     for turns, images in samples:
         n = tiny_processor.num_conversation_tokens(turns, [im.size for im in images], num_crops)
         batch = collator([(turns, images)])
@@ -227,8 +227,8 @@ def test_count_tokens_equals_collated_length(tiny_processor, num_crops):
 def test_packing_concatenates_samples_with_restarting_positions_and_no_padding(tiny_processor):
     rows = [sample("What is it?", "A cat.", random_image(40, 30)), sample("Say hi.", "hi"),
             sample("Compare.", "Same.", random_image(30, 40, 1), random_image(50, 20, 2))]
-    padded = Phi3VDataCollator(tiny_processor, identity, num_crops=1)(rows)
-    packed = Phi3VDataCollator(tiny_processor, identity, num_crops=1, packing=True)(rows)
+    padded = DataCollator(tiny_processor, identity, num_crops=1)(rows)
+    packed = DataCollator(tiny_processor, identity, num_crops=1, packing=True)(rows)
     assert "attention_mask" not in packed
     lengths = padded["attention_mask"].sum(1).tolist()
     assert packed["input_ids"].shape == (1, sum(lengths))
@@ -241,5 +241,5 @@ def test_packing_concatenates_samples_with_restarting_positions_and_no_padding(t
     assert all(packed["labels"][0, s] == IGNORE_INDEX for s in starts)  # no sample learns to predict the next one
     assert packed["cu_seq_lens_q"].tolist() == packed["cu_seq_lens_k"].tolist() == [0, *itertools.accumulate(lengths)]
     assert packed["max_length_q"] == packed["max_length_k"] == max(lengths)
-    assert pack_batch([Phi3VDataCollator(tiny_processor, identity, 1).encode(rows[1])]).keys() == {
+    assert pack_batch([DataCollator(tiny_processor, identity, 1).encode(rows[1])], tiny_processor.batch_images).keys() == {
         "input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}

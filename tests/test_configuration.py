@@ -1,12 +1,12 @@
-"""phi3v.configuration: `torch_dtype`, the key our config.json keeps the dtype under, reads and writes silently."""
+"""phivision.phi3v.configuration: `torch_dtype`, the key our config.json keeps the dtype under, reads and writes silently."""
 
 import json
 
 import torch
 import transformers.configuration_utils
 
-from phi3v import Phi3VConfig
-from phi3v.tiny import tiny_config
+from phivision import Phi3VConfig
+from phivision.tiny import tiny_config
 
 
 def test_config_round_trip_says_nothing_about_torch_dtype(tmp_path, monkeypatch):

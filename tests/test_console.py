@@ -1,4 +1,4 @@
-"""phi3v.console: the library notices nobody can act on are dropped, everything else still shows."""
+"""phivision.console: the library notices nobody can act on are dropped, everything else still shows."""
 
 import logging
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phi3v.console import after_import, quiet_library_notices
+from phivision.console import after_import, quiet_library_notices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,20 +38,20 @@ def test_torch_distributed_deprecations_are_ignored_other_future_warnings_are_no
     assert [str(w.message) for w in caught] == ["`torch.distributed.foo` is deprecated", "`transformers.bar` is deprecated"]
 
 
-def test_phi3v_warnings_and_transformers_bars_are_for_rank_0_only(monkeypatch):
+def test_phivision_warnings_and_transformers_bars_are_for_rank_0_only(monkeypatch):
     from transformers.utils import logging as transformers_logging
 
-    logger = logging.getLogger("phi3v")
+    logger = logging.getLogger("phivision")
     monkeypatch.setattr(logger, "level", logging.NOTSET)  # both restored after the test
     monkeypatch.setattr(transformers_logging, "_tqdm_active", True)
     monkeypatch.setenv("RANK", "0")
     quiet_library_notices()
-    assert logging.getLogger("phi3v.training.arguments").isEnabledFor(logging.WARNING)
+    assert logging.getLogger("phivision.training.arguments").isEnabledFor(logging.WARNING)
     assert transformers_logging.is_progress_bar_enabled()
     monkeypatch.setenv("RANK", "1")
     quiet_library_notices()
-    assert not logging.getLogger("phi3v.training.arguments").isEnabledFor(logging.WARNING)
-    assert logging.getLogger("phi3v.training.arguments").isEnabledFor(logging.ERROR)
+    assert not logging.getLogger("phivision.training.arguments").isEnabledFor(logging.WARNING)
+    assert logging.getLogger("phivision.training.arguments").isEnabledFor(logging.ERROR)
     assert not transformers_logging.is_progress_bar_enabled()
 
 
@@ -68,11 +68,11 @@ def test_after_import_patches_a_module_when_it_is_first_imported(tmp_path, monke
 
 
 def test_deepspeed_says_neither_its_cpu_accelerator_nor_its_shm_build():
-    """In a fresh interpreter, as a run imports DeepSpeed: after phi3v, deep inside the Trainer."""
+    """In a fresh interpreter, as a run imports DeepSpeed: after phivision, deep inside the Trainer."""
     pytest.importorskip("deepspeed")
     code = textwrap.dedent("""
         import sys
-        import phi3v
+        import phivision
         import deepspeed.comm.torch
         module = sys.modules["deepspeed.comm.torch"]
         module.print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
@@ -90,9 +90,9 @@ def test_peft_and_transformers_notices_of_a_lora_save_are_dropped(tmp_path):
     """Both libraries' notices come from the real calls a LoRA run makes: set-up, and a save per checkpoint."""
     from peft import LoraConfig, get_peft_model
 
-    from phi3v.modeling import Phi3VForCausalLM
-    from phi3v.tiny import build_tiny_processor, tiny_config
-    from phi3v.training.modes import lora_target_modules
+    from phivision.phi3v.modeling import Phi3VForCausalLM
+    from phivision.tiny import build_tiny_processor, tiny_config
+    from phivision.training.modes import lora_target_modules
 
     def lora_run_warnings(quiet: bool) -> list[str]:
         model = Phi3VForCausalLM(tiny_config(vocab_size=len(build_tiny_processor(num_crops=1).tokenizer)))

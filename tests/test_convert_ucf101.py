@@ -278,7 +278,7 @@ def test_num_frames_and_source_flags(source, tmp_path):
 
 
 def test_converted_output_passes_the_validator(converted):
-    from phi3v.data import load_jsonl_dataset
+    from phivision.data import load_jsonl_dataset
 
     out, _ = converted
     assert [r["id"] for r in load_jsonl_dataset(out, "val")] == ["val-0000000005", "val-0000000006"]

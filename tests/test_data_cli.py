@@ -1,4 +1,4 @@
-"""`python -m phi3v.data validate`: reports, exit status, token counts with the real Phi-3.5-vision tokenizer files."""
+"""`python -m phivision.data validate`: reports, exit status, token counts with the real Phi-3.5-vision tokenizer files."""
 
 import json
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from test_data_converted import BROKEN, GOOD, write_dataset
 
-from phi3v.data import cli
-from phi3v.data.cli import main
-from phi3v.data.converted import validate_record
+from phivision.data import cli
+from phivision.data.cli import main
+from phivision.data.converted import validate_record
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 HUB_FILES = REFERENCE / "phi35v_hub_files"
@@ -46,7 +46,7 @@ def test_cli_without_a_processor(tmp_path, capsys, monkeypatch):
 def processor():
     if not (HUB_FILES / "tokenizer.json").is_file():
         pytest.skip(f"no reference tokenizer files in {HUB_FILES}")
-    pytest.importorskip("phi3v.processing")
+    pytest.importorskip("phivision.phi3v.processing")
     return cli.load_processor(str(HUB_FILES))
 
 

@@ -1,4 +1,4 @@
-"""phi3v.data.converted: load_jsonl_dataset and validate_record on good and broken datasets."""
+"""phivision.data.converted: load_jsonl_dataset and validate_record on good and broken datasets."""
 
 import json
 import shutil
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from phi3v.data.converted import (ValidationError, find_split_file, load_jsonl_dataset, valid_records, validate_file,
+from phivision.data.converted import (ValidationError, find_split_file, load_jsonl_dataset, valid_records, validate_file,
                                   validate_record)
 
 
@@ -75,7 +75,7 @@ def test_broken_line_is_named(tmp_path, case):
     write_dataset(tmp_path, GOOD[:1], extra_lines=[line])
     (tmp_path / "images/notes.txt").write_text("not an image")
     with pytest.raises(ValidationError) as info:
-        valid_records(validate_file(tmp_path / "ucf101_train.jsonl"))  # the validator's (and python -m phi3v.data's)
+        valid_records(validate_file(tmp_path / "ucf101_train.jsonl"))  # the validator's (and python -m phivision.data's)
     error = info.value
     assert len(error.problems) == 1
     assert (Path(error.path).name, error.line) == ("ucf101_train.jsonl", 2)

@@ -1,11 +1,11 @@
-"""phi3v.data.csv_table: a CSV of image, question, answer as converted records; bad rows named FILE:LINE."""
+"""phivision.data.csv_table: a CSV of image, question, answer as converted records; bad rows named FILE:LINE."""
 
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from phi3v.data.formats import validate_data_file
+from phivision.data.formats import validate_data_file
 
 GOOD = """\
 Image,Question,Answer,notes

@@ -1,4 +1,4 @@
-"""phi3v.data.formats: any data file by its suffix, a dataset from a folder or a file, held-out evaluation rows."""
+"""phivision.data.formats: any data file by its suffix, a dataset from a folder or a file, held-out evaluation rows."""
 
 import json
 
@@ -8,8 +8,8 @@ from test_data_converted import write_dataset
 from test_data_csv_table import write_csv
 from test_data_llava import CONVERTED, GOOD, write_llava
 
-from phi3v.data.converted import ValidationError
-from phi3v.data.formats import hold_out_at_random, is_video_like, load_own_data, read_records
+from phivision.data.converted import ValidationError
+from phivision.data.formats import hold_out_at_random, is_video_like, load_own_data, read_records
 
 
 def test_a_folder_with_train_and_test_files_of_any_format(tmp_path):

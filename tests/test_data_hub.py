@@ -1,9 +1,9 @@
-"""phi3v.data.hub: Hub datasets' local copies (save_to_disk folders, parquet files by split)."""
+"""phivision.data.hub: Hub datasets' local copies (save_to_disk folders, parquet files by split)."""
 
 import pytest
 from PIL import Image
 
-from phi3v.data import DatasetError, load_hf_dataset
+from phivision.data import DatasetError, load_hf_dataset
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def datasets_cache(tmp_path, monkeypatch):
 
 
 def test_load_hf_dataset_from_save_to_disk(tmp_path):
-    from phi3v.synthetic import make_shapes_dataset
+    from phivision.synthetic import make_shapes_dataset
 
     path = make_shapes_dataset(tmp_path / "shapes", num_train=2, num_eval=1)
     rows = load_hf_dataset(str(path))

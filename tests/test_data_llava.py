@@ -1,4 +1,4 @@
-"""phi3v.data.llava: LLaVA / ShareGPT records as converted records; broken records named FILE:LINE: record [N]."""
+"""phivision.data.llava: LLaVA / ShareGPT records as converted records; broken records named FILE:LINE: record [N]."""
 
 import json
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from phi3v.data.converted import ValidationError, valid_records, validate_record
-from phi3v.data.formats import validate_data_file
-from phi3v.data.llava import convert_llava_record, is_llava_record, read_json_list
+from phivision.data.converted import ValidationError, valid_records, validate_record
+from phivision.data.formats import validate_data_file
+from phivision.data.llava import convert_llava_record, is_llava_record, read_json_list
 
 
 def human(text):

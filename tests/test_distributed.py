@@ -1,8 +1,8 @@
-"""phi3v.distributed: messages once per job, one-line errors with their exit status."""
+"""phivision.distributed: messages once per job, one-line errors with their exit status."""
 
 import pytest
 
-from phi3v.distributed import is_main_process, print_once, rank_and_world_size, stop
+from phivision.distributed import is_main_process, print_once, rank_and_world_size, stop
 
 
 def test_rank_from_torchrun_environment(monkeypatch):
@@ -29,7 +29,7 @@ def test_print_once_and_stop(monkeypatch, capsys, rank, printed):
 LOADS = """
 import json, os, sys, time
 import torch.distributed as dist
-import phi3v.data.hub as hub
+import phivision.data.hub as hub
 
 dist.init_process_group("gloo")
 load = hub._load

@@ -1,4 +1,4 @@
-"""phi3v.eval_report: the page parsed back with html.parser: every example, embedded thumbnails, escaped text."""
+"""phivision.eval_report: the page parsed back with html.parser: every example, embedded thumbnails, escaped text."""
 
 import base64
 import io
@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 from helpers import random_image
 from PIL import Image
 
-from phi3v.eval_report import FRAME, THUMBNAIL, eval_report_html, write_eval_report
+from phivision.eval_report import FRAME, THUMBNAIL, eval_report_html, write_eval_report
 
 INJECTED = "<script>alert('x')</script> What colour?"
 
@@ -26,7 +26,7 @@ ROWS = [
 
 
 def summary(predictions: list[str], scores: list[float]) -> dict:
-    """What phi3v.evaluation writes for the first len(predictions) rows."""
+    """What phivision.evaluation writes for the first len(predictions) rows."""
     examples = [{"id": f"row-{i}", "question": ROWS[i]["question"], "answers": [ROWS[i]["answer"]], "prediction": p,
                  "score": s} for i, (p, s) in enumerate(zip(predictions, scores))]
     return {"metric": "accuracy", "score": sum(scores) / len(scores), "num_examples": len(examples), "examples": examples}

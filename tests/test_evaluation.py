@@ -1,4 +1,4 @@
-"""phi3v.evaluation: `evaluate` with a fake model (exact metric), the tiny model, LongRoPE, peft and torchrun."""
+"""phivision.evaluation: `evaluate` with a fake model (exact metric), the tiny model, LongRoPE, peft and torchrun."""
 
 import json
 import os
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from phi3v.chat import conversation_prompt
-from phi3v.evaluation import evaluate
+from phivision.chat import conversation_prompt
+from phivision.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,13 +49,13 @@ def format_example(row):
 
 @pytest.fixture(scope="module")
 def processor():
-    tiny = pytest.importorskip("phi3v.tiny")
+    tiny = pytest.importorskip("phivision.tiny")
     return tiny.build_tiny_processor(num_crops=4)
 
 
 def tiny_model(processor, seed=0):
-    from phi3v import Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
+    from phivision import Phi3VForCausalLM
+    from phivision.tiny import tiny_config
 
     torch.manual_seed(seed)
     return Phi3VForCausalLM(tiny_config(vocab_size=len(processor.tokenizer))).eval()
@@ -163,14 +163,14 @@ def test_evaluate_tiny_model_records_and_batching(processor, tmp_path):
 
 def test_evaluate_batches_give_single_prompt_answers_across_the_longrope_switch(processor):
     """Prompts on both sides of LongRoPE's switch: batching must not move any of them to the other side."""
-    from phi3v import Phi3VForCausalLM
-    from phi3v.generation import generate_answers
-    from phi3v.modeling import longrope_limit
-    from phi3v.tiny import tiny_config
+    from phivision import Phi3VForCausalLM
+    from phivision.generation import generate_answers
+    from phivision.phi3v.modeling import longrope_limit
+    from phivision.tiny import tiny_config
 
     rows = make_rows()
     items = [format_example(row) for row in rows]
-    prompts = [conversation_prompt(conversation, len(images)) for conversation, images in items]
+    prompts = [conversation_prompt(conversation, len(images), processor) for conversation, images in items]
     lengths = [processor.num_prompt_tokens(prompt, [image.size for image in images])
                for prompt, (_, images) in zip(prompts, items)]
     assert lengths == [19, 784, 1548, 776, 65, 1541]
@@ -220,8 +220,8 @@ import torch
 import torch.distributed as dist
 sys.path.insert(0, {tests_dir!r})
 from test_evaluation import format_example, make_rows, tiny_model
-from phi3v.evaluation import evaluate
-from phi3v.tiny import build_tiny_processor
+from phivision.evaluation import evaluate
+from phivision.tiny import build_tiny_processor
 
 dist.init_process_group("gloo")
 processor = build_tiny_processor(num_crops=4)

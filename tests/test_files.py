@@ -1,4 +1,4 @@
-"""phi3v.files: outputs are written whole or not at all, with the permissions the umask gives."""
+"""phivision.files: outputs are written whole or not at all, with the permissions the umask gives."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from phi3v.files import write_atomically, write_json, write_jsonl
+from phivision.files import write_atomically, write_json, write_jsonl
 
 
 def mode(path) -> int:
@@ -60,7 +60,7 @@ def test_every_file_of_a_lora_run_a_merge_and_generate_follows_the_umask(tiny, t
     from test_recipe_custom import SCRIPT, shapes
     from test_recipes import run_recipe
 
-    from phi3v import generate, merge_lora
+    from phivision import generate, merge_lora
 
     data = tmp_path / "data"
     records = [{"id": f"r{k}", "conversations": [{"images": [path], "user": "Colour?", "assistant": colour}]}

@@ -1,4 +1,4 @@
-"""phi3v.generate: streamed answers (one and two images, adapters), jsonl batches, sampling flags, try_command."""
+"""phivision.generate: streamed answers (one and two images, adapters), jsonl batches, sampling flags, try_command."""
 
 import json
 import shlex
@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from transformers import TextStreamer
 
-from phi3v.generate import build_parser, main
-from phi3v.generation import try_command
-from phi3v.modeling import Phi3VForCausalLM
-from phi3v.processing import Phi3VProcessor
+from phivision.generate import build_parser, main
+from phivision.generation import try_command
+from phivision.phi3v.modeling import Phi3VForCausalLM
+from phivision.phi3v.processing import Phi3VProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "<|user|>\n{tags}{text}<|end|>\n<|assistant|>\n"
@@ -35,7 +35,7 @@ def adapter(tiny, tmp_path_factory) -> Path:
     """A LoRA adapter (non-zero, so it changes answers) saved with a processor of num_crops 2, as training saves."""
     from peft import LoraConfig, get_peft_model
 
-    from phi3v.training.modes import lora_target_modules
+    from phivision.training.modes import lora_target_modules
 
     model = Phi3VForCausalLM.from_pretrained(tiny)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM",
@@ -162,9 +162,9 @@ def test_jsonl_batches_keep_the_order(tiny, images, tmp_path, capsys):
 
 
 def test_jsonl_batches_never_straddle_the_longrope_switch(tiny, images, tmp_path, monkeypatch):
-    from phi3v import generate
-    from phi3v.chat import conversation_prompt
-    from phi3v.tiny import tiny_config
+    from phivision import generate
+    from phivision.chat import conversation_prompt
+    from phivision.tiny import tiny_config
 
     (tmp_path / "images").mkdir()
     for image in images:
@@ -175,7 +175,7 @@ def test_jsonl_batches_never_straddle_the_longrope_switch(tiny, images, tmp_path
     processor = Phi3VProcessor.from_pretrained(tiny)
     lengths = {}
     for record in records:
-        prompt = conversation_prompt(record["conversations"], len(record["conversations"][0]["images"]))
+        prompt = conversation_prompt(record["conversations"], len(record["conversations"][0]["images"]), processor)
         sizes = [Image.open(tmp_path / "images" / name).size for name in record["conversations"][0]["images"]]
         lengths[prompt] = processor.num_prompt_tokens(prompt, sizes)
     limit = sorted(lengths.values())[5]
@@ -227,17 +227,17 @@ def test_beam_search(tiny, images, capsys):
 
 def test_try_command(tiny, adapter, images, capsys):
     command = try_command("out dir/", "microsoft/Phi-3.5-vision-instruct", is_adapter=True, num_crops=16)
-    assert command == ("python -m phi3v.generate --model microsoft/Phi-3.5-vision-instruct --adapter 'out dir/' "
+    assert command == ("python -m phivision.generate --model microsoft/Phi-3.5-vision-instruct --adapter 'out dir/' "
                        "--image path/to/image.jpg --prompt 'Describe the image.' --num_crops 16")
     assert try_command("out", None, is_adapter=False) == (
-        "python -m phi3v.generate --model out --image path/to/image.jpg --prompt 'Describe the image.'")
+        "python -m phivision.generate --model out --image path/to/image.jpg --prompt 'Describe the image.'")
     with pytest.raises(ValueError, match="base_model"):
         try_command("out", None, is_adapter=True)
     # The printed commands run as they are.
     for command in (try_command(str(tiny), None, False, str(images[0])),
                     try_command(str(adapter), str(tiny), True, str(images[1]), num_crops=1)):
         argv = shlex.split(command)
-        assert argv[:3] == ["python", "-m", "phi3v.generate"]
+        assert argv[:3] == ["python", "-m", "phivision.generate"]
         build_parser().parse_args(argv[3:])
         code, out, _ = run(capsys, *argv[3:], "--max_new_tokens", 3)
         assert code == 0 and out.endswith("\n")
@@ -284,7 +284,7 @@ def test_an_adapter_for_another_base_is_one_line(tiny, adapter, images, tmp_path
 
 def test_command_line_entry_point(tiny, images):
     result = subprocess.run(
-        [sys.executable, "-m", "phi3v.generate", "--model", str(tiny), "--image", str(images[0]), "--prompt",
+        [sys.executable, "-m", "phivision.generate", "--model", str(tiny), "--image", str(images[0]), "--prompt",
          "What colour is it?", "--max_new_tokens", "8", "--dtype", "fp32", "--device", "cpu",
          "--attn_implementation", "eager"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
@@ -300,7 +300,7 @@ def test_an_output_that_cannot_be_written_and_a_missing_model_stop_before_the_mo
                                                                                            monkeypatch):
     from helpers import read_only_folder
 
-    monkeypatch.setattr("phi3v.generate.load_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr("phivision.generate.load_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
     write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "conversations": [{"user": "Hello?"}]}])
     base = ["--model", "microsoft/Phi-3.5-vision-instruct", "--input", str(tmp_path / "in.jsonl")]
     with read_only_folder() as parent:
@@ -322,7 +322,7 @@ def test_an_output_that_cannot_be_written_and_a_missing_model_stop_before_the_mo
 
 def test_flash_attention_with_fp32_weights_falls_back_to_sdpa(tiny, images, capsys, monkeypatch):
     """flash-attn rejects fp32 tensors: on a GPU where it would run, --dtype fp32 loads SDPA, with a notice."""
-    from phi3v import modeling
+    from phivision.phi3v import modeling
 
     monkeypatch.setattr(modeling, "flash_attn_unusable", lambda: None)  # an Ampere GPU with flash-attn installed
     loads = []

@@ -1,13 +1,13 @@
-"""phi3v.generation: length-sorted batches, repetition penalty with image ids, precision, stop tokens."""
+"""phivision.generation: length-sorted batches, repetition penalty with image ids, precision, stop tokens."""
 
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from phi3v.generation import (ImageSafeRepetitionPenalty, length_sorted_batches, processor_source, resolve_dtype,
+from phivision.generation import (ImageSafeRepetitionPenalty, length_sorted_batches, processor_source, resolve_dtype,
                               use_chat_stop_tokens)
-from phi3v.modeling import Phi3VForCausalLM
-from phi3v.tiny import build_tiny_processor, tiny_config
+from phivision.phi3v.modeling import Phi3VForCausalLM
+from phivision.tiny import build_tiny_processor, tiny_config
 
 
 def test_length_sorted_batches_never_mix_longrope_regimes():

@@ -1,4 +1,4 @@
-"""phi3v.gpu_check: its plan, flags and disk checked on CPU, and the whole plan run on a tiny checkpoint on CPU,
+"""phivision.gpu_check: its plan, flags and disk checked on CPU, and the whole plan run on a tiny checkpoint on CPU,
 with the process handling (timeouts, budget, error lines) it needs on the GPU machine."""
 
 import json
@@ -16,8 +16,8 @@ import psutil
 import pytest
 import torch
 
-from phi3v import gpu_check
-from phi3v.training.arguments import build_parser
+from phivision import gpu_check
+from phivision.training.arguments import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["full-zero2", "lora-packed", "lora-resumed", "qlora", "frozen-cached", "bench", "zero3", "fsdp2"]
@@ -245,7 +245,7 @@ def test_peak_memory_is_printed_when_the_run_ends_even_through_os_exit(tmp_path)
         print("args", sys.argv[1:], flush=True)
         os._exit(0)
     """))
-    done = subprocess.run([sys.executable, "-m", "phi3v.peak_memory", str(script), "--x", "1"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "phivision.peak_memory", str(script), "--x", "1"], capture_output=True,
                           text=True, cwd=ROOT, env={**os.environ, "RANK": "3"}, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "args ['--x', '1']" in done.stdout
@@ -264,7 +264,7 @@ def test_the_whole_plan_runs_on_cpu_on_the_tiny_checkpoint(tmp_path):
     """`gpu_check --device cpu --size tiny`: every check that can run on one CPU process passes; ZeRO-3 and
     FSDP2 (more than one GPU) are skipped. About two minutes on 2 cores."""
     out, workdir = tmp_path / "out", tmp_path / "work"
-    done = subprocess.run([sys.executable, "-m", "phi3v.gpu_check", "--device", "cpu", "--size", "tiny",
+    done = subprocess.run([sys.executable, "-m", "phivision.gpu_check", "--device", "cpu", "--size", "tiny",
                            "--budget", "900", "--out", str(out), "--workdir", str(workdir)],
                           capture_output=True, text=True, cwd=ROOT, timeout=1200,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -286,6 +286,6 @@ def test_the_whole_plan_runs_on_cpu_on_the_tiny_checkpoint(tmp_path):
     assert "Resuming from" in (out / "lora.log").read_text()
     assert not (workdir / "runs").exists()  # every run folder removed
     assert (workdir / "tiny-random" / "config.json").is_file()  # kept for the next run
-    assert "-m phi3v.tiny" in (out / "prepare.log").read_text()  # built in a subprocess
+    assert "-m phivision.tiny" in (out / "prepare.log").read_text()  # built in a subprocess
     assert results["gpu"] is None and results["prepare"]["status"] == "pass"
     assert results["packages"]["torch"] == torch.__version__ and results["packages"]["deepspeed"]

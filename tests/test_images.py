@@ -1,10 +1,10 @@
-"""phi3v.images: sizes from headers, decoding with errors that name the file."""
+"""phivision.images: sizes from headers, decoding with errors that name the file."""
 
 import pytest
 from helpers import random_image
 from PIL import Image
 
-from phi3v.images import image_size, open_image
+from phivision.images import image_size, open_image
 
 
 def test_size_from_the_header_and_full_check(tmp_path):
@@ -41,7 +41,7 @@ def sideways_photo(path):
 def test_exif_orientation_is_applied_everywhere_images_are_read(tmp_path, tiny_processor):
     from PIL import ImageOps
 
-    from phi3v.images import upright, upright_size
+    from phivision.images import upright, upright_size
 
     sideways_photo(tmp_path / "phone.jpg")
     with Image.open(tmp_path / "phone.jpg") as stored:

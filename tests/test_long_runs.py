@@ -18,7 +18,7 @@ import torch
 from helpers import random_image
 from test_recipes import COMMON, ROOT, log_losses, run_recipe, weights
 
-from phi3v.synthetic import make_shapes_dataset
+from phivision.synthetic import make_shapes_dataset
 
 MEMES = "finetune_hf_trainer_hateful_memes.py"
 # Makes every checkpoint's last step slow, so that a kill can land while one is being written.
@@ -26,7 +26,7 @@ SLOW_CHECKPOINTS = textwrap.dedent("""
     import os
     if os.environ.get("SLOW_CHECKPOINT_SECONDS"):
         import time
-        import phi3v.training.trainer as trainer
+        import phivision.training.trainer as trainer
         mark_complete = trainer.mark_complete
         def slow_mark_complete(path):
             time.sleep(float(os.environ["SLOW_CHECKPOINT_SECONDS"]))
@@ -169,7 +169,7 @@ def files_of(folder: Path) -> dict[str, tuple[float, str]]:
 def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_loses_no_step(tiny, shapes, tmp_path):
     """Preemption under torchrun: the scheduler signals the launcher, which passes it on to the process group of
     every worker, DataLoader workers included (the default count of them: they must not die before the step)."""
-    from phi3v.training.arguments import Phi3VTrainingArguments
+    from phivision.training.arguments import Phi3VTrainingArguments
 
     workers = Phi3VTrainingArguments.dataloader_num_workers
     assert workers > 0
@@ -252,7 +252,7 @@ def test_unreadable_images_met_mid_run_are_named_skipped_and_listed_under_torchr
     """A Hub row whose image is truncated: the header check at start passes, decoding fails in training."""
     import datasets
 
-    from phi3v.synthetic import shapes_rows
+    from phivision.synthetic import shapes_rows
 
     rows = shapes_rows(520, seed=5)
     truncated_jpeg(tmp_path / "bad.jpg")
@@ -309,7 +309,7 @@ def test_unreadable_frames_in_converted_data_are_named_by_file_and_line(tiny, tm
 
 
 def test_too_many_unreadable_samples_stop_the_run_with_a_checkpoint_and_the_list(tiny, tmp_path, capsys):
-    from phi3v.errors import SetupError
+    from phivision.errors import SetupError
 
     data = tmp_path / "converted"
     (data / "images").mkdir(parents=True)
@@ -365,14 +365,14 @@ def setup_mistakes(tiny: Path, shapes: Path, tmp_path: Path) -> list:
 
 def test_setup_mistakes_are_one_line_naming_the_flag_before_the_model_loads(tiny, shapes, tmp_path, capsys,
                                                                           monkeypatch):
-    from phi3v.errors import SetupError
-    from phi3v.training import modes
+    from phivision.errors import SetupError
+    from phivision.training import modes
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded before the mistake was found")
 
     monkeypatch.setattr(modes, "load_for_training", no_model)
-    monkeypatch.setattr("phi3v.training.recipe.load_for_training", no_model)
+    monkeypatch.setattr("phivision.training.recipe.load_for_training", no_model)
     for argv, message, status in setup_mistakes(tiny, shapes, tmp_path):
         base = ["--model_name_or_path", str(tiny), "--dataset_name_or_path", str(shapes), "--deepspeed", "none",
                 "--output_dir", str(tmp_path / "out")]

@@ -1,4 +1,4 @@
-"""phi3v.merge_lora: merged logits equal base + adapter, Hub key layout (tiny and full size), shard index, QLoRA."""
+"""phivision.merge_lora: merged logits equal base + adapter, Hub key layout (tiny and full size), shard index, QLoRA."""
 
 import json
 from pathlib import Path
@@ -8,10 +8,10 @@ import torch
 from helpers import check_loads_elsewhere
 from PIL import Image
 
-from phi3v.merge_lora import checkpoint_shapes, main, merge_adapter, merge_lora, state_shapes
-from phi3v.modeling import Phi3VForCausalLM
-from phi3v.processing import Phi3VProcessor
-from phi3v.training.modes import lora_target_modules, quantization_config
+from phivision.merge_lora import checkpoint_shapes, main, merge_adapter, merge_lora, state_shapes
+from phivision.phi3v.modeling import Phi3VForCausalLM
+from phivision.phi3v.processing import Phi3VProcessor
+from phivision.training.modes import lora_target_modules, quantization_config
 
 # fp32 merge vs fp32 base + unmerged adapter: the same sums in another order (observed 3e-6 on logits up to 2).
 FP32_ATOL = 1e-4
@@ -130,7 +130,7 @@ def test_qlora_adapter_merges_into_half_precision_base(tiny, inputs, tmp_path, c
     reference = logits(base_plus_adapter(tiny, adapter), inputs)
 
     assert main(["--base", str(tiny), "--adapter", str(adapter), "--out", str(tmp_path / "bf16")]) == 0
-    assert "python -m phi3v.generate --model" in capsys.readouterr().out
+    assert "python -m phivision.generate --model" in capsys.readouterr().out
     merged_bf16 = Phi3VForCausalLM.from_pretrained(tmp_path / "bf16")
     assert merged_bf16.dtype == torch.bfloat16
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -150,7 +150,7 @@ def test_full_size_merge_keeps_the_hub_keys(reference_dir):
     """Phi-3.5-vision at full size on the meta device, LoRA with the recipe's targets, merged: the Hub's keys."""
     from peft import LoraConfig, get_peft_model
 
-    from phi3v.configuration import Phi3VConfig
+    from phivision.phi3v.configuration import Phi3VConfig
 
     config_file = reference_dir / "phi35v_hub_files" / "config.json"
     keys_file = reference_dir / "phi35v_checkpoint_keys.tsv"
@@ -205,7 +205,7 @@ def test_written_folder_loads_elsewhere_without_code(tiny, tmp_path):
 
 def other_base(path: Path, **overrides) -> Path:
     """A random tiny base like `tiny` but for `overrides` (another shape), or another seed."""
-    from phi3v.tiny import build_tiny_processor, tiny_config
+    from phivision.tiny import build_tiny_processor, tiny_config
 
     processor = build_tiny_processor(num_crops=1)
     torch.manual_seed(7)

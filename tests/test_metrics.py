@@ -1,8 +1,8 @@
-"""phi3v.metrics against hand-computed values."""
+"""phivision.metrics against hand-computed values."""
 
 import pytest
 
-from phi3v.metrics import METRICS, anls, exact_match, levenshtein, normalize_answer, resolve_metric
+from phivision.metrics import METRICS, anls, exact_match, levenshtein, normalize_answer, resolve_metric
 
 
 @pytest.mark.parametrize(

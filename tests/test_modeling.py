@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from phi3v import Phi3VConfig, Phi3VForCausalLM
-from phi3v.tiny import build_tiny_processor, tiny_config
+from phivision import Phi3VConfig, Phi3VForCausalLM
+from phivision.tiny import build_tiny_processor, tiny_config
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 HUB_FILES = REFERENCE / "phi35v_hub_files"
@@ -265,7 +265,7 @@ def test_generate_across_the_longrope_switch_reuses_the_prompts_image_features()
 def test_sharded_text_only_generation_runs_the_tower_at_prefill_only(monkeypatch):
     """Under sharded weights a text-only prompt runs the tower on a blank crop at prefill, as image prompts on other ranks
     do; at LongRoPE's switch it must not, as no rank does."""
-    from phi3v import modeling
+    from phivision.phi3v import modeling
 
     ids = torch.tensor([[1, *range(5, 30)]])
     torch.manual_seed(0)
@@ -315,7 +315,7 @@ def test_checkpointing_with_frozen_vision_runs_no_vision_backward(adapter):
     """transformers' checkpointing hooks every sub-model's input embeddings; CLIP's must stay out."""
     from peft import LoraConfig, get_peft_model
 
-    from phi3v.training.modes import lora_target_modules
+    from phivision.training.modes import lora_target_modules
 
     model = Phi3VForCausalLM(tiny_config()).train()
     model.model.vision_embed_tokens.requires_grad_(False)
@@ -509,7 +509,7 @@ def test_packed_sample_boundaries_are_read_once_per_forward_pass_and_no_mask_is_
     GPU-to-host copy in every layer, and no dense [1, 1, L, L] mask that the per-sample attention would ignore."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from phi3v.attention import packed_sdpa_attention
+    from phivision.attention import packed_sdpa_attention
 
     received = []
 
@@ -537,7 +537,7 @@ def test_packed_sample_boundaries_are_read_once_per_forward_pass_and_no_mask_is_
 def test_with_sharded_weights_text_prompts_run_the_vision_tower_once_not_in_every_decoding_step(monkeypatch):
     """Under ZeRO-3/FSDP every rank joins the tower's weight gathers on prompts (some rank may have images), but
     no rank has images while decoding: a blank crop there would cost a CLIP pass and a gather per token."""
-    import phi3v.modeling
+    import phivision.phi3v.modeling
 
     processor = build_tiny_processor(num_crops=1)
     torch.manual_seed(0)
@@ -549,6 +549,6 @@ def test_with_sharded_weights_text_prompts_run_the_vision_tower_once_not_in_ever
     inputs = processor(["<|user|>\nB?<|end|>\n<|assistant|>\n"], None)
     model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert calls == []  # weights not sharded: text-only prompts never run the tower
-    monkeypatch.setattr(phi3v.modeling, "parameters_are_sharded", lambda module: True)
+    monkeypatch.setattr(phivision.phi3v.modeling, "parameters_are_sharded", lambda module: True)
     model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert calls == [1]  # the prompt only

@@ -5,9 +5,9 @@ dynamo captures do not depend on the backend)."""
 import pytest
 import torch
 
-from phi3v import Phi3VForCausalLM
-from phi3v.collator import pad_batch
-from phi3v.tiny import tiny_config
+from phivision import Phi3VForCausalLM, Phi3VProcessor
+from phivision.collator import pad_batch
+from phivision.tiny import tiny_config
 from test_modeling import image_inputs, prompt_ids
 
 dynamo = pytest.importorskip("torch._dynamo")
@@ -50,7 +50,7 @@ def source_files(graph) -> set[str]:
 @pytest.mark.parametrize("training", [True, False], ids=["training step", "generation prefill"])
 def test_decoder_and_vision_layers_compile_without_graph_breaks(frozen_vision_model, training):
     model = frozen_vision_model.train(training)
-    batch = pad_batch([encoded([(2, 1)], 3), encoded([(1, 1)], 9)], pad_token_id=0)
+    batch = pad_batch([encoded([(2, 1)], 3), encoded([(1, 1)], 9)], pad_token_id=0, batch_images=Phi3VProcessor.batch_images)
     if not training:
         del batch["labels"]
     with torch.set_grad_enabled(training):
@@ -75,7 +75,7 @@ def test_length_grouped_batches_recompile_a_bounded_number_of_times(frozen_visio
     compiled = torch.compile(frozen_vision_model, backend=counter)
 
     def train_on(*samples):
-        compiled(**pad_batch(list(samples), pad_token_id=0)).loss.backward()
+        compiled(**pad_batch(list(samples), pad_token_id=0, batch_images=Phi3VProcessor.batch_images)).loss.backward()
 
     # Warm-up: static shapes, then dynamic ones (lengths, image and crop counts); one image (dynamo
     # specialises sizes of 1); text only. Batches of 2, as the Trainer makes them (--batch_size_per_gpu).

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from phi3v.phi4mm import image_processing as image_module
-from phi3v.phi4mm.image_processing import Phi4MMImageProcessor
+from phivision.phi4mm import image_processing as image_module
+from phivision.phi4mm.image_processing import Phi4MMImageProcessor
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 _spec = importlib.util.spec_from_file_location("make_phi4mm_golden", GOLDEN_DIR / "make_phi4mm_golden.py")
@@ -132,7 +132,7 @@ def test_config_round_trip_in_transformers_layout(tmp_path, image_golden):
 
 @pytest.fixture(scope="module")
 def processor():
-    from phi3v.phi4mm.tiny import build_tiny_processor
+    from phivision.phi4mm.tiny import build_tiny_processor
 
     return build_tiny_processor()
 
@@ -187,7 +187,7 @@ def test_encode_conversation_labels_answers_only(processor):
     assert processor.num_conversation_tokens(turns, [(10, 10), (900, 100)], num_crops=1) == len(
         processor.encode_conversation(turns, [Phi4MMImageProcessor().num_image_tokens(10, 10, 1),
                                               Phi4MMImageProcessor().num_image_tokens(900, 100, 1)])[0])
-    # Untagged text gets its turn's tags first (the data contract of phi3v.chat).
+    # Untagged text gets its turn's tags first (the data contract of phivision.chat).
     untagged, _ = processor.encode_conversation([{"user": "What?", "assistant": "No."}], [3])
     assert untagged[1:4] == [image_id] * 3
     with pytest.raises(ValueError, match="turn 1: .*tag"):
@@ -220,7 +220,7 @@ def test_batch_of_prompts_pads_and_batch_images_pads_crops(processor):
 
 
 def test_save_and_load_native_layout(processor, tmp_path):
-    from phi3v.phi4mm.processing import Phi4MMProcessor
+    from phivision.phi4mm.processing import Phi4MMProcessor
 
     processor.save_pretrained(tmp_path)
     nested = json.loads((tmp_path / "processor_config.json").read_text())

@@ -1,4 +1,4 @@
-"""The tiny Phi-4-multimodal checkpoint (`python -m phi3v.tiny DIR --family phi4mm`): the Hub's native layout and
+"""The tiny Phi-4-multimodal checkpoint (`python -m phivision.tiny DIR --family phi4mm`): the Hub's native layout and
 structure, loadable by transformers' own classes, with working vision/speech LoRA adapters."""
 
 import json
@@ -9,9 +9,9 @@ import torch
 from helpers import built_once
 from safetensors.torch import load_file
 
-from phi3v import tiny
-from phi3v.phi4mm import tiny as tiny4
-from phi3v.phi4mm.processing import Phi4MMProcessor
+from phivision import tiny
+from phivision.phi4mm import tiny as tiny4
+from phivision.phi4mm.processing import Phi4MMProcessor
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from phi3v.processing import IGNORE_INDEX, Phi3VProcessor
-from phi3v.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
+from phivision.phi3v.processing import IGNORE_INDEX, Phi3VProcessor
+from phivision.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
 
 PROMPT = "<|user|>\n{}<|end|>\n<|assistant|>\n"
 

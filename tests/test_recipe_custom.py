@@ -14,8 +14,8 @@ from helpers import check_loads_elsewhere, modes_under
 from PIL import Image
 from test_recipes import ROOT, check_eval_file, run_recipe
 
-from phi3v import Phi3VForCausalLM, Phi3VProcessor
-from phi3v.synthetic import COLOURS, shape_image
+from phivision import Phi3VForCausalLM, Phi3VProcessor
+from phivision.synthetic import COLOURS, shape_image
 
 SCRIPT = "finetune_hf_trainer_custom.py"
 QUESTION = "What colour is the shape? Answer red, green or blue."
@@ -170,7 +170,7 @@ def test_bad_data_and_flags_stop_before_any_model_loads(tmp_path, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert f"{data / 'train.json'}:" in err and ": record [1]: conversations[4]: the last human message has no gpt" in err
-    assert f"python -m phi3v.data validate {data}" in err
+    assert f"python -m phivision.data validate {data}" in err
     for flags in ([], ["--data_dir", str(data), "--data_file", str(data / "train.json")]):
         with pytest.raises(SystemExit) as exit_info:
             run_recipe(SCRIPT, *flags)

@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_eval_report import Page, decode
 from test_recipes import check_eval_file, torchrun_recipe
 
-# Library notices that every rank used to print (see phi3v.console).
+# Library notices that every rank used to print (see phivision.console).
 NOISE = ["Failed to load CPU gemm_4bit_forward", "torch_dtype", "Setting accelerator to CPU", "FutureWarning",
          "is deprecated", "built successfully"]
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3v import Phi3VForCausalLM
-from phi3v.synthetic import make_shapes_dataset
+from phivision import Phi3VForCausalLM
+from phivision.synthetic import make_shapes_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--num_crops", "1", "--dataloader_num_workers", "0", "--no-tqdm", "--logging_steps", "1",
@@ -110,7 +110,7 @@ def docvqa_dataset(path: Path) -> Path:
     """docvqa_1200_examples' schema: image, query {"en"}, answers; train and test splits."""
     import datasets
 
-    from phi3v.synthetic import shapes_rows
+    from phivision.synthetic import shapes_rows
 
     def split(n, seed):
         rows = shapes_rows(n, seed=seed)

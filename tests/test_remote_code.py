@@ -1,4 +1,4 @@
-"""phi3v.remote_code: auto_map entries that name the Hub repo of the original code; our classes still load natively."""
+"""phivision.phi3v.remote_code: auto_map entries that name the Hub repo of the original code; our classes still load natively."""
 
 import json
 
@@ -6,8 +6,8 @@ import torch
 from helpers import check_loads_elsewhere
 from PIL import Image
 
-from phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
-from phi3v.remote_code import MODEL_AUTO_MAP, code_repo, with_repo
+from phivision import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
+from phivision.phi3v.remote_code import MODEL_AUTO_MAP, code_repo, with_repo
 
 
 def test_code_repo_of_hub_ids_cache_snapshots_and_local_copies(tmp_path):
@@ -52,7 +52,7 @@ def test_a_checkpoint_loaded_from_the_hub_keeps_its_repo(tiny, tmp_path):
 
 
 def test_auto_classes_still_load_ours_with_identical_logits(tiny):
-    """With `import phi3v`, the Auto classes pick our classes, also when asked to trust remote code (which,
+    """With `import phivision`, the Auto classes pick our classes, also when asked to trust remote code (which,
     offline, would fail if they went to the Hub)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoProcessor
 

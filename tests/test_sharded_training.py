@@ -16,8 +16,8 @@ import torch
 from helpers import built_once
 from test_recipes import ROOT, check_eval_file, log_losses, run_recipe, torchrun_recipe, weights
 
-from phi3v import Phi3VForCausalLM
-from phi3v.synthetic import make_shapes_dataset
+from phivision import Phi3VForCausalLM
+from phivision.synthetic import make_shapes_dataset
 
 MEMES = "finetune_hf_trainer_hateful_memes.py"
 STRATEGIES = {

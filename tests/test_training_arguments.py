@@ -1,11 +1,11 @@
-"""phi3v.training.arguments: every TrainingArguments flag, the guide's flags and defaults, one-line flag errors."""
+"""phivision.training.arguments: every TrainingArguments flag, the guide's flags and defaults, one-line flag errors."""
 
 from dataclasses import dataclass, field
 
 import pytest
 from test_recipes import ROOT
 
-from phi3v.training.arguments import DEFAULT_DEEPSPEED_CONFIG, Phi3VTrainingArguments, deepspeed_config, parse_args
+from phivision.training.arguments import DEFAULT_DEEPSPEED_CONFIG, Phi3VTrainingArguments, deepspeed_config, parse_args
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +166,7 @@ def test_bf16_is_replaced_by_fp16_where_the_gpu_only_emulates_it(tmp_path, monke
     """torch.cuda.is_bf16_supported(), which transformers checks, says yes on V100 and T4 too (emulated, slow)."""
     import torch
 
-    from phi3v.training import arguments
+    from phivision.training import arguments
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -1,14 +1,14 @@
-"""phi3v.training.checkpointing: --gradient_checkpointing auto checkpoints only the layers memory needs."""
+"""phivision.training.checkpointing: --gradient_checkpointing auto checkpoints only the layers memory needs."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from phi3v import bench
-from phi3v.tiny import tiny_config
-from phi3v.training.checkpointing import apply_auto_checkpointing, checkpointable_layers, plan_checkpointing
-from phi3v.training.sizing import mode_arguments
+from phivision import bench
+from phivision.tiny import tiny_config
+from phivision.training.checkpointing import apply_auto_checkpointing, checkpointable_layers, plan_checkpointing
+from phivision.training.sizing import mode_arguments
 
 
 def tiny_model(mode):
@@ -105,7 +105,7 @@ def test_the_budget_is_the_free_gpu_memory_less_the_communication_buffers(monkey
     import json
     from types import SimpleNamespace
 
-    from phi3v.training import checkpointing
+    from phivision.training import checkpointing
     from test_recipes import ROOT
 
     gb = 10**9

@@ -1,10 +1,10 @@
-"""phi3v.training.checkpoints: only complete checkpoints are resumed from; incomplete ones are set aside."""
+"""phivision.training.checkpoints: only complete checkpoints are resumed from; incomplete ones are set aside."""
 
 import json
 
 import pytest
 
-from phi3v.training.checkpoints import (COMPLETE_MARKER, CheckpointError, copy_model_files, find_resume_point,
+from phivision.training.checkpoints import (COMPLETE_MARKER, CheckpointError, copy_model_files, find_resume_point,
                                         run_is_complete, trained_steps)
 
 

@@ -1,11 +1,11 @@
-"""phi3v.training_curves: what each panel draws from a Trainer log history, and the PNG it writes."""
+"""phivision.training_curves: what each panel draws from a Trainer log history, and the PNG it writes."""
 
 import math
 
 import pytest
 from PIL import Image
 
-from phi3v.training_curves import series, training_curves_figure, write_training_curves
+from phivision.training_curves import series, training_curves_figure, write_training_curves
 
 # What trainer.state.log_history holds after 10 steps, logging every 2, evaluating at 5 and 10.
 HISTORY = [

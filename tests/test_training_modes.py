@@ -1,15 +1,15 @@
-"""phi3v.training.modes: what each training mode trains."""
+"""phivision.training.modes: what each training mode trains."""
 
 import pytest
 import torch
 
-from phi3v.training.modes import lora_target_modules
+from phivision.training.modes import lora_target_modules
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from phi3v.modeling import Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
+    from phivision.phi3v.modeling import Phi3VForCausalLM
+    from phivision.tiny import tiny_config
 
     torch.manual_seed(0)
     return Phi3VForCausalLM(tiny_config()).eval()
@@ -59,7 +59,7 @@ def half_only_attention(monkeypatch):
     from transformers.integrations.flash_attention import get_target_dtype
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from phi3v.training import modes
+    from phivision.training import modes
 
     seen, grad_and_cache = [], []
 
@@ -103,8 +103,8 @@ def test_evaluation_before_and_after_training_feeds_the_kernel_half_precision(ti
 def test_weights_are_loaded_in_the_precision_the_mode_trains(tiny, tmp_path, monkeypatch):
     """LoRA's base and DeepSpeed's weights load in half precision (DeepSpeed keeps its own fp32 master copy);
     plain AMP updates fp32 weights."""
-    from phi3v.training import parse_args
-    from phi3v.training.modes import load_for_training, load_processor
+    from phivision.training import parse_args
+    from phivision.training.modes import load_for_training, load_processor
 
     processor = load_processor(str(tiny))
     for argv, dtype in ((["--use_lora", "--bf16"], torch.bfloat16), (["--deepspeed", "none", "--bf16"], torch.float32)):
@@ -122,8 +122,8 @@ def test_weights_are_loaded_in_the_precision_the_mode_trains(tiny, tmp_path, mon
 def test_adapter_bases_load_straight_onto_the_trainers_device(tiny, tmp_path, monkeypatch, argv, placed):
     """On a GPU, LoRA and QLoRA bases load onto the device the Trainer chose for this process (not LOCAL_RANK, not
     the host first); full fine-tuning loads fp32 weights on the host for AMP (or DeepSpeed) to place."""
-    from phi3v.modeling import Phi3VForCausalLM
-    from phi3v.training import modes, parse_args
+    from phivision.phi3v.modeling import Phi3VForCausalLM
+    from phivision.training import modes, parse_args
 
     args = parse_args(argv=["--model_name_or_path", str(tiny), "--output_dir", str(tmp_path), *argv])
     device = args.training.device  # what the Trainer chose for this process

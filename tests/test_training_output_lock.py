@@ -1,4 +1,4 @@
-"""phi3v.training.output_lock: one run per --output_dir; a dead run's lock is taken over."""
+"""phivision.training.output_lock: one run per --output_dir; a dead run's lock is taken over."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from phi3v.training.output_lock import OutputDirBusy, OutputDirLock
+from phivision.training.output_lock import OutputDirBusy, OutputDirLock
 
 
 def test_a_second_run_is_refused_naming_the_first(tmp_path):

@@ -1,8 +1,8 @@
-"""phi3v.training.progress: the training bar is named and shows the last logged loss."""
+"""phivision.training.progress: the training bar is named and shows the last logged loss."""
 
 from transformers import TrainerControl, TrainerState
 
-from phi3v.training.progress import LossProgressCallback
+from phivision.training.progress import LossProgressCallback
 
 
 def test_training_bar_shows_the_last_logged_loss(capsys):

@@ -1,6 +1,6 @@
-"""phi3v.training.recipe: the steps of a run (the end-to-end runs are in test_recipes.py and test_recipe_custom.py)."""
+"""phivision.training.recipe: the steps of a run (the end-to-end runs are in test_recipes.py and test_recipe_custom.py)."""
 
-from phi3v.training.recipe import evaluate
+from phivision.training.recipe import evaluate
 
 
 def test_evaluation_without_rows_is_skipped(capsys):

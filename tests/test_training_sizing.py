@@ -1,14 +1,14 @@
-"""phi3v.training.sizing: full-size step costs on the meta device match what the real model executes, and the bytes per
+"""phivision.training.sizing: full-size step costs on the meta device match what the real model executes, and the bytes per
 GPU follow each mode's layout."""
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from phi3v import bench
-from phi3v.training import sizing
-from phi3v.training.sizing import NF4_BYTES, meta_model, mode_arguments, state_bytes, step_cost
-from phi3v.tiny import tiny_config
+from phivision import bench
+from phivision.training import sizing
+from phivision.training.sizing import NF4_BYTES, meta_model, mode_arguments, state_bytes, step_cost
+from phivision.tiny import tiny_config
 
 
 def config():

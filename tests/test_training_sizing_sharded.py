@@ -1,8 +1,8 @@
-"""phi3v.training.sizing.state_bytes under ZeRO-3 and FSDP2: per-GPU training state with the weights split too."""
+"""phivision.training.sizing.state_bytes under ZeRO-3 and FSDP2: per-GPU training state with the weights split too."""
 
 import pytest
 
-from phi3v.training.sizing import StateBytes, mode_arguments, parameter_counts, state_bytes
+from phivision.training.sizing import StateBytes, mode_arguments, parameter_counts, state_bytes
 from test_training_sizing import model
 
 FULL, LORA = mode_arguments("full")[1], mode_arguments("lora")[1]

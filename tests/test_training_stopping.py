@@ -1,4 +1,4 @@
-"""phi3v.training.stopping: signals wait for the step's end while training, and stop at once otherwise."""
+"""phivision.training.stopping: signals wait for the step's end while training, and stop at once otherwise."""
 
 import os
 import signal
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import TrainerControl
 
-from phi3v.training.stopping import RunInterrupted, StopAtStepEnd, StopSignals
+from phivision.training.stopping import RunInterrupted, StopAtStepEnd, StopSignals
 
 
 def test_outside_training_a_signal_stops_at_once():

@@ -1,15 +1,15 @@
-"""phi3v.training.trainer: the length filter, the rows the Trainer sees, length-grouped and LongRoPE-sided order."""
+"""phivision.training.trainer: the length filter, the rows the Trainer sees, length-grouped and LongRoPE-sided order."""
 
 import pytest
 import torch
 from helpers import identity, random_image, sample
 from PIL import Image
 
-from phi3v.collator import Phi3VDataCollator
-from phi3v.data import load_hf_dataset
-from phi3v.errors import SetupError
-from phi3v.training import parse_args
-from phi3v.training.trainer import Phi3VTrainer, TrainingSamples, filter_by_length
+from phivision.collator import DataCollator
+from phivision.data import load_hf_dataset
+from phivision.errors import SetupError
+from phivision.training import parse_args
+from phivision.training.trainer import Phi3VTrainer, TrainingSamples, filter_by_length
 
 LARGE = random_image(400, 300, seed=2)
 
@@ -33,7 +33,7 @@ def _rows():
 def test_filter_by_length_skips_rows_over_the_budget(tiny_processor, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     rows = _rows()
-    collator = Phi3VDataCollator(tiny_processor, identity, num_crops=4)
+    collator = DataCollator(tiny_processor, identity, num_crops=4)
     lengths = [collator([row])["input_ids"].shape[1] for row in rows]
     assert lengths[1] < lengths[2] < lengths[0] < lengths[3]
 
@@ -55,7 +55,7 @@ def test_filter_by_length_skips_rows_over_the_budget(tiny_processor, capsys, mon
     assert "4 kept, 0 skipped" in capsys.readouterr().out
 
     # num_crops 1 makes the image rows shorter, so more fit.
-    short = [Phi3VDataCollator(tiny_processor, identity, num_crops=1)([row])["input_ids"].shape[1] for row in rows]
+    short = [DataCollator(tiny_processor, identity, num_crops=1)([row])["input_ids"].shape[1] for row in rows]
     kept, kept_lengths = kept_rows(rows, identity, tiny_processor, 1, lengths[2], disable_tqdm=True)
     assert kept_lengths == [short[i] for i in kept]
     assert kept == [i for i in range(4) if short[i] <= lengths[2]] and len(kept) > 2
@@ -92,8 +92,8 @@ def test_length_grouped_batches_have_little_padding(tiny_processor, tmp_path, si
     """The default sampler batches samples of similar token counts (measured at start)."""
     import random
 
-    from phi3v import Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
+    from phivision import Phi3VForCausalLM
+    from phivision.tiny import tiny_config
 
     rng = random.Random(0)
     rows = [sample(" ".join(["word"] * rng.randint(300, 2400)), "yes" if i % 2 else "no") for i in range(800)]
@@ -103,7 +103,7 @@ def test_length_grouped_batches_have_little_padding(tiny_processor, tmp_path, si
         argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
                 "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}"]
         args = parse_args(argv=argv)
-        collator = Phi3VDataCollator(tiny_processor, identity, num_crops=1)
+        collator = DataCollator(tiny_processor, identity, num_crops=1)
         trainer = Phi3VTrainer(
             model=Phi3VForCausalLM(tiny_config()), args=args.training,
             train_dataset=TrainingSamples(rows, kept, lengths, encode=collator.encode), data_collator=collator.collate,
@@ -119,7 +119,7 @@ def test_filter_by_length_reads_image_sizes_without_decoding_pixels(tiny_process
     """Counting tokens over a datasets.Dataset opens image headers only (documents are big PNGs)."""
     import datasets
 
-    from phi3v.synthetic import make_shapes_dataset
+    from phivision.synthetic import make_shapes_dataset
 
     rows = load_hf_dataset(str(make_shapes_dataset(tmp_path / "shapes", num_train=6, num_eval=0)))
 
@@ -146,7 +146,7 @@ def test_filter_by_length_on_converted_data_reads_frame_headers_only(tiny_proces
 
     from PIL import ImageFile
 
-    from phi3v.data import load_jsonl_dataset
+    from phivision.data import load_jsonl_dataset
 
     (tmp_path / "images").mkdir()
     for i in range(3):
@@ -165,7 +165,7 @@ def test_filter_by_length_on_converted_data_reads_frame_headers_only(tiny_proces
         return recipe.format_example(row, tmp_path / "images")
 
     expected = [tiny_processor.num_conversation_tokens(r["conversations"], [(320, 240)] * (i + 1), 4) for i, r in enumerate(rows)]
-    batch = Phi3VDataCollator(tiny_processor, format_row, num_crops=4)(rows)  # the frames decode for training
+    batch = DataCollator(tiny_processor, format_row, num_crops=4)(rows)  # the frames decode for training
     assert batch["pixel_values"].shape[0] == 6 and batch["attention_mask"].sum(1).tolist() == expected
 
     def no_decoding(*args, **kwargs):
@@ -182,8 +182,8 @@ def test_training_batches_stay_on_one_side_of_the_longrope_switch(tiny_processor
     """A batch whose longest sample passes LongRoPE's switch gives all its samples the long factors."""
     import random
 
-    from phi3v import Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
+    from phivision import Phi3VForCausalLM
+    from phivision.tiny import tiny_config
 
     rng = random.Random(0)
     rows = [sample(" ".join(["word"] * rng.randint(300, 1700)), "yes") for _ in range(103)]
@@ -191,7 +191,7 @@ def test_training_batches_stay_on_one_side_of_the_longrope_switch(tiny_processor
     limit = sorted(lengths)[40]  # 62 samples past the switch
     argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
             "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}", f"--packing={packing}"]
-    collator = Phi3VDataCollator(tiny_processor, identity, num_crops=1, packing=packing)
+    collator = DataCollator(tiny_processor, identity, num_crops=1, packing=packing)
     trainer = Phi3VTrainer(
         model=Phi3VForCausalLM(tiny_config(original_max_position_embeddings=limit)),
         args=parse_args(argv=argv).training,
@@ -219,12 +219,12 @@ def test_an_unreadable_sample_is_named_and_replaced_by_the_next(tiny_processor, 
     def open_frame(path):
         return [{"user": "Colour?", "assistant": "red", "images": [path.name]}], [Image.open(path)]
 
-    from phi3v.data.rows import Records
+    from phivision.data.rows import Records
 
     records = Records(rows, locations)
     kept = kept_rows(records, open_frame, tiny_processor, 1, None, disable_tqdm=True)
     assert kept[0] == [0, 1, 2]  # the header reads fine
-    collator = Phi3VDataCollator(tiny_processor, open_frame, num_crops=1)
+    collator = DataCollator(tiny_processor, open_frame, num_crops=1)
     samples = TrainingSamples(records, *kept, encode=collator.encode)
     first, second = samples[0], samples[1]
     assert first["bad_samples"] == []
@@ -238,13 +238,13 @@ def test_an_unreadable_sample_is_named_and_replaced_by_the_next(tiny_processor, 
 def test_trainer_bar_shows_the_loss_unless_bars_are_off(tiny_processor, tmp_path, single_process, disable_tqdm):
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from phi3v import Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
-    from phi3v.training.progress import LossProgressCallback
+    from phivision import Phi3VForCausalLM
+    from phivision.tiny import tiny_config
+    from phivision.training.progress import LossProgressCallback
 
     args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none", f"--disable_tqdm={disable_tqdm}"])
     trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
-                           data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1))
+                           data_collator=DataCollator(tiny_processor, identity, num_crops=1))
     bars = [type(c) for c in trainer.callback_handler.callbacks if isinstance(c, (ProgressCallback, PrinterCallback))]
     assert bars == ([PrinterCallback] if disable_tqdm else [LossProgressCallback])
 
@@ -256,12 +256,12 @@ def test_only_the_saving_process_builds_the_state_dict_under_zero2(tiny_processo
     with every rank taking part, so none may skip."""
     import types
 
-    from phi3v import Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
+    from phivision import Phi3VForCausalLM
+    from phivision.tiny import tiny_config
 
     args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none"])
     trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
-                           data_collator=Phi3VDataCollator(tiny_processor, identity, num_crops=1))
+                           data_collator=DataCollator(tiny_processor, identity, num_crops=1))
     built = []
     monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
     monkeypatch.setattr(trainer, "deepspeed", types.SimpleNamespace(config={"zero_optimization": {"stage": stage}}),
@@ -281,8 +281,8 @@ def test_data_workers_leave_sigterm_to_the_main_process(tiny_processor, tmp_path
     import os
     import signal
 
-    from phi3v import Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
+    from phivision import Phi3VForCausalLM
+    from phivision.tiny import tiny_config
 
     args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none", "--dataloader_num_workers", "2",
                             "--batch_size", "2", "--batch_size_per_gpu", "2",

@@ -1,4 +1,4 @@
-"""phi3v.training.vision_cache: --cache_vision_features trains exactly as the uncached run, without the tower."""
+"""phivision.training.vision_cache: --cache_vision_features trains exactly as the uncached run, without the tower."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from phi3v.training import trainer as trainer_module
+from phivision.training import trainer as trainer_module
 from test_recipes import run_recipe
 
 COMPUTE_LOSS = trainer_module.Phi3VTrainer.compute_loss
@@ -55,15 +55,15 @@ def rows():
 def test_the_pre_pass_keeps_what_it_computed_until_the_model_changes(rows, tiny_processor, tmp_path):
     from helpers import identity
 
-    from phi3v.collator import Phi3VDataCollator
-    from phi3v.errors import SetupError
-    from phi3v.modeling import Phi3VForCausalLM
-    from phi3v.tiny import tiny_config
-    from phi3v.training.vision_cache import VisionFeatureCache
+    from phivision.collator import DataCollator
+    from phivision.errors import SetupError
+    from phivision.phi3v.modeling import Phi3VForCausalLM
+    from phivision.tiny import tiny_config
+    from phivision.training.vision_cache import VisionFeatureCache
 
     torch.manual_seed(0)
     model = Phi3VForCausalLM(tiny_config())
-    encode = Phi3VDataCollator(tiny_processor, identity, num_crops=1).encode
+    encode = DataCollator(tiny_processor, identity, num_crops=1).encode
     cache = VisionFeatureCache(tmp_path / "features")
     assert cache.fill(model, rows, [0, 1, 2], encode, num_crops=1, disable_tqdm=True) == 2  # row 1 has no image
     sample = encode(rows[2])

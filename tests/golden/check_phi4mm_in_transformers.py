@@ -1,7 +1,7 @@
 """By hand, in the torchvision venv (see make_phi4mm_golden.py): transformers' own classes read the tiny Phi-4-MM
 checkpoint, and the model gives the same logits on transformers' processor's inputs as on ours.
 
-    python -m phi3v.tiny /tmp/tiny4 --family phi4mm                                          # main venv
+    python -m phivision.tiny /tmp/tiny4 --family phi4mm                                          # main venv
     PYTHONPATH=.:tests/golden /work/tv-venv/bin/python tests/golden/check_phi4mm_in_transformers.py /tmp/tiny4
 """
 
@@ -12,7 +12,7 @@ import torch
 from make_phi4mm_golden import IMAGES, PROMPTS, golden_image
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from phi3v.phi4mm.processing import Phi4MMProcessor
+from phivision.phi4mm.processing import Phi4MMProcessor
 
 
 def main(tiny_dir: str) -> None:

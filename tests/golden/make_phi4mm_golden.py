@@ -6,7 +6,7 @@ Run by hand (not by pytest) in a venv WITH torchvision, which transformers' clas
     /work/tv-venv/bin/pip install torch==2.14.1 torchvision==0.29.1
     /work/tv-venv/bin/pip install transformers==5.23.0 pillow numpy safetensors tokenizers
     /work/tv-venv/bin/python tests/golden/make_phi4mm_golden.py            # image processor goldens
-    python -m phi3v.tiny /tmp/tiny4 --family phi4mm                         # (main venv) the tiny checkpoint
+    python -m phivision.tiny /tmp/tiny4 --family phi4mm                         # (main venv) the tiny checkpoint
     /work/tv-venv/bin/python tests/golden/make_phi4mm_golden.py --tiny /tmp/tiny4   # + processor goldens
 
 Pixels are stored as per-crop sums and a fixed sample of values (the full tensors would be hundreds of MB);
@@ -143,7 +143,7 @@ def processor_goldens(tiny_dir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", help="A tiny Phi-4-MM checkpoint (python -m phi3v.tiny DIR --family phi4mm): "
+    parser.add_argument("--tiny", help="A tiny Phi-4-MM checkpoint (python -m phivision.tiny DIR --family phi4mm): "
                                        "also write the processor goldens, from transformers' AutoProcessor on it.")
     parser.add_argument("--skip_images", action="store_true", help="Keep the image goldens already written.")
     args = parser.parse_args()

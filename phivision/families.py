@@ -1,0 +1,115 @@
+"""The model families the recipes fine-tune, and what differs between them: one place per family.
+
+Recipes, the collator, the trainer, evaluation, generate, merge_lora and the bench never branch on a model's
+name: they ask its family (`family_of(name_or_path)` before loading, `family_of_model(model)` after) for
+the model class, the processor, the LoRA targets, what "freeze vision" freezes and what never trains.
+The chat layout, the image token and the image inputs' names and batching are the processor's
+(`user_turn`, `answer_turn`, `encode_conversation`, `batch_images`), which the family loads.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from .errors import SetupError, first_line
+
+
+class Processor(Protocol):
+    """What the library calls on a family's processor (Phi3VProcessor is the reference; each method's
+    docstring there says what it does)."""
+
+    tokenizer: Any
+    image_processor: Any  # .preprocess(images, num_crops=, return_tensors=) -> model inputs + "num_img_tokens";
+    #                       .num_image_tokens(width, height, num_crops) -> int
+
+    @property
+    def stop_token_ids(self) -> list[int]: ...
+
+    def user_turn(self, user: str) -> str: ...
+
+    def answer_turn(self, assistant: str) -> str: ...
+
+    def encode_conversation(self, turns: Sequence[dict[str, Any]], num_image_tokens: Sequence[int]
+                            ) -> tuple[list[int], list[int]]: ...
+
+    def num_conversation_tokens(self, turns: Sequence[dict[str, Any]], image_sizes: Sequence[tuple[int, int]],
+                                num_crops: int | None = None) -> int: ...
+
+    def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]: ...
+
+    def __call__(self, text: str | list[str], images: Any = None, num_crops: int | None = None,
+                 padding_side: str = "left", return_tensors: str | None = "pt") -> Any: ...
+
+    def save_pretrained(self, save_directory: Any, **kwargs: Any) -> list[str]: ...
+
+
+class ModelFamily:
+    """One model family the recipes fine-tune. Subclasses fill in every method."""
+
+    name: str  # in messages: "Phi-3.5-vision"
+    model_type: str  # config.json's model_type
+    # What only some families offer (flags that ask for it elsewhere get a one-line error).
+    supports_vision_cache: bool = False
+    supports_step_sizing: bool = False  # meta-device sizing of a step (auto checkpointing, the "which mode fits" table)
+    supports_remote_code: bool = False  # saved files can name the original remote code (--remote_code_repo)
+
+    def model_class(self) -> type:
+        """The transformers model class, loaded with `from_pretrained`."""
+        raise NotImplementedError
+
+    def load_processor(self, name_or_path: str, **kwargs: Any) -> Processor:
+        """The checkpoint's processor (see Phi3VProcessor for the interface every family's processor has)."""
+        raise NotImplementedError
+
+    def prepare_for_training(self, model: torch.nn.Module) -> None:
+        """Freezes the parameters that never run in vision-language training (they would never get a gradient)."""
+        raise NotImplementedError
+
+    def vision_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What --freeze_vision_model freezes: the image encoder and its projector."""
+        raise NotImplementedError
+
+    def lora_target_modules(self, model: torch.nn.Module, include_vision: bool) -> list[str]:
+        """Full names of the linear layers LoRA adapts (the vision side only with `include_vision`)."""
+        raise NotImplementedError
+
+
+@functools.cache
+def known_families() -> dict[str, ModelFamily]:
+    """Each family by its config.json model_type (imported here: each family's module builds on this one)."""
+    from .phi3v.family import Phi3VFamily
+
+    return {family.model_type: family for family in (Phi3VFamily(),)}
+
+
+def family_for_type(model_type: str | None, what: str) -> ModelFamily:
+    """The family of a config's `model_type`; `what` names the checkpoint in the error."""
+    families = known_families()
+    family = families.get(model_type or "")
+    if family is None:
+        known = ", ".join(f"{f.name} ({t})" for t, f in families.items())
+        raise SetupError(f"{what}: model_type {model_type!r} is not a model these recipes fine-tune ({known})")
+    return family
+
+
+def family_of(name_or_path: str, flag: str = "--model_name_or_path") -> ModelFamily:
+    """The family of a checkpoint (a Hub id or a local folder), from its config.json, before anything loads."""
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(str(name_or_path))
+    except OSError as e:
+        raise SetupError(f"{flag} {name_or_path}: cannot load it ({first_line(e)})") from None
+    if not config:
+        raise SetupError(f"{flag} {name_or_path}: no config.json in it (is it a model folder?)")
+    return family_for_type(config.get("model_type"), f"{flag} {name_or_path}")
+
+
+def family_of_model(model: torch.nn.Module) -> ModelFamily:
+    """The family of a loaded model (peft-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return family_for_type(getattr(base.config, "model_type", None), type(base).__name__)

@@ -1,0 +1,342 @@
+"""Processor of Phi-3(.5)-vision: prompts with `<|image_N|>` tags plus images -> model inputs.
+
+Token ids follow the original processor exactly for one prompt: the text is split at the tags, every
+piece is tokenised on its own WITH special tokens (so each piece starts with `<s>`), and image N is
+stood for by `num_img_tokens` copies of -N. On top of the original this processor batches prompts
+(padding left or right) and builds training examples (`encode_conversation`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from ..chat import (IMAGE_TAG, ImageTagList, answer_turn, image_tag_problem, images_per_turn, stop_token_ids,
+                   user_turn, with_image_tags)
+from ..files import write_json
+from .image_processing import Phi3VImageProcessor
+
+IGNORE_INDEX = -100
+# tokenizer_config.json keys that transformers 5 writes and transformers 4 does not know (the Hub's file has none).
+TRANSFORMERS_5_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only", "name_or_path")
+# Keys of the Hub's tokenizer_config.json that a transformers 5 tokenizer built in memory may lack, at the Hub's values.
+HUB_TOKENIZER_DEFAULTS = {"legacy": False, "sp_model_kwargs": {}, "use_default_system_prompt": False}
+
+
+def _image_list(images: Any) -> list:
+    """One prompt's images as a list (None or [] for none, a single image, or a list)."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def prompts_and_images(text: str | list[str], images: Any, padding_side: str) -> tuple[list[str], list[list]]:
+    """A processor call's prompts and each prompt's images (see `Phi3VProcessor.__call__`), checked."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if isinstance(text, str):
+        return [text], [_image_list(images)]
+    texts = list(text)
+    if not texts:
+        raise ValueError("text is empty: give a prompt or a list of prompts")
+    if images is None:
+        return texts, [[] for _ in texts]
+    if isinstance(images, (list, tuple)) and len(images) == len(texts):
+        return texts, [_image_list(entry) for entry in images]
+    raise ValueError(
+        f"with a list of {len(texts)} prompts, images must be a list of {len(texts)} entries (the "
+        "images of each prompt: a list, a single image, or None), got "
+        f"{type(images).__name__} of length {len(images) if hasattr(images, '__len__') else '?'}"
+    )
+
+
+def padded_batch(rows: list[list[int]], pad_id: int | None, padding_side: str, image_inputs: dict[str, Any],
+                 return_tensors: str | None) -> BatchFeature:
+    """`input_ids` and `attention_mask` of token rows padded to the longest on `padding_side`, with the
+    batch's image inputs, as a BatchFeature of `return_tensors` ("pt", "np" or None for lists)."""
+    longest = max(len(row) for row in rows)
+    if pad_id is None and any(len(row) < longest for row in rows):
+        raise ValueError("the tokenizer has no pad token to pad the batch with; set tokenizer.pad_token")
+    input_ids, attention_mask = [], []
+    for row in rows:
+        padding = longest - len(row)
+        if padding_side == "left":
+            input_ids.append([pad_id] * padding + row)
+            attention_mask.append([0] * padding + [1] * len(row))
+        else:
+            input_ids.append(row + [pad_id] * padding)
+            attention_mask.append([1] * len(row) + [0] * padding)
+    data = {"input_ids": input_ids, "attention_mask": attention_mask, **image_inputs}
+    if return_tensors is None:
+        return BatchFeature(data)
+    if return_tensors == "np":
+        data = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in data.items()}
+    return BatchFeature(data, tensor_type=return_tensors)
+
+
+class TokenCounts:
+    """Token counts from image sizes alone, for a processor with `image_processor.num_image_tokens`,
+    `encode_prompt` and `encode_conversation` (both families' processors)."""
+
+    def num_prompt_tokens(self, prompt: str, image_sizes: Sequence[tuple[int, int]], num_crops: int | None = None) -> int:
+        """Tokens of a prompt, image tokens included, from its images' (width, height) alone."""
+        counts = [self.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
+        return len(self.encode_prompt(prompt, counts))
+
+    def num_conversation_tokens(
+        self, turns: Sequence[dict[str, Any]], image_sizes: Sequence[tuple[int, int]], num_crops: int | None = None
+    ) -> int:
+        """Tokens of a training sample (prompts, image tokens and answers) from its images' (width, height)
+        alone: no pixel work, cheap enough to run over a whole dataset before training."""
+        counts = [self.image_processor.num_image_tokens(w, h, num_crops) for w, h in image_sizes]
+        return len(self.encode_conversation(turns, counts)[0])
+
+
+class Phi3VProcessor(TokenCounts, ProcessorMixin):
+    """Wraps a `Phi3VImageProcessor` and the Phi-3-V tokenizer.
+
+    Args:
+        image_processor: the HD-transform image processor.
+        tokenizer: the Phi-3-V tokenizer (fast; its tokenizer.json is used as is).
+        chat_template: defaults to the tokenizer's.
+    """
+
+    def __init__(
+        self,
+        image_processor: Phi3VImageProcessor,
+        tokenizer: PreTrainedTokenizerBase,
+        chat_template: str | None = None,
+    ) -> None:
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        # Saving writes the tokenizer's auto_map from the image processor's (one source, see phivision.phi3v.remote_code).
+        tokenizer.init_kwargs.pop("auto_map", None)
+
+    # ----- loading and saving -----
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # Load our own classes rather than going through the Auto classes: the Hub files name remote code
+        # (auto_map) and "LlamaTokenizer", whose transformers 5 class re-creates the pre-tokenizer and gives
+        # other ids than the tokenizer.json (a leading "▁" before "\n" and after "<|end|>" goes missing).
+        kwargs.pop("trust_remote_code", None)
+        image_processor = Phi3VImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        image_keys = Phi3VImageProcessor.valid_kwargs.__annotations__
+        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k not in image_keys}
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
+        return [image_processor, tokenizer]
+
+    def to_dict(self) -> dict[str, Any]:
+        """processor_config.json in the Hub form: the image processor goes to its own preprocessor_config.json."""
+        output = super().to_dict()
+        output.pop("image_processor", None)
+        output["auto_map"] = self._processor_auto_map()
+        return output
+
+    def _processor_auto_map(self) -> dict[str, str]:
+        """The Hub's AutoProcessor entry, as the image processor records it (with its Hub repo)."""
+        return {"AutoProcessor": self.image_processor.to_dict()["auto_map"]["AutoProcessor"]}
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """Write tokenizer files, processor_config.json, chat_template.jinja and preprocessor_config.json.
+
+        Every file is in the Hub's form, so that the original remote code (transformers 4.x, vLLM) reads the
+        folder too: `auto_map` entries name the Hub repo of that code, and tokenizer_config.json has the
+        Hub's keys (see `hub_tokenizer_config`).
+        """
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        config_file = Path(save_directory) / "tokenizer_config.json"
+        write_json(config_file, self.hub_tokenizer_config(json.loads(config_file.read_text())))
+        return files + self.image_processor.save_pretrained(save_directory)
+
+    def hub_tokenizer_config(self, written: dict[str, Any]) -> dict[str, Any]:
+        """The tokenizer_config.json transformers 5 wrote, in the form of the Hub's (which transformers 4.x reads).
+
+        transformers 5 writes its own class name ("TokenizersBackend"), the extra special tokens as a list
+        under `extra_special_tokens` (later transformers 4.x expect a dict there: 4.49 fails), keys of its own, and
+        no `added_tokens_decoder`, BOS/EOS flags or chat template (the template goes to chat_template.jinja,
+        which transformers 4.4x does not read). The Hub file says "LlamaTokenizer" (loaded as the fast tokenizer
+        from tokenizer.json there, and by our from_pretrained here) and has all of those.
+        """
+        config = {key: value for key, value in written.items() if key not in TRANSFORMERS_5_TOKENIZER_KEYS}
+        extra = config.pop("extra_special_tokens", None)
+        if isinstance(extra, dict):
+            config["extra_special_tokens"] = extra  # named special tokens: the same form in transformers 4
+        else:
+            config["additional_special_tokens"] = list(extra or [])
+        tokenizer = self.tokenizer
+        ids = tokenizer("a")["input_ids"]
+        config["add_bos_token"] = ids[:1] == [tokenizer.bos_token_id]
+        config["add_eos_token"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
+        config["added_tokens_decoder"] = {
+            str(index): {"content": token.content, "lstrip": token.lstrip, "normalized": token.normalized,
+                         "rstrip": token.rstrip, "single_word": token.single_word, "special": token.special}
+            for index, token in sorted(tokenizer.added_tokens_decoder.items())
+        }
+        chat_template = self.chat_template or tokenizer.chat_template
+        if isinstance(chat_template, str):
+            config["chat_template"] = chat_template
+        config["auto_map"] = self._processor_auto_map()
+        config["tokenizer_class"] = "LlamaTokenizer"
+        for key, value in HUB_TOKENIZER_DEFAULTS.items():
+            config.setdefault(key, value)
+        return dict(sorted(config.items()))
+
+    # ----- what serving runtimes call on the original processor -----
+
+    @property
+    def img_tokens(self) -> ImageTagList:
+        """The image tags `<|image_1|>`, `<|image_2|>`, ... (vLLM finds an image's place in a prompt by them)."""
+        return ImageTagList()
+
+    def calc_num_image_tokens_from_image_size(self, width: int, height: int) -> int:
+        """Placeholder tokens of an image of `width` x `height` at the image processor's num_crops."""
+        return self.image_processor.calc_num_image_tokens_from_image_size(width, height)
+
+    # ----- text -> ids -----
+
+    def _split_at_tags(self, text: str, num_images: int, first_image: int = 1, where: str = "prompt") -> list[str]:
+        """Text pieces between the image tags, after checking the tags are first_image, first_image+1, ..."""
+        problem = image_tag_problem(text, num_images, first_image)
+        if problem:
+            raise ValueError(f"{where}: {problem}. Text: {text[:200]!r}")
+        return IMAGE_TAG.split(text)[::2]
+
+    def _join(self, piece_ids: list[list[int]], num_image_tokens: Sequence[int], first_image: int) -> list[int]:
+        ids = list(piece_ids[0])
+        for k, (count, piece) in enumerate(zip(num_image_tokens, piece_ids[1:])):
+            ids += [-(first_image + k)] * count + piece
+        return ids
+
+    def _encode(self, pieces: list[list[str]], num_image_tokens: list[Sequence[int]], first_image: int = 1):
+        # One tokenizer call for all pieces of all prompts: each piece gets its own <s>, as in the original.
+        flat = [piece for prompt_pieces in pieces for piece in prompt_pieces]
+        flat_ids = iter(self.tokenizer(flat, add_special_tokens=True)["input_ids"]) if flat else iter([])
+        return [
+            self._join([next(flat_ids) for _ in prompt_pieces], counts, first_image)
+            for prompt_pieces, counts in zip(pieces, num_image_tokens)
+        ]
+
+    def encode_prompt(self, text: str, num_image_tokens: Sequence[int]) -> list[int]:
+        """Token ids of one prompt whose tags `<|image_1|>`..`<|image_n|>` stand for images with the given
+        token counts (see `Phi3VImageProcessor.num_image_tokens`). Image k becomes that many ids -k."""
+        pieces = self._split_at_tags(text, len(num_image_tokens))
+        return self._encode([pieces], [num_image_tokens])[0]
+
+    # ----- the chat layout (phivision.chat.ChatLayout) -----
+
+    def user_turn(self, user: str) -> str:
+        return user_turn(user)
+
+    def answer_turn(self, assistant: str) -> str:
+        return answer_turn(assistant)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Where a chat answer ends: the ids of <|end|> and <|endoftext|>."""
+        return stop_token_ids(self.tokenizer)
+
+    def encode_conversation(
+        self, turns: Sequence[dict[str, Any]], num_image_tokens: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of a training conversation.
+
+        `turns` is a conversation as `phivision.chat` describes it; `num_image_tokens` has one count per image,
+        in order. Each turn is its `chat.user_turn` (encoded as a prompt, labels -100; only the first turn
+        starts with BOS) followed by its `chat.answer_turn` (tokenised without special tokens, labels = ids);
+        the last answer also ends with `<|endoftext|>`, as in the reference recipe.
+        """
+        counts_per_turn = images_per_turn(turns, len(num_image_tokens))
+        end_of_text = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        if end_of_text is None or end_of_text == self.tokenizer.unk_token_id:
+            raise ValueError("the tokenizer has no <|endoftext|> token; use the Phi-3-V tokenizer")
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        first_image = 1
+        for index, (turn, count) in enumerate(zip(turns, counts_per_turn)):
+            if "user" not in turn or "assistant" not in turn:
+                raise ValueError(f"turn {index} needs 'user' and 'assistant' keys, got {sorted(turn)}")
+            prompt = user_turn(with_image_tags(turn["user"], first_image, count))
+            pieces = self._split_at_tags(prompt, count, first_image, where=f"turn {index}")
+            counts = num_image_tokens[first_image - 1 : first_image - 1 + count]
+            prompt_ids = self._encode([pieces], [counts], first_image)[0]
+            if index > 0 and prompt_ids[:1] == [self.tokenizer.bos_token_id]:
+                # A follow-up turn continues the same text at inference (one BOS at the start), so no BOS here.
+                prompt_ids = prompt_ids[1:]
+            answer_ids = self.tokenizer(answer_turn(turn["assistant"]), add_special_tokens=False)["input_ids"]
+            if index == len(turns) - 1:
+                answer_ids = answer_ids + [end_of_text]
+            input_ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+            first_image += count
+        return input_ids, labels
+
+    @staticmethod
+    def batch_images(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The image inputs of encoded samples (phivision.collator) as one batch: `pixel_values` and `image_sizes`
+        of all their images in sample order, or their cached `image_features` (phivision.training.vision_cache);
+        empty when there is no image."""
+        batch = {}
+        for name in ("pixel_values", "image_sizes", "image_features"):
+            parts = [s[name] for s in samples if s.get(name) is not None]
+            if parts:
+                batch[name] = torch.cat(parts)
+        return batch
+
+    # ----- the call -----
+
+    def __call__(
+        self,
+        text: str | list[str],
+        images: Any = None,
+        num_crops: int | None = None,
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Model inputs for one prompt or a batch of prompts.
+
+        Args:
+            text: a prompt, or a list of prompts. Images are referenced as `<|image_1|>`..`<|image_n|>`,
+                numbered from 1 within each prompt, each once, in order.
+            images: for one prompt, an image or a list of images; for a list of prompts, one entry per
+                prompt (a list of images, a single image, or None / [] for text-only prompts).
+            num_crops: crops per image; defaults to the image processor's.
+            padding_side: "left" (generation) or "right" (training), for batches of unequal length.
+            return_tensors: "pt" (default), "np", or None for lists.
+
+        Returns:
+            BatchFeature with `input_ids` (image positions hold -k for image k), `attention_mask` (0 on
+            padding) and, with images, `pixel_values` and `image_sizes` of all images of all prompts in
+            prompt order.
+        """
+        texts, per_prompt = prompts_and_images(text, images, padding_side)
+
+        where = "prompt" if isinstance(text, str) else "prompt {}"
+        pieces = [
+            self._split_at_tags(prompt, len(prompt_images), where=where.format(index))
+            for index, (prompt, prompt_images) in enumerate(zip(texts, per_prompt))
+        ]
+
+        data: dict[str, Any] = {}
+        all_images = [image for prompt_images in per_prompt for image in prompt_images]
+        counts: list[list[int]] = [[] for _ in texts]
+        if all_images:
+            features = self.image_processor.preprocess(all_images, num_crops=num_crops)
+            data["pixel_values"] = features["pixel_values"]
+            data["image_sizes"] = features["image_sizes"]
+            tokens = iter(features["num_img_tokens"])
+            counts = [[next(tokens) for _ in prompt_images] for prompt_images in per_prompt]
+
+        rows = self._encode(pieces, counts)
+        return padded_batch(rows, self.tokenizer.pad_token_id, padding_side, data, return_tensors)

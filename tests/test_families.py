@@ -1,0 +1,32 @@
+"""phivision.families: a checkpoint's family is read from its config.json, before anything loads."""
+
+import json
+
+import pytest
+
+from phivision.errors import SetupError
+from phivision.families import family_of, family_of_model
+from phivision.phi3v.family import Phi3VFamily
+from phivision.training.modes import load_processor
+
+
+def test_a_phi3v_checkpoint_and_its_model_belong_to_the_phi3v_family(tiny):
+    family = family_of(str(tiny))
+    assert isinstance(family, Phi3VFamily)
+    model = family.model_class().from_pretrained(tiny)
+    assert family_of_model(model) is family
+    assert type(family.load_processor(str(tiny))).__name__ == "Phi3VProcessor"
+
+
+def test_a_model_of_another_kind_is_refused_in_one_line_naming_the_flag(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(SetupError, match=r"^--model_name_or_path .*: model_type 'llama' is not a model these recipes "
+                                         r"fine-tune \(Phi-3.5-vision \(phi3_v\)"):
+        load_processor(str(tmp_path))
+    with pytest.raises(SetupError, match=r"^--base .*: model_type 'llama'"):
+        family_of(str(tmp_path), "--base")
+
+
+def test_a_folder_without_a_config_is_named_with_its_flag(tmp_path):
+    with pytest.raises(SetupError, match=r"^--model .*: no config.json in it \(is it a model folder\?\)$"):
+        family_of(str(tmp_path), "--model")
