@@ -256,7 +256,7 @@ def test_hub_tokenizer_config_naming_gpt2_keeps_the_o200k_split(processor, tmp_p
     """The Hub's tokenizer_config.json names a GPT-2 tokenizer class (and its placeholders under
     extra_special_tokens); transformers 5's AutoTokenizer then rebuilds the pre-tokenizer with GPT-2's split
     (" 12345" one piece), which is not the model's. We load tokenizer.json as it is."""
-    from phi3v.phi4mm.processing import Phi4MMProcessor
+    from phivision.phi4mm.processing import Phi4MMProcessor
 
     processor.save_pretrained(tmp_path)
     config_file = tmp_path / "tokenizer_config.json"
