@@ -90,6 +90,21 @@ def test_num_image_tokens_from_size_equals_preprocess():
             assert counted == 256 + 1 + int(merged.sum()) + int(merged[:, 0].sum()) + 16
 
 
+def test_num_crops_is_dynamic_hd(tmp_path):
+    """The library sets and reads `image_processor.num_crops` for every family (the recipe saves the limit the
+    model was trained with): for Phi-4-MM that is `dynamic_hd`, and it is what gets saved."""
+    processor = Phi4MMImageProcessor()
+    processor.num_crops = 4
+    assert processor.dynamic_hd == 4 and processor.num_crops == 4
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["dynamic_hd"] == 4 and "num_crops" not in saved
+    with pytest.raises(ValueError, match="num_crops must be an integer >= 1"):
+        processor.num_crops = None
+    assert processor.hd_image_size(3000, 2000) == tuple(processor.preprocess(
+        np.zeros((2000, 3000, 3), np.uint8))["image_sizes"][0].tolist())
+
+
 def test_num_crops_defaults_to_dynamic_hd_and_is_checked():
     processor = Phi4MMImageProcessor(dynamic_hd=4)
     assert processor.num_image_tokens(3000, 2000) == processor.num_image_tokens(3000, 2000, num_crops=4)
