@@ -90,6 +90,21 @@ def test_num_image_tokens_from_size_equals_preprocess():
             assert counted == 256 + 1 + int(merged.sum()) + int(merged[:, 0].sum()) + 16
 
 
+def test_num_crops_is_dynamic_hd(tmp_path):
+    """The library sets and reads `image_processor.num_crops` for every family (the recipe saves the limit the
+    model was trained with): for Phi-4-MM that is `dynamic_hd`, and it is what gets saved."""
+    processor = Phi4MMImageProcessor()
+    processor.num_crops = 4
+    assert processor.dynamic_hd == 4 and processor.num_crops == 4
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["dynamic_hd"] == 4 and "num_crops" not in saved
+    with pytest.raises(ValueError, match="num_crops must be an integer >= 1"):
+        processor.num_crops = None
+    assert processor.hd_image_size(3000, 2000) == tuple(processor.preprocess(
+        np.zeros((2000, 3000, 3), np.uint8))["image_sizes"][0].tolist())
+
+
 def test_num_crops_defaults_to_dynamic_hd_and_is_checked():
     processor = Phi4MMImageProcessor(dynamic_hd=4)
     assert processor.num_image_tokens(3000, 2000) == processor.num_image_tokens(3000, 2000, num_crops=4)
@@ -234,6 +249,10 @@ def test_save_and_load_native_layout(processor, tmp_path):
     assert (tmp_path / "chat_template.jinja").read_text() == processor.chat_template
     loaded = Phi4MMProcessor.from_pretrained(tmp_path, dynamic_hd=4)
     assert loaded.image_processor.dynamic_hd == 4
+    # --num_crops is Phi-4-MM's crop limit: the same override under our flag's name, kept off the tokenizer.
+    by_flag = Phi4MMProcessor.from_pretrained(tmp_path, num_crops=9)
+    assert by_flag.image_processor.dynamic_hd == 9 and "num_crops" not in by_flag.tokenizer.init_kwargs
+    assert Phi4MMProcessor.from_pretrained(tmp_path, num_crops=None).image_processor.dynamic_hd == 36
     prompt = "<|user|><|image_1|>hi<|end|><|assistant|>"
     image = make_golden.golden_image(900, 500, "RGB")
     assert torch.equal(loaded(prompt, [image])["input_ids"], processor(prompt, [image], num_crops=4)["input_ids"])
@@ -246,3 +265,25 @@ def test_save_and_load_native_layout(processor, tmp_path):
     assert reloaded.image_processor.dynamic_hd == 36 and reloaded.audio_processor["sampling_rate"] == 8000
     assert "sampling_rate" not in reloaded.image_processor.to_dict()
     assert reloaded.to_dict()["image_processor"] == processor.to_dict()["image_processor"]
+
+
+def test_hub_tokenizer_config_naming_gpt2_keeps_the_o200k_split(processor, tmp_path):
+    """The Hub's tokenizer_config.json names a GPT-2 tokenizer class (and its placeholders under
+    extra_special_tokens); transformers 5's AutoTokenizer then rebuilds the pre-tokenizer with GPT-2's split
+    (" 12345" one piece), which is not the model's. We load tokenizer.json as it is."""
+    from phivision.phi4mm.processing import Phi4MMProcessor
+
+    processor.save_pretrained(tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("image_token", "audio_token", "backend"):
+        config.pop(key, None)
+    config.update(tokenizer_class="GPT2TokenizerFast",
+                  extra_special_tokens={"image_token": "<|endoftext10|>", "audio_token": "<|endoftext11|>"})
+    config_file.write_text(json.dumps(config))
+    loaded = Phi4MMProcessor.from_pretrained(tmp_path)
+    split = loaded.tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str("x 12345")
+    assert [piece for piece, _ in split] == ["x", "Ġ", "123", "45"]
+    assert loaded.image_token_id == processor.image_token_id
+    text = "<|user|><|image_1|>Total: 12345 dollars?<|end|><|assistant|>"
+    assert loaded.encode_prompt(text, [3]) == processor.encode_prompt(text, [3])

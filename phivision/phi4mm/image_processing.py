@@ -266,6 +266,20 @@ class Phi4MMImageProcessor(BaseImageProcessor):
     def crop_size(self) -> int:
         return self.size["height"]
 
+    @property
+    def num_crops(self) -> int:
+        """The crop limit under the name the library uses for both families (Phi-3-V's `num_crops`): `dynamic_hd`."""
+        return self.dynamic_hd
+
+    @num_crops.setter
+    def num_crops(self, value: int) -> None:
+        self.dynamic_hd = _check_max_crops(value)
+
+    def hd_image_size(self, width: int, height: int, num_crops: int | None = None) -> tuple[int, int]:
+        """(H, W) of the padded image (whole crops) for an input of `width` x `height` (no pixels needed)."""
+        layout = self.crop_layout(width, height, num_crops)
+        return layout.height, layout.width
+
     def _max_crops(self, num_crops: int | None) -> int:
         return _check_max_crops(self.dynamic_hd if num_crops is None else num_crops)
 

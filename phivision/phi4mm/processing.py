@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.utils import cached_file
 
 from ..chat import IMAGE_TAG, STOP_TOKENS, image_tag_problem, images_per_turn, with_image_tags
 from ..files import write_json
@@ -28,6 +29,14 @@ NATIVE_PROCESSOR_CLASS = "Phi4MultimodalProcessor"
 # The model's image inputs, as Phi4MultimodalForCausalLM names its arguments.
 IMAGE_INPUTS = ("image_pixel_values", "image_sizes", "image_attention_mask")
 END_OF_TEXT = "<|endoftext|>"
+# from_pretrained keywords that say where the files are (passed on to every file's lookup).
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+
+
+def _saved_json(name_or_path: str | Path, filename: str, hub_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A JSON file of a local folder or Hub repo ({} when it has none)."""
+    path = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    return json.loads(Path(path).read_text()) if path else {}
 
 
 class Phi4MMProcessor(TokenCounts):
@@ -63,24 +72,26 @@ class Phi4MMProcessor(TokenCounts):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "Phi4MMProcessor":
         """Loads a native checkpoint's processor files (processor_config.json, or preprocessor_config.json).
-        Image processor keys in `kwargs` (e.g. `dynamic_hd=16`) override the saved ones."""
+        Image processor keys in `kwargs` (e.g. `dynamic_hd=16`, or `num_crops=16`, the same limit under our
+        flag's name) override the saved ones."""
         kwargs.pop("trust_remote_code", None)
+        num_crops = kwargs.pop("num_crops", None)
+        if num_crops is not None:
+            kwargs["dynamic_hd"] = num_crops
         image_keys = set(Phi4MMImageProcessor.valid_kwargs.__annotations__)
         image_kwargs = {k: v for k, v in kwargs.items() if k in image_keys}
         tokenizer_kwargs = {k: v for k, v in kwargs.items() if k not in image_keys}
-        folder = Path(pretrained_model_name_or_path)
-        nested = {}
-        if (folder / "processor_config.json").is_file():
-            nested = json.loads((folder / "processor_config.json").read_text())
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        nested = _saved_json(pretrained_model_name_or_path, "processor_config.json", hub_kwargs)
         if isinstance(nested.get("image_processor"), dict):
             image_processor = Phi4MMImageProcessor(**{**nested["image_processor"], **image_kwargs})
         else:
-            image_processor = Phi4MMImageProcessor.from_pretrained(pretrained_model_name_or_path, **image_kwargs)
-            merged = folder / "preprocessor_config.json"
-            if merged.is_file():  # the speech settings beside the image ones
-                speech = speech_settings()
-                saved = json.loads(merged.read_text())
-                nested["audio_processor"] = {**speech, **{k: v for k, v in saved.items() if k in speech}}
+            image_processor = Phi4MMImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub_kwargs,
+                                                                   **image_kwargs)
+            # The speech settings beside the image ones in the merged file.
+            saved = _saved_json(pretrained_model_name_or_path, "preprocessor_config.json", hub_kwargs)
+            speech = speech_settings()
+            nested["audio_processor"] = {**speech, **{k: v for k, v in saved.items() if k in speech}}
         # Loaded as the fast tokenizer of tokenizer.json: the class its config names may rebuild the pipeline.
         tokenizer = PreTrainedTokenizerFast.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
         audio = nested.get("audio_processor") if isinstance(nested.get("audio_processor"), dict) else None
