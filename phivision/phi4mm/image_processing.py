@@ -254,15 +254,6 @@ class Phi4MMImageProcessor(BaseImageProcessor):
         self.resample = resample
 
     @property
-    def num_crops(self) -> int:
-        """The recipes' name for the crop limit (--num_crops): `dynamic_hd`."""
-        return self.dynamic_hd
-
-    @num_crops.setter
-    def num_crops(self, value: int) -> None:
-        self.dynamic_hd = _check_max_crops(value)
-
-    @property
     def crop_size(self) -> int:
         return self.size["height"]
 
