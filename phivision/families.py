@@ -56,6 +56,7 @@ class ModelFamily:
     supports_vision_cache: bool = False
     supports_step_sizing: bool = False  # meta-device sizing of a step (auto checkpointing, the "which mode fits" table)
     supports_remote_code: bool = False  # saved files can name the original remote code (--remote_code_repo)
+    ships_vision_lora: bool = False  # its checkpoints carry a vision LoRA to continue (--continue_vision_lora)
 
     def model_class(self) -> type:
         """The transformers model class, loaded with `from_pretrained`."""
@@ -69,6 +70,11 @@ class ModelFamily:
         """The model loaded from `name_or_path` as it runs on images (Phi-4-MM: its shipped vision LoRA merged in),
         before training, generation or a merge. Phi-3-V: as loaded."""
         return model
+
+    def continue_vision_lora(self, model: torch.nn.Module, name_or_path: str, train_vision: bool) -> torch.nn.Module:
+        """The model with its checkpoint's shipped vision LoRA as the adapter to train (and with `train_vision`, a
+        trainable image embedding saved with it). Only for families that `ships_vision_lora`."""
+        raise NotImplementedError
 
     def prepare_for_training(self, model: torch.nn.Module) -> None:
         """Freezes the parameters that never run in vision-language training (they would never get a gradient)."""

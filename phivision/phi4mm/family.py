@@ -19,6 +19,7 @@ from .processing import Phi4MMProcessor
 class Phi4MMFamily(ModelFamily):
     name = "Phi-4-multimodal"
     model_type = "phi4_multimodal"
+    ships_vision_lora = True
 
     def model_class(self) -> type:
         from transformers import Phi4MultimodalForCausalLM
@@ -37,6 +38,12 @@ class Phi4MMFamily(ModelFamily):
                                  "as they load; use ZeRO-2 (--deepspeed ds_config_zero2.json) or FSDP2")
             return modes.apply_vision_lora(model, name_or_path)
         return model
+
+    def continue_vision_lora(self, model: torch.nn.Module, name_or_path: str, train_vision: bool) -> torch.nn.Module:
+        if parameters_are_sharded(model):
+            raise SetupError(f"--continue_vision_lora: {self.name}'s vision LoRA cannot go onto weights partitioned as "
+                             "they load (ZeRO-3); use ZeRO-2")
+        return modes.continue_vision_lora(model, name_or_path, train_vision=train_vision)
 
     def prepare_for_training(self, model: torch.nn.Module) -> None:
         modes.prepare_for_training(model)

@@ -50,6 +50,7 @@ LANGUAGE_LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 PROJECTOR_LORA_TARGETS = ("img_projection_up", "img_projection_down")
 VISION_LORA_FOLDER = "vision-lora"
+IMAGE_EMBEDDING = "model.embed_tokens_extend.image_embed"
 SPEECH_PREFIX = "model.embed_tokens_extend.audio_embed."  # the speech encoder's keys in the checkpoint
 
 
@@ -231,7 +232,7 @@ def _vision_lora_folder(checkpoint: str | Path) -> Path:
     return folder
 
 
-def _with_vision_lora(model: nn.Module, checkpoint: str | Path, trainable: bool):
+def _with_vision_lora(model: nn.Module, checkpoint: str | Path, trainable: bool, train_vision: bool = False):
     """`model` as a PeftModel whose adapter "default" holds the checkpoint's vision LoRA, every weight of it loaded.
 
     The Hub's folder names its weights as the model does (`model.layers.0.self_attn.qkv_proj.lora_A.weight`),
@@ -243,9 +244,15 @@ def _with_vision_lora(model: nn.Module, checkpoint: str | Path, trainable: bool)
     folder = _vision_lora_folder(checkpoint)
     config = LoraConfig.from_pretrained(str(folder))
     config.inference_mode = not trainable
-    peft_model = get_peft_model(model, config)
     prefix = "base_model.model."
     weights = {(k if k.startswith(prefix) else prefix + k): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    if train_vision:
+        # A trained copy of the image embedding that PEFT saves with the adapter (checkpoints resume with it); it
+        # starts as the model's own, which PEFT then expects among the adapter's weights.
+        config.modules_to_save = [IMAGE_EMBEDDING]
+        own = causal_lm(model).get_submodule(IMAGE_EMBEDDING).state_dict()
+        weights.update({f"{prefix}{IMAGE_EMBEDDING}.{name}": tensor for name, tensor in own.items()})
+    peft_model = get_peft_model(model, config)
     result = set_peft_model_state_dict(peft_model, weights)
     missing = [key for key in result.missing_keys if ".lora_" in key]
     if missing or result.unexpected_keys:
@@ -254,14 +261,14 @@ def _with_vision_lora(model: nn.Module, checkpoint: str | Path, trainable: bool)
     return peft_model
 
 
-def continue_vision_lora(model: nn.Module, checkpoint: str | Path):
+def continue_vision_lora(model: nn.Module, checkpoint: str | Path, train_vision: bool = False):
     """`model` with the checkpoint's shipped vision LoRA (`vision-lora/`) as its trainable adapter.
 
     Microsoft's Phi-4-MM vision fine-tuning sample trains this adapter (r 256) together with the image
-    embedding: make `vision_module(model)` trainable too for that recipe. The adapter is PEFT's "default",
-    so the run saves and merges like any LoRA run.
+    embedding: `train_vision` makes a trainable copy of the image embedding part of the adapter (PEFT's
+    modules_to_save), so checkpoints hold it and a merge puts it in place. The adapter is PEFT's "default".
     """
-    return _with_vision_lora(model, checkpoint, trainable=True)
+    return _with_vision_lora(model, checkpoint, trainable=True, train_vision=train_vision)
 
 
 def apply_vision_lora(model: nn.Module, checkpoint: str | Path) -> Phi4MultimodalForCausalLM:

@@ -97,8 +97,17 @@ class LoraArguments:
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank r."})
     lora_alpha_ratio: float = field(default=2, metadata={"help": "LoRA alpha = round(rank x ratio)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    continue_vision_lora: bool = field(
+        default=False,
+        metadata={"help": "Phi-4-multimodal: train the checkpoint's own vision LoRA (vision-lora/, r 256) and the "
+                  "image embedding, the language model frozen: Microsoft's Phi-4-MM vision fine-tuning recipe. "
+                  "Saves a full model with that LoRA merged in."},
+    )
 
     def __post_init__(self):
+        if self.continue_vision_lora and self.use_lora:
+            raise FlagError("--continue_vision_lora trains the shipped vision LoRA: it does not go with --use_lora or "
+                            "--use_qlora (a new adapter)")
         if self.use_qlora:
             self.use_lora = True
         if self.lora_rank < 1:

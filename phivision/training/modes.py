@@ -23,7 +23,8 @@ from .sharding import keep_used_key_conversions, parameter_count, start_deepspee
 
 
 def mode_name(model_args: ModelArguments, lora: LoraArguments) -> str:
-    mode = "QLoRA" if lora.use_qlora else "LoRA" if lora.use_lora else "full fine-tuning"
+    mode = ("QLoRA" if lora.use_qlora else "LoRA" if lora.use_lora else
+            "the shipped vision LoRA" if lora.continue_vision_lora else "full fine-tuning")
     return mode + (" (vision frozen)" if model_args.freeze_vision_model else "")
 
 
@@ -70,9 +71,11 @@ def setup_mode(model: torch.nn.Module, model_args: ModelArguments, lora: LoraArg
     return get_peft_model(model, config)
 
 
-def check_family_flags(model_args: ModelArguments) -> None:
-    """A one-line FlagError for a model flag that the checkpoint's family cannot honour (before the model loads)."""
+def check_family_flags(model_args: ModelArguments, lora: LoraArguments) -> None:
+    """A one-line FlagError for a flag that the checkpoint's family cannot honour (before the model loads)."""
     family = family_of(model_args.model_name_or_path)
+    if lora.continue_vision_lora and not family.ships_vision_lora:
+        raise FlagError(f"--continue_vision_lora: {family.name} ships no vision LoRA to continue (Phi-4-multimodal does)")
     if model_args.cache_vision_features and not family.supports_vision_cache:
         raise FlagError(f"--cache_vision_features: not available for {family.name} yet")
     if model_args.remote_code_repo and not family.supports_remote_code:
@@ -115,7 +118,11 @@ def load_for_training(args: RecipeArguments, processor) -> torch.nn.Module:
     model = family.model_class().from_pretrained(model_args.model_name_or_path, **kwargs)
     if is_deepspeed_zero3_enabled():
         keep_used_key_conversions(model)
-    model = family.as_it_runs_on_images(model, model_args.model_name_or_path)
+    if lora.continue_vision_lora:
+        model = family.continue_vision_lora(model, model_args.model_name_or_path,
+                                            train_vision=not model_args.freeze_vision_model)
+    else:
+        model = family.as_it_runs_on_images(model, model_args.model_name_or_path)
     use_chat_stop_tokens(model, processor)
     torch.manual_seed(training.seed)  # LoRA's initial weights follow --seed
     model = setup_mode(model, model_args, lora)

@@ -30,6 +30,7 @@ from ..distributed import (finish, gather_lists, is_main_process, main_process_d
 from ..errors import SetupError
 from ..evaluation import evaluate as evaluate_rows
 from ..families import Processor
+from ..files import tree_follows_umask
 from ..generation import try_command
 from ..metrics import Metric, resolve_metric
 from ..phi3v.remote_code import set_code_repo
@@ -97,7 +98,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         print_once(f"{incomplete} is incomplete (the run was stopped while writing it): moved to {moved_to}.")
 
     processor = load_processor(args.model.model_name_or_path)
-    check_family_flags(args.model)
+    check_family_flags(args.model, args.lora)
     rows = filter_by_length(train_rows, format_train, processor, args.model.num_crops, args.data.max_seq_length,
                             training.disable_tqdm, limit=args.data.max_train_samples)
     max_bad = args.data.max_bad_samples
@@ -172,6 +173,14 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         command = try_command(str(output_dir), args.model.model_name_or_path, args.lora.use_lora, example_image)
         report = report or "none (no evaluation rows)"
         print(f"Try it with:\n  {command}\nTraining curves: {curves}\nEvaluation report: {report}", flush=True)
+
+
+def save_merged(trainer: Trainer, base: str, output_dir: str) -> None:
+    """The trained adapter (and the modules saved with it) merged into the model, saved as a full model."""
+    merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    if trainer.args.should_save:
+        merged.save_pretrained(output_dir, state_dict=trainer.family.state_dict_to_save(merged.state_dict(), base))
+        tree_follows_umask(output_dir)
 
 
 class EvaluateBefore(TrainerCallback):
@@ -273,9 +282,15 @@ def half_precision(args: RecipeArguments, model: torch.nn.Module):
 
 
 def save(trainer: Trainer, processor: Processor, args: RecipeArguments, from_checkpoint: Path | None = None) -> None:
-    """Final model (full weights in the Hub layout, or the LoRA adapter) and processor in output_dir."""
+    """Final model (full weights in the Hub layout, or the LoRA adapter) and processor in output_dir.
+
+    With --continue_vision_lora the trained vision LoRA is merged in: the output is a full model, as in
+    Microsoft's recipe, that loads and generates without an adapter (and without the shipped one merged twice).
+    """
     output_dir = args.training.output_dir
-    if from_checkpoint is None:
+    if args.lora.continue_vision_lora:
+        save_merged(trainer, args.model.model_name_or_path, output_dir)
+    elif from_checkpoint is None:
         trainer.save_model(output_dir)
     elif is_main_process():
         copy_model_files(from_checkpoint, output_dir)
@@ -287,5 +302,5 @@ def save(trainer: Trainer, processor: Processor, args: RecipeArguments, from_che
                                 "--adapter", output_dir, "--out", "MERGED_DIR"])
             print(f"Saved the LoRA adapter to {output_dir}. Merge it into a full model with:\n  {merge}")
         else:
-            model_class = type(trainer.accelerator.unwrap_model(trainer.model)).__name__
+            model_class = trainer.family.model_class().__name__
             print(f"Saved the fine-tuned model to {output_dir}: {model_class}.from_pretrained({output_dir!r})")
