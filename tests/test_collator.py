@@ -8,7 +8,7 @@ from helpers import identity, image_runs, random_image, sample
 from PIL import Image
 
 from phivision.collator import DataCollator, pack_batch
-from phivision.phi3v.processing import IGNORE_INDEX
+from phivision.processor_parts import IGNORE_INDEX
 
 
 PROMPT = "<|user|>\n{}<|end|>\n<|assistant|>\n"

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from phivision.phi3v.image_processing import Phi3VImageProcessor, hd_image_size, num_image_tokens, to_rgb
+from phivision.images import to_rgb
+from phivision.phi3v.image_processing import Phi3VImageProcessor, hd_image_size, num_image_tokens
 
 
 def _image(width: int, height: int, seed: int = 0) -> Image.Image:

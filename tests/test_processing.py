@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
-from phivision.phi3v.processing import IGNORE_INDEX, Phi3VProcessor
+from phivision.phi3v.processing import Phi3VProcessor
+from phivision.processor_parts import IGNORE_INDEX
 from phivision.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
 
 PROMPT = "<|user|>\n{}<|end|>\n<|assistant|>\n"

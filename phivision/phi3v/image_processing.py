@@ -8,18 +8,16 @@ gets a 336x336 global view first, then the crops in raster order, then zero crop
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ImagesKwargs
 
-from ..images import decoded, upright
+from ..images import model_image
 from .remote_code import DEFAULT_REPO, IMAGE_PROCESSOR_AUTO_MAP, code_repo, with_repo
 
 CROP_SIZE = 336
@@ -28,7 +26,6 @@ TOKENS_PER_CROP = 144
 TOKENS_PER_ROW = 12
 
 # Modes whose values do not fit 0..255; PIL's convert("RGB") would clip them to mostly white.
-_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 class Phi3VImageProcessorKwargs(ImagesKwargs, total=False):
@@ -81,38 +78,6 @@ def _tokens_for_hd_size(padded_height: int, padded_width: int, num_img_tokens: i
 def num_image_tokens(width: int, height: int, num_crops: int, num_img_tokens: int = TOKENS_PER_CROP) -> int:
     """Number of placeholder tokens the model spends on an image of `width` x `height`."""
     return _tokens_for_hd_size(*hd_image_size(width, height, num_crops), num_img_tokens)
-
-
-def _to_pil(image: Any) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        return Image.open(image)
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image)
-    raise TypeError(
-        f"expected a PIL image, a path or an HxW(xC) numpy array, got {type(image).__name__}; "
-        "load tensors or other objects with PIL first"
-    )
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of a PIL image of any mode.
-
-    Transparency is composited onto white (the colour of the HD padding), as transformers' `convert_to_rgb`
-    does; the original processor dropped the alpha channel, which gives the same pixels for opaque images.
-    16-bit and 32-bit greyscale is scaled to 8 bits rather than clipped.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in _WIDE_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
-            values = values / 257.0  # 0..65535 -> 0..255
-        elif image.mode == "F" and values.max(initial=0) <= 1.0:
-            values = values * 255.0  # float images in [0, 1]
-        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-    return Image.fromarray(convert_to_rgb(image, return_numpy=True))
 
 
 class Phi3VImageProcessor(BaseImageProcessor):
@@ -211,7 +176,7 @@ class Phi3VImageProcessor(BaseImageProcessor):
             images = [images]
         crops, sizes = [], []
         for image in images:
-            image_crops, size = self._crops(to_rgb(upright(decoded(_to_pil(image)))), num_crops)
+            image_crops, size = self._crops(model_image(image), num_crops)
             crops.append(image_crops)
             sizes.append(size)
         if crops:

@@ -25,8 +25,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
-from ..phi3v.image_processing import _to_pil, to_rgb
-from ..images import decoded, upright
+from ..images import model_image
 
 CROP_SIZE = 448
 PATCH_SIZE = 14
@@ -334,7 +333,7 @@ class Phi4MMImageProcessor(BaseImageProcessor):
         size, mask_size = self.crop_size, self.crop_size // self.patch_size
         crops, masks, sizes, tokens = [], [], [], []
         for image in images:
-            image_crops, image_masks, layout = self._crops(to_rgb(upright(decoded(_to_pil(image)))), max_crops)
+            image_crops, image_masks, layout = self._crops(model_image(image), max_crops)
             crops.append(image_crops)
             masks.append(image_masks)
             sizes.append([layout.height, layout.width])

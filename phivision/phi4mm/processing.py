@@ -22,7 +22,7 @@ from transformers.utils import cached_file
 
 from ..chat import IMAGE_TAG, STOP_TOKENS, image_tag_problem, images_per_turn, with_image_tags
 from ..files import write_json
-from ..phi3v.processing import IGNORE_INDEX, TokenCounts, padded_batch, prompts_and_images
+from ..processor_parts import IGNORE_INDEX, TokenCounts, padded_batch, prompts_and_images
 from .image_processing import Phi4MMImageProcessor, pad_crops, speech_settings
 
 NATIVE_PROCESSOR_CLASS = "Phi4MultimodalProcessor"
