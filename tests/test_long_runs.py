@@ -169,9 +169,9 @@ def files_of(folder: Path) -> dict[str, tuple[float, str]]:
 def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_loses_no_step(tiny, shapes, tmp_path):
     """Preemption under torchrun: the scheduler signals the launcher, which passes it on to the process group of
     every worker, DataLoader workers included (the default count of them: they must not die before the step)."""
-    from phivision.training.arguments import Phi3VTrainingArguments
+    from phivision.training.arguments import RecipeTrainingArguments
 
-    workers = Phi3VTrainingArguments.dataloader_num_workers
+    workers = RecipeTrainingArguments.dataloader_num_workers
     assert workers > 0
     argv = ["--model_name_or_path", tiny, "--dataset_name_or_path", shapes, "--batch_size", 4,
             "--batch_size_per_gpu", 1, "--max_steps", 8, "--save_steps", 100, "--max_eval_samples", 2,

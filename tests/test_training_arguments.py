@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 from test_recipes import ROOT
 
-from phivision.training.arguments import DEFAULT_DEEPSPEED_CONFIG, Phi3VTrainingArguments, deepspeed_config, parse_args
+from phivision.training.arguments import DEFAULT_DEEPSPEED_CONFIG, RecipeTrainingArguments, deepspeed_config, parse_args
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def test_trainer_only_flags_work_with_their_usual_meaning(tmp_path):
                  "--save_only_model", "--lr_scheduler_type", "cosine", "--lr_scheduler_kwargs", '{"num_cycles": 0.5}',
                  "--torch_compile", "--hub_model_id", "me/phi3v-memes", "--logging_first_step", "--max_steps", "7")
     training = args.training
-    assert isinstance(training, Phi3VTrainingArguments)
+    assert isinstance(training, RecipeTrainingArguments)
     assert training.optim == "adamw_torch_fused" and training.eval_strategy == "steps" and training.eval_steps == 5
     assert training.save_only_model and training.torch_compile and training.logging_first_step
     assert training.lr_scheduler_type == "cosine" and training.lr_scheduler_kwargs == {"num_cycles": 0.5}

@@ -9,7 +9,7 @@ from phivision.collator import DataCollator
 from phivision.data import load_hf_dataset
 from phivision.errors import SetupError
 from phivision.training import parse_args
-from phivision.training.trainer import Phi3VTrainer, TrainingSamples, filter_by_length
+from phivision.training.trainer import RecipeTrainer, TrainingSamples, filter_by_length
 
 LARGE = random_image(400, 300, seed=2)
 
@@ -104,7 +104,7 @@ def test_length_grouped_batches_have_little_padding(tiny_processor, tmp_path, si
                 "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}"]
         args = parse_args(argv=argv)
         collator = DataCollator(tiny_processor, identity, num_crops=1)
-        trainer = Phi3VTrainer(
+        trainer = RecipeTrainer(
             model=Phi3VForCausalLM(tiny_config()), args=args.training,
             train_dataset=TrainingSamples(rows, kept, lengths, encode=collator.encode), data_collator=collator.collate,
         )
@@ -192,7 +192,7 @@ def test_training_batches_stay_on_one_side_of_the_longrope_switch(tiny_processor
     argv = ["--output_dir", str(tmp_path), "--batch_size", "4", "--batch_size_per_gpu", "4", "--deepspeed", "none",
             "--dataloader_num_workers", "0", f"--group_by_length={group_by_length}", f"--packing={packing}"]
     collator = DataCollator(tiny_processor, identity, num_crops=1, packing=packing)
-    trainer = Phi3VTrainer(
+    trainer = RecipeTrainer(
         model=Phi3VForCausalLM(tiny_config(original_max_position_embeddings=limit)),
         args=parse_args(argv=argv).training,
         train_dataset=TrainingSamples(rows, kept, lengths, encode=collator.encode), data_collator=collator.collate,
@@ -243,7 +243,7 @@ def test_trainer_bar_shows_the_loss_unless_bars_are_off(tiny_processor, tmp_path
     from phivision.training.progress import LossProgressCallback
 
     args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none", f"--disable_tqdm={disable_tqdm}"])
-    trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
+    trainer = RecipeTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
                            data_collator=DataCollator(tiny_processor, identity, num_crops=1))
     bars = [type(c) for c in trainer.callback_handler.callbacks if isinstance(c, (ProgressCallback, PrinterCallback))]
     assert bars == ([PrinterCallback] if disable_tqdm else [LossProgressCallback])
@@ -260,7 +260,7 @@ def test_only_the_saving_process_builds_the_state_dict_under_zero2(tiny_processo
     from phivision.tiny import tiny_config
 
     args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none"])
-    trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
+    trainer = RecipeTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training, train_dataset=TrainingSamples([], []),
                            data_collator=DataCollator(tiny_processor, identity, num_crops=1))
     built = []
     monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
@@ -287,7 +287,7 @@ def test_data_workers_leave_sigterm_to_the_main_process(tiny_processor, tmp_path
     args = parse_args(argv=["--output_dir", str(tmp_path), "--deepspeed", "none", "--dataloader_num_workers", "2",
                             "--batch_size", "2", "--batch_size_per_gpu", "2",
                             "--train_sampling_strategy", "sequential"])
-    trainer = Phi3VTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training,
+    trainer = RecipeTrainer(model=Phi3VForCausalLM(tiny_config()), args=args.training,
                            train_dataset=TrainingSamples(list(range(16)), list(range(16))),
                            data_collator=lambda rows: {"rows": torch.tensor(rows)})
     loader = iter(trainer.get_train_dataloader())

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from phivision.training import trainer as trainer_module
 from test_recipes import run_recipe
 
-COMPUTE_LOSS = trainer_module.Phi3VTrainer.compute_loss
+COMPUTE_LOSS = trainer_module.RecipeTrainer.compute_loss
 
 
 def train(tiny, shapes, out, monkeypatch, *flags):
@@ -22,7 +22,7 @@ def train(tiny, shapes, out, monkeypatch, *flags):
         losses.append(loss.detach().clone())
         return loss
 
-    monkeypatch.setattr(trainer_module.Phi3VTrainer, "compute_loss", recording)
+    monkeypatch.setattr(trainer_module.RecipeTrainer, "compute_loss", recording)
     run_recipe("finetune_hf_trainer_hateful_memes.py", "--model_name_or_path", str(tiny), "--dataset_name_or_path",
                str(shapes), "--output_dir", str(out), "--deepspeed", "none", "--freeze_vision_model", "--bf16",
                "--batch_size", "2", "--batch_size_per_gpu", "2", "--num_train_epochs", "2", "--max_train_samples", "8",

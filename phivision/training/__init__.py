@@ -8,7 +8,7 @@
 - `report`: what a run leaves to look at (training_curves.png, eval_report.html, an example image).
 """
 
-from .arguments import FlagError, Phi3VTrainingArguments, RecipeArguments, parse_args
+from .arguments import FlagError, RecipeTrainingArguments, RecipeArguments, parse_args
 from .recipe import run
 
-__all__ = ["FlagError", "Phi3VTrainingArguments", "RecipeArguments", "parse_args", "run"]
+__all__ = ["FlagError", "RecipeTrainingArguments", "RecipeArguments", "parse_args", "run"]

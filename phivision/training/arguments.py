@@ -2,7 +2,7 @@
 
     args = parse_args(TaskArguments, argv)   # args.training, args.model, args.lora, args.data, args.task
 
-`Phi3VTrainingArguments` is `transformers.TrainingArguments` with the reference recipe's defaults
+`RecipeTrainingArguments` is `transformers.TrainingArguments` with the reference recipe's defaults
 and its flag names as aliases (`--wd`, `--batch_size_per_gpu`, `--no-tqdm`, `--gradient_checkpointing`),
 plus `--batch_size`, the global batch from which gradient accumulation is derived. Any other
 Trainer flag (`--optim`, `--lr_scheduler_kwargs`, `--save_only_model`, `--push_to_hub`...) works as
@@ -162,7 +162,7 @@ class DataArguments:
 
 
 @dataclass
-class Phi3VTrainingArguments(TrainingArguments):
+class RecipeTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the reference recipe's defaults and flag names."""
 
     _argument_group_name = "training (every transformers TrainingArguments flag)"
@@ -314,7 +314,7 @@ class Phi3VTrainingArguments(TrainingArguments):
 class RecipeArguments:
     """What `parse_args` returns: one object per flag group, and the task's own (None without one)."""
 
-    training: Phi3VTrainingArguments
+    training: RecipeTrainingArguments
     model: ModelArguments
     lora: LoraArguments
     data: DataArguments
@@ -386,7 +386,7 @@ CHECKPOINTING_CHOICES = {"auto": "auto", "true": "true", "yes": "true", "1": "tr
 
 
 def build_parser(task_arguments: type | None = None) -> RecipeArgumentParser:
-    groups = [ModelArguments, LoraArguments, DataArguments, Phi3VTrainingArguments]
+    groups = [ModelArguments, LoraArguments, DataArguments, RecipeTrainingArguments]
     return RecipeArgumentParser(groups + ([task_arguments] if task_arguments else []))
 
 
@@ -429,7 +429,7 @@ def parse_args(task_arguments: type | None = None, argv: Sequence[str] | None = 
         values["deepspeed"] = deepspeed_config(values["deepspeed"], lora.use_lora, values["fsdp"])
         if (not data.group_by_length or data.packing) and values["train_sampling_strategy"] == "group_by_length":
             values["train_sampling_strategy"] = "random"
-        training = build(Phi3VTrainingArguments)
+        training = build(RecipeTrainingArguments)
     except FlagError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     return RecipeArguments(training=training, model=model, lora=lora, data=data, task=task)

@@ -43,7 +43,7 @@ from .output_lock import OutputDirBusy, OutputDirLock
 from .report import save_example_image, write_pictures
 from .sharding import full_weights
 from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
-from .trainer import Phi3VTrainer, TrainingSamples, filter_by_length
+from .trainer import RecipeTrainer, TrainingSamples, filter_by_length
 from .vision_cache import VisionFeatureCache
 
 
@@ -123,7 +123,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
 
     collator = DataCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
     cache = VisionFeatureCache(output_dir / "vision_features") if args.model.cache_vision_features else None
-    trainer = Phi3VTrainer(
+    trainer = RecipeTrainer(
         model=model,
         args=training,
         train_dataset=TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode, features=cache),

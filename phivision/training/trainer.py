@@ -166,7 +166,7 @@ class LongRopeSidesSampler(torch.utils.data.Sampler):
         return iter([i for batch in batches for i in batch] + leftovers)
 
 
-class Phi3VTrainer(Trainer):
+class RecipeTrainer(Trainer):
     """The Trainer, with what a long run on images needs.
 
     - Sample order from the token counts measured at start (image tokens included): transformers'
