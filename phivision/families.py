@@ -102,6 +102,11 @@ class ModelFamily:
         return state_dict
 
 
+# Checkpoints of a family in its remote-code layout, which transformers' own classes do not read.
+REMOTE_CODE_LAYOUTS = {"phi4mm": ": this is Phi-4-multimodal's remote-code layout; use a snapshot in the transformers-native "
+                                 "layout (model_type phi4_multimodal: the Hub repo's current revision)"}
+
+
 @functools.cache
 def known_families() -> dict[str, ModelFamily]:
     """Each family by its config.json model_type (imported here: each family's module builds on this one)."""
@@ -117,7 +122,8 @@ def family_for_type(model_type: str | None, what: str) -> ModelFamily:
     family = families.get(model_type or "")
     if family is None:
         known = ", ".join(f"{f.name} ({t})" for t, f in families.items())
-        raise SetupError(f"{what}: model_type {model_type!r} is not a model these recipes fine-tune ({known})")
+        hint = REMOTE_CODE_LAYOUTS.get(model_type or "", "")
+        raise SetupError(f"{what}: model_type {model_type!r} is not a model these recipes fine-tune ({known}){hint}")
     return family
 
 

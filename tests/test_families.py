@@ -30,3 +30,21 @@ def test_a_model_of_another_kind_is_refused_in_one_line_naming_the_flag(tmp_path
 def test_a_folder_without_a_config_is_named_with_its_flag(tmp_path):
     with pytest.raises(SetupError, match=r"^--model .*: no config.json in it \(is it a model folder\?\)$"):
         family_of(str(tmp_path), "--model")
+
+
+def test_phi4mm_in_its_remote_code_layout_is_told_to_use_the_native_one(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "phi4mm"}))
+    with pytest.raises(SetupError, match=r"remote-code layout; use a snapshot in the transformers-native layout"):
+        family_of(str(tmp_path))
+
+
+def test_a_phi4mm_checkpoint_belongs_to_the_phi4mm_family(tmp_path):
+    from phivision.phi4mm.family import Phi4MMFamily
+    from phivision.phi4mm.tiny import build_tiny_checkpoint
+
+    path = build_tiny_checkpoint(tmp_path / "tiny4", 1)
+    family = family_of(str(path))
+    assert isinstance(family, Phi4MMFamily)
+    model = family.model_class().from_pretrained(path)
+    assert family_of_model(model) is family and type(model).__name__ == "Phi4MultimodalForCausalLM"
+    assert type(family.load_processor(str(path))).__name__ == "Phi4MMProcessor"
