@@ -2,8 +2,10 @@
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from helpers import built_once
@@ -73,3 +75,32 @@ def shapes(tmp_path_factory) -> Iterator[Path]:
 
     yield from shared(built_once(tmp_path_factory, "shapes",
                                  lambda path: make_shapes_dataset(path, num_train=32, text_only_every=4)))
+
+
+class Zero2Reference(NamedTuple):
+    """An uninterrupted run that the kill, preemption and resume tests compare with."""
+
+    flags: list[str]  # the memes recipe's flags, less --output_dir
+    out: Path  # its --output_dir (read only)
+    seconds: float  # how long the whole torchrun launch took
+
+
+@pytest.fixture(scope="session")
+def zero2_reference(tiny, shapes, tmp_path_factory) -> Iterator[Zero2Reference]:
+    """Full fine-tuning under ZeRO-2 and torchrun (2 processes), 6 steps with a checkpoint at each, all kept (any step
+    can be a resume point), evaluated before and after on 2 rows. One run per test run: a launch takes 30-60 s."""
+    from test_recipes import torchrun_recipe
+
+    flags = ["--model_name_or_path", str(tiny), "--dataset_name_or_path", str(shapes), "--batch_size", "4",
+             "--batch_size_per_gpu", "1", "--max_steps", "6", "--save_steps", "1", "--max_eval_samples", "2",
+             "--learning_rate", "1e-3", "--seed", "1"]
+
+    def run(folder: Path) -> None:
+        start = time.time()
+        torchrun_recipe("finetune_hf_trainer_hateful_memes.py", *flags, "--save_total_limit", "6",
+                        "--output_dir", str(folder / "out"))
+        (folder / "seconds").write_text(str(time.time() - start))
+
+    folder = built_once(tmp_path_factory, "zero2-reference", run)
+    for _ in shared(folder):
+        yield Zero2Reference(flags, folder / "out", float((folder / "seconds").read_text()))
