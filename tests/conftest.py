@@ -18,6 +18,36 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
+# The tests that take a minute or more on 2 cores (test file::name prefix), longest first. They run before the rest
+# so that under `pytest -n 2 --dist worksteal` (the Makefile's) the two workers end together: found at the end of
+# the collection instead, one of them could leave a worker alone with it for minutes.
+SLOW_FIRST = [
+    "test_gpu_check.py::test_the_whole_plan_runs_on_cpu",
+    "test_long_runs.py::test_killed_at_any_moment",  # builds the ZeRO-2 reference that the next two read
+    "test_long_runs.py::test_sigterm_stops",
+    "test_recipes.py::test_full_zero2_resume",
+    "test_recipes.py::test_learning_colour_task",
+    "test_sharded_training.py::test_sharded_full_finetuning",
+    "test_sharded_training.py::test_zero3_run_stopped",
+    "test_modeling_compile.py::test_length_grouped_batches_recompile",
+    "test_modeling_compile.py::test_torch_compile_trains_and_evaluates_a_recipe",
+    "test_bench.py::test_bench_rows_count_flops",
+    "test_long_runs.py::test_two_seeded_runs_are_bit_identical",
+    "test_long_runs.py::test_unreadable_images_met_mid_run",
+    "test_long_runs.py::test_a_second_run_into_the_same_output_dir",
+    "test_training_sizing.py::test_bench_on_the_meta_device",
+    "test_recipes.py::test_hateful_memes_full_finetuning_zero2",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Puts the tests in SLOW_FIRST first, in its order; the others keep theirs."""
+    def rank(item: pytest.Item) -> int:
+        name = item.nodeid.rsplit("/", 1)[-1]
+        return next((i for i, prefix in enumerate(SLOW_FIRST) if name.startswith(prefix)), len(SLOW_FIRST))
+
+    items.sort(key=rank)
+
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
