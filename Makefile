@@ -67,9 +67,11 @@ gpu-kit: venv
 	echo "one run with all of them: $$(mib $$((repo + core + qlora))); so, as README says: run 1 carries .whl/" \
 		"($$(mib $$((repo + core))) with the repository), run 2 .whl/qlora/ only ($$(mib $$((repo + qlora))))"
 
-# Two pytest workers (pytest-xdist): one alone leaves a core idle while a test waits on its subprocesses.
+# Two pytest workers (pytest-xdist): one alone leaves a core idle while a test waits on its subprocesses. The slowest
+# tests run first (tests/conftest.py) and an idle worker takes queued tests from the other (worksteal), so that both
+# end together.
 test: venv
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -2,8 +2,10 @@
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from helpers import built_once
@@ -15,6 +17,36 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+# The tests that take a minute or more on 2 cores (test file::name prefix), longest first. They run before the rest
+# so that under `pytest -n 2 --dist worksteal` (the Makefile's) the two workers end together: found at the end of
+# the collection instead, one of them could leave a worker alone with it for minutes.
+SLOW_FIRST = [
+    "test_gpu_check.py::test_the_whole_plan_runs_on_cpu",
+    "test_long_runs.py::test_killed_at_any_moment",  # builds the ZeRO-2 reference that the next two read
+    "test_long_runs.py::test_sigterm_stops",
+    "test_recipes.py::test_full_zero2_resume",
+    "test_recipes.py::test_learning_colour_task",
+    "test_sharded_training.py::test_sharded_full_finetuning",
+    "test_sharded_training.py::test_zero3_run_stopped",
+    "test_modeling_compile.py::test_length_grouped_batches_recompile",
+    "test_modeling_compile.py::test_torch_compile_trains_and_evaluates_a_recipe",
+    "test_bench.py::test_bench_rows_count_flops",
+    "test_long_runs.py::test_two_seeded_runs_are_bit_identical",
+    "test_long_runs.py::test_unreadable_images_met_mid_run",
+    "test_long_runs.py::test_a_second_run_into_the_same_output_dir",
+    "test_training_sizing.py::test_bench_on_the_meta_device",
+    "test_recipes.py::test_hateful_memes_full_finetuning_zero2",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Puts the tests in SLOW_FIRST first, in its order; the others keep theirs."""
+    def rank(item: pytest.Item) -> int:
+        name = item.nodeid.rsplit("/", 1)[-1]
+        return next((i for i, prefix in enumerate(SLOW_FIRST) if name.startswith(prefix)), len(SLOW_FIRST))
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +105,32 @@ def shapes(tmp_path_factory) -> Iterator[Path]:
 
     yield from shared(built_once(tmp_path_factory, "shapes",
                                  lambda path: make_shapes_dataset(path, num_train=32, text_only_every=4)))
+
+
+class Zero2Reference(NamedTuple):
+    """An uninterrupted run that the kill, preemption and resume tests compare with."""
+
+    flags: list[str]  # the memes recipe's flags, less --output_dir
+    out: Path  # its --output_dir (read only)
+    seconds: float  # how long the whole torchrun launch took
+
+
+@pytest.fixture(scope="session")
+def zero2_reference(tiny, shapes, tmp_path_factory) -> Iterator[Zero2Reference]:
+    """Full fine-tuning under ZeRO-2 and torchrun (2 processes), 6 steps with a checkpoint at each, all kept (any step
+    can be a resume point), evaluated before and after on 2 rows. One run per test run: a launch takes 30-60 s."""
+    from test_recipes import torchrun_recipe
+
+    flags = ["--model_name_or_path", str(tiny), "--dataset_name_or_path", str(shapes), "--batch_size", "4",
+             "--batch_size_per_gpu", "1", "--max_steps", "6", "--save_steps", "1", "--max_eval_samples", "2",
+             "--learning_rate", "1e-3", "--seed", "1"]
+
+    def run(folder: Path) -> None:
+        start = time.time()
+        torchrun_recipe("finetune_hf_trainer_hateful_memes.py", *flags, "--save_total_limit", "6",
+                        "--output_dir", str(folder / "out"))
+        (folder / "seconds").write_text(str(time.time() - start))
+
+    folder = built_once(tmp_path_factory, "zero2-reference", run)
+    for _ in shared(folder):
+        yield Zero2Reference(flags, folder / "out", float((folder / "seconds").read_text()))

@@ -47,18 +47,33 @@ def single_process(tiny, mixed, tmp_path_factory) -> Path:
         MEMES, *common(tiny, mixed), "--deepspeed", "none", "--skip_eval_before", "--output_dir", str(out)))
 
 
+@pytest.fixture(scope="session")
+def sharded_run(tiny, mixed, tmp_path_factory):
+    """`sharded_run(strategy)`: the uninterrupted sharded run's output folder and its output (one run per strategy
+    per test run: the ZeRO-3 one also serves the test of a run stopped after its last step)."""
+    def run(strategy: str) -> tuple[Path, str]:
+        def build(folder: Path) -> None:
+            result = torchrun_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--output_dir", str(folder / "out"))
+            (folder / "stdout").write_text(result.stdout)
+
+        folder = built_once(tmp_path_factory, f"sharded-{strategy}", build)
+        return folder / "out", (folder / "stdout").read_text()
+
+    return run
+
+
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_sharded_full_finetuning_on_mixed_batches_matches_one_process_and_resumes(strategy, tiny, mixed,
-                                                                                 single_process, tmp_path):
+                                                                                 single_process, sharded_run, tmp_path):
     flags = [*common(tiny, mixed), *STRATEGIES[strategy]]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = torchrun_recipe(MEMES, *flags, "--output_dir", str(straight))
-    assert "trainable 297,792 of 331,392 parameters" in result.stdout  # counted whole, also when partitioned
+    resumed = tmp_path / "resumed"
+    straight, stdout = sharded_run(strategy)
+    assert "trainable 297,792 of 331,392 parameters" in stdout  # counted whole, also when partitioned
     # Evaluation before (partitioned weights, no engine yet) and after (gathered per module, ranks in step);
     # rank 1 answers 2 text-only rows, rank 0 3 image rows: rank 1 makes a filler generate call.
     check_eval_file(straight / "eval_before.json", "accuracy", 5)
     # FSDP2 evaluates before training once the Trainer has sharded the model: no rank holds it whole.
-    assert re.search(r"Evaluation before training: accuracy [\d.]+ on 5 examples \(weights sharded", result.stdout)
+    assert re.search(r"Evaluation before training: accuracy [\d.]+ on 5 examples \(weights sharded", stdout)
     after = check_eval_file(straight / "eval_after.json", "accuracy", 5)
     assert [e["question"].startswith("Say the word") for e in after["examples"]] == [False, True, False, True, False]
 
@@ -83,14 +98,15 @@ def test_sharded_full_finetuning_on_mixed_batches_matches_one_process_and_resume
     assert json.loads((resumed / "eval_after.json").read_text()) == after
 
 
-def test_zero3_run_stopped_after_its_last_step_finishes_from_the_checkpoint(tiny, mixed, tmp_path):
+def test_zero3_run_stopped_after_its_last_step_finishes_from_the_checkpoint(tiny, mixed, sharded_run, tmp_path):
     """The last checkpoint's weights go into the partitioned model (gathered, loaded, partitioned again)."""
-    flags = [*common(tiny, mixed), *STRATEGIES["zero3"], "--max_steps", "2", "--skip_eval_before", "--max_eval_samples", "2"]
-    first, finished = tmp_path / "first", tmp_path / "finished"
-    torchrun_recipe(MEMES, *flags, "--output_dir", str(first))
+    first, _ = sharded_run("zero3")
+    finished = tmp_path / "finished"
     finished.mkdir()
-    shutil.copytree(first / "checkpoint-2", finished / "checkpoint-2")
-    result = torchrun_recipe(MEMES, *flags, "--output_dir", str(finished))
+    for name in ("checkpoint-4", "eval_before.json"):  # what the run leaves when stopped after its last step
+        copy = shutil.copytree if name.startswith("checkpoint-") else shutil.copy
+        copy(first / name, finished / name)
+    result = torchrun_recipe(MEMES, *common(tiny, mixed), *STRATEGIES["zero3"], "--output_dir", str(finished))
     assert "is the last step of training: finishing from it" in result.stdout
     assert json.loads((finished / "eval_after.json").read_text()) == json.loads((first / "eval_after.json").read_text())
     assert weights(finished / "model.safetensors").keys() == weights(first / "model.safetensors").keys()
