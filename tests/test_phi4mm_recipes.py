@@ -219,3 +219,31 @@ def test_saved_full_model_reloads_in_transformers_with_the_trained_logits_and_th
         for key in speech:
             a, b = base.get_tensor(key), saved.get_tensor(key)
             assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
+
+
+def test_lora_output_merges_to_base_plus_vision_lora_plus_adapter_and_generates_as_the_adapter_does(
+        runs, tiny_phi4mm, tmp_path, capsys):
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from phivision import generate, merge_lora
+
+    out, merged = runs("nlvr2") / "out", tmp_path / "merged"
+    assert merge_lora.main(["--adapter", str(out), "--out", str(merged), "--dtype", "fp32"]) == 0  # base from the adapter
+    assert not (merged / VISION_LORA_FOLDER).exists()
+    batch = probe(FAMILY.load_processor(str(tiny_phi4mm)))
+    _, reference = loss_and_logits(trained_model(tiny_phi4mm, out), batch)  # base + vision LoRA + adapter, unmerged
+    _, merged_logits = loss_and_logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), batch)
+    _, base_logits = loss_and_logits(base_model(tiny_phi4mm), batch)
+    assert (reference - base_logits).abs().max() > 0.1  # the adapter matters...
+    torch.testing.assert_close(merged_logits, reference, rtol=0, atol=1e-4)  # ...and is merged (fp32 sums reordered)
+
+    image = tmp_path / "shape.png"
+    shape_image("green", random.Random(1)).save(image)
+    ask = ["--image", str(image), "--prompt", QUESTION, "--max_new_tokens", "6", "--num_crops", "1"]
+    capsys.readouterr()
+    assert generate.main(["--model", str(merged), *ask]) == 0
+    from_merged = capsys.readouterr().out.strip()
+    assert generate.main(["--model", str(tiny_phi4mm), "--adapter", str(out), *ask]) == 0
+    assert from_merged and capsys.readouterr().out.strip() == from_merged
