@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv clean gpu-check gpu-kit
+.PHONY: demo demo-phi4mm test venv clean gpu-check gpu-kit
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,15 +19,24 @@ venv: $(VENV)/.installed
 
 # The hateful-memes recipe end to end on CPU: full fine-tuning under DeepSpeed ZeRO-2 with two
 # processes, on a tiny random checkpoint and a generated "what colour is the shape?" dataset.
+DEMO_DATA := $(PY) -m phivision.synthetic demo_output/shapes --num_train 256 --text_only_every 8
+DEMO_TRAIN := OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 finetune_hf_trainer_hateful_memes.py \
+	--dataset_name_or_path demo_output/shapes --batch_size 8 --batch_size_per_gpu 4 --num_crops 1 \
+	--num_train_epochs 3 --learning_rate 3e-3 --warmup_steps 5 --max_eval_samples 48 \
+	--gradient_checkpointing false --dataloader_num_workers 0 --save_steps 1000
+
 demo: venv
 	$(PY) -m phivision.tiny demo_output/tiny-phi3v --num_crops 1
-	$(PY) -m phivision.synthetic demo_output/shapes --num_train 256 --text_only_every 8
+	$(DEMO_DATA)
 	rm -rf demo_output/run
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 finetune_hf_trainer_hateful_memes.py \
-		--model_name_or_path demo_output/tiny-phi3v --dataset_name_or_path demo_output/shapes \
-		--output_dir demo_output/run --batch_size 8 --batch_size_per_gpu 4 --num_crops 1 \
-		--num_train_epochs 3 --learning_rate 3e-3 --warmup_steps 5 --max_eval_samples 48 \
-		--gradient_checkpointing false --dataloader_num_workers 0 --save_steps 1000
+	$(DEMO_TRAIN) --model_name_or_path demo_output/tiny-phi3v --output_dir demo_output/run
+
+# The same on a tiny Phi-4-multimodal (transformers' own model; its shipped vision LoRA merged in first).
+demo-phi4mm: venv
+	$(PY) -m phivision.tiny demo_output/tiny-phi4mm --family phi4mm --num_crops 1
+	$(DEMO_DATA)
+	rm -rf demo_output/run-phi4mm
+	$(DEMO_TRAIN) --model_name_or_path demo_output/tiny-phi4mm --output_dir demo_output/run-phi4mm
 
 # Run first on a GPU machine: the recipe modes for a few steps at full size, then the bench, within 540 s
 # (see phivision/gpu_check.py and README "On an offline GPU machine").

@@ -99,6 +99,16 @@ def tiny(tmp_path_factory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_phi4mm(tmp_path_factory) -> Iterator[Path]:
+    """A random tiny Phi-4-multimodal checkpoint in the Hub's native layout (vision-lora/ and speech-lora/ beside
+    the weights), for end-to-end recipe runs (one per test run: read only)."""
+    from phivision import tiny
+
+    yield from shared(built_once(tmp_path_factory, "tiny-phi4mm",
+                                 lambda path: tiny.main([str(path), "--family", "phi4mm"])))
+
+
+@pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> Iterator[Path]:
     """500 eval rows + 32 train rows, one in four text-only (one per test run: read only)."""
     from phivision.synthetic import make_shapes_dataset

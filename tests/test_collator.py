@@ -243,3 +243,34 @@ def test_packing_concatenates_samples_with_restarting_positions_and_no_padding(t
     assert packed["max_length_q"] == packed["max_length_k"] == max(lengths)
     assert pack_batch([DataCollator(tiny_processor, identity, 1).encode(rows[1])], tiny_processor.batch_images).keys() == {
         "input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+
+
+def test_phi4mm_packed_row_gives_the_loss_and_gradients_of_the_padded_batch(tiny_phi4mm):
+    """Our collator's packed row through Phi-4-MM's training loss (what the Trainer's compute_loss calls), on the
+    model as a --packing run loads it, equals the same samples padded: no sample sees another."""
+    from phivision.attention import training_attention
+    from phivision.families import family_of
+
+    family = family_of(str(tiny_phi4mm))
+    processor = family.load_processor(str(tiny_phi4mm))
+    model = family.model_class().from_pretrained(tiny_phi4mm, dtype=torch.float32,
+                                                 attn_implementation=training_attention(False, packing=True))
+    model = family.as_it_runs_on_images(model, str(tiny_phi4mm))
+    family.prepare_for_training(model)
+    model.train()
+    rows = [sample("What is it?", "A cat.", random_image(40, 30)), sample("Say hi.", "hi there"),
+            sample("Compare.", "Same.", random_image(30, 40, 1), random_image(50, 20, 2))]
+    losses, gradients = [], []
+    for packing in (False, True):
+        batch = DataCollator(processor, identity, num_crops=1, packing=packing)(rows)
+        model.zero_grad()
+        loss = family.training_loss(model, batch)
+        loss.backward()
+        losses.append(loss.detach())
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # the last one was packed
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-6)
+    padded, packed = gradients
+    assert packed.keys() == padded.keys() and any(".image_embed." in n for n in packed)
+    for name in padded:
+        torch.testing.assert_close(packed[name], padded[name], rtol=1e-5, atol=1e-6)

@@ -425,6 +425,17 @@ def test_a_new_lora_learns_on_top_of_the_shipped_vision_lora(checkpoint, tmp_pat
     assert causal_lm(merged) is merged
 
 
+def test_a_relative_checkpoint_path_spelt_like_a_hub_id_is_read_from_the_folder(checkpoint, monkeypatch):
+    """`make demo-phi4mm` passes demo_output/tiny-phi4mm: a folder there wins over the Hub (which is offline)."""
+    monkeypatch.chdir(checkpoint.parent.parent)
+    relative = f"{checkpoint.parent.name}/{checkpoint.name}"  # org/name
+    batch = image_batch()
+    expected = logits(apply_vision_lora(load(checkpoint), checkpoint), batch)
+    assert torch.equal(logits(apply_vision_lora(load(checkpoint), relative), batch), expected)
+    stripped = {k: v for k, v in load(checkpoint).state_dict().items() if not k.startswith(SPEECH_PREFIX)}
+    assert any(k.startswith(SPEECH_PREFIX) for k in restore_speech_weights(stripped, relative))
+
+
 def test_lora_target_pattern_matches_the_targets_only():
     model = tiny_model()
     targets = lora_target_modules(model, include_vision=True)

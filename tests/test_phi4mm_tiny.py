@@ -6,7 +6,6 @@ import re
 
 import pytest
 import torch
-from helpers import built_once
 from safetensors.torch import load_file
 
 from phivision import tiny
@@ -15,8 +14,8 @@ from phivision.phi4mm.processing import Phi4MMProcessor
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return built_once(tmp_path_factory, "tiny-phi4mm", lambda path: tiny.main([str(path), "--family", "phi4mm"]))
+def tiny_dir(tiny_phi4mm):
+    return tiny_phi4mm
 
 
 @pytest.fixture(scope="module")

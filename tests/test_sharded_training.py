@@ -133,3 +133,41 @@ def test_sharded_frozen_vision_trains_the_language_model_only(strategy, tiny, mi
         with_cache = weights(cached / "model.safetensors")
         for name in after:
             torch.testing.assert_close(with_cache[name], after[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="session")
+def phi4mm_zero2_mixed(tiny_phi4mm, mixed, tmp_path_factory) -> Path:
+    """The recipe's default (ZeRO-2) on Phi-4-MM under torchrun x2, rank 1's batches all text-only (zero2/), and
+    the same training in one process (one/)."""
+    def build(folder: Path) -> None:
+        flags = [*common(tiny_phi4mm, mixed), "--max_steps", "2", "--skip_eval_before", "--max_eval_samples", "2"]
+        result = torchrun_recipe(MEMES, *flags, "--output_dir", str(folder / "zero2"))
+        assert "full fine-tuning" in result.stdout
+        run_recipe(MEMES, *flags, "--deepspeed", "none", "--output_dir", str(folder / "one"))
+
+    return built_once(tmp_path_factory, "phi4mm-zero2-mixed", build)
+
+
+def test_phi4mm_zero2_trains_with_a_text_only_rank_beside_an_image_rank(tiny_phi4mm, phi4mm_zero2_mixed):
+    """Rank 1's vision weights get no gradient from its text-only batches: the family's zero term gives them one
+    (without it DeepSpeed would wait for them). The saved model has the checkpoint's keys."""
+    out = phi4mm_zero2_mixed / "zero2"
+    after = check_eval_file(out / "eval_after.json", "accuracy", 2)
+    assert [e["question"].startswith("Say the word") for e in after["examples"]] == [False, True]
+    base, zero2 = weights(tiny_phi4mm / "model.safetensors"), weights(out / "model.safetensors")
+    assert zero2.keys() == base.keys()  # the tied lm_head is not written apart (ZeRO-2 clones each weight)
+    projection = "model.embed_tokens_extend.image_embed.img_projection_up.weight"  # no vision LoRA on it
+    assert not torch.equal(zero2[projection], base[projection])  # trained from the image rank's batches
+    layer = "model.layers.0.self_attn.qkv_proj.weight"
+    assert not torch.equal(zero2[layer], base[layer])
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: Phi-4-MM's zero term reaches the vision weights straight from the "
+                   "loss, so a text-only rank's vision gradients arrive in another order than an image rank's, and "
+                   "ZeRO-2 (contiguous_gradients) sums its gradient buckets by arrival offset; all-image and "
+                   "frozen-vision runs match one process to 1e-6")
+def test_phi4mm_zero2_with_a_text_only_rank_trains_as_one_process(phi4mm_zero2_mixed):
+    one, zero2 = (weights(phi4mm_zero2_mixed / run / "model.safetensors") for run in ("one", "zero2"))
+    assert zero2.keys() == one.keys()
+    for name in one:
+        torch.testing.assert_close(zero2[name], one[name], rtol=1e-4, atol=1e-5)

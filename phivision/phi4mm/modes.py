@@ -133,12 +133,16 @@ def prepare_for_training(model: nn.Module) -> None:
 
 
 def _local_checkpoint(checkpoint: str | Path, patterns: list[str]) -> Path:
-    """The checkpoint's folder: `checkpoint` itself, or the Hub snapshot holding the files `patterns` match."""
-    if looks_like_a_path(str(checkpoint)):
-        folder = Path(checkpoint).expanduser()
-        if not folder.is_dir():
-            raise SetupError(f"{checkpoint}: no such checkpoint folder")
+    """The checkpoint's folder: `checkpoint` itself, or the Hub snapshot holding the files `patterns` match.
+
+    A local folder wins, as in from_pretrained: a relative path such as demo_output/tiny-phi4mm is also
+    spelt like a Hub id.
+    """
+    folder = Path(checkpoint).expanduser()
+    if folder.is_dir():
         return folder
+    if looks_like_a_path(str(checkpoint)):
+        raise SetupError(f"{checkpoint}: no such checkpoint folder")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(checkpoint), allow_patterns=patterns))

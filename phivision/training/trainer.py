@@ -247,6 +247,12 @@ class RecipeTrainer(Trainer):
             # A full model: what training left out of it (Phi-4-MM's speech encoder) goes back in, from the base.
             state_dict = self.family.state_dict_to_save(
                 state_dict if state_dict is not None else model.state_dict(), self.base_checkpoint)
+            # Under ZeRO-1/2 accelerate clones each weight apart, and save_pretrained finds tied weights by their
+            # shared storage: Phi-4-MM's lm_head (tied to embed_tokens) would be written as a second copy (1.2 GB
+            # at full size). Loading ties it again.
+            tied = getattr(model, "all_tied_weights_keys", None) or {}
+            state_dict = {name: tensor for name, tensor in state_dict.items()
+                          if not (name in tied and tied[name] in state_dict)}
         super()._save(output_dir, state_dict)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
