@@ -60,7 +60,7 @@ class Phi4MMFamily(ModelFamily):
 
     def training_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
-        return modes.answer_loss(model, inputs, num_items_in_batch) + modes.zero_vision_term(model, inputs)
+        return modes.answer_loss(model, modes.with_vision_term(model, inputs), num_items_in_batch)
 
     def state_dict_to_save(self, state_dict: Mapping[str, torch.Tensor], base: str) -> dict[str, torch.Tensor]:
         return modes.restore_speech_weights(state_dict, base)

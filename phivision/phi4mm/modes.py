@@ -19,9 +19,9 @@ model does for images is base + vision LoRA, so every mode keeps that LoRA appli
 
 The order: load; `apply_vision_lora` or `continue_vision_lora`; freeze (--freeze_vision_model freezes
 `vision_module(model)`) or train the image embedding; `prepare_for_training`; then a new adapter on
-`lora_target_pattern` (after `prepare_model_for_kbit_training` for QLoRA). Text-only batches add
-`zero_vision_term` to the loss, `answer_loss` computes it, and a saved full model gets
-`restore_speech_weights`.
+`lora_target_pattern` (after `prepare_model_for_kbit_training` for QLoRA). A training batch goes through
+`with_vision_term` (text-only batches still run the image embedding), `answer_loss` computes its loss, and a
+saved full model gets `restore_speech_weights`.
 """
 
 from __future__ import annotations
@@ -177,32 +177,45 @@ def restore_speech_weights(state_dict: Mapping[str, torch.Tensor], base_checkpoi
     return {**state_dict, **speech_weights(base_checkpoint)}
 
 
-def zero_vision_term(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor | float:
-    """A zero to add to the loss of a batch with no image, that still reaches every trainable image-embedding
-    weight (0.0 when there is nothing to reach).
+def with_vision_term(model: nn.Module, inputs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A training batch with no image, as inputs that still run the trainable image embedding (on a blank image,
+    times zero): `inputs_embeds` in place of `input_ids`. Other batches are returned as they are.
 
-    Under DDP (find_unused_parameters=False) every rank must produce a gradient for every trainable weight
-    in every step: a rank whose batch has no image would leave the vision weights out, and DDP fails on the
-    next step. Phi-3-V's own model adds such a term (Phi3VModel.unused_vision_term); transformers' Phi-4-MM
-    does not, so the trainer adds this one. One element of each weight, times zero: a zero gradient for the
-    whole weight, at no cost (a sum over the weights could overflow in fp16, and 0 x inf is NaN).
+    Under DDP (find_unused_parameters=False) and DeepSpeed ZeRO every rank must produce a gradient for every
+    trainable weight in every step, and ZeRO-2 sums its gradient buckets by the order the gradients arrive in:
+    a rank with text only must give the vision weights their (zero) gradients at the place in the backward pass
+    where an image batch gives them. So the embedding runs where the model runs it, after the token embedding
+    and before the decoder, as Phi-3-V's own model does (Phi3VModel.unused_vision_term); transformers' Phi-4-MM
+    does not, so the trainer does it here. A blank 448x448 image costs two crops of SigLIP.
     """
     lm = causal_lm(model)
-    if not (lm.training and torch.is_grad_enabled()):
-        return 0.0
-    image_token = lm.config.vision_config.image_token_id
-    if inputs.get("image_pixel_values") is not None and bool((inputs["input_ids"] == image_token).any()):
-        return 0.0
+    if not (lm.training and torch.is_grad_enabled()) or "input_ids" not in inputs:
+        return inputs
+    vision = lm.config.vision_config
+    if inputs.get("image_pixel_values") is not None and bool((inputs["input_ids"] == vision.image_token_id).any()):
+        return inputs
     embedding = vision_module(lm)
-    trainable = [p for p in embedding.parameters() if p.requires_grad]
-    if not trainable:
-        return 0.0
+    if not any(p.requires_grad for p in embedding.parameters()):
+        return inputs
     if parameters_are_sharded(embedding):
         # Each rank holds a slice of each weight, and the tower's forward pass gathers them with collectives
-        # that every rank must join in the same order: a term added after the forward pass cannot mend that.
+        # that every rank must join in the same order: the Trainer's model call cannot be rearranged for it.
         raise SetupError("batches without images need the vision weights frozen under sharded training "
                          "(ZeRO-3, FSDP): use --freeze_vision_model, or DDP / ZeRO-2")
-    return torch.stack([p.reshape(-1)[0].float() for p in trainable]).sum() * 0.0
+    embeds = lm.model.embed_tokens(inputs["input_ids"])
+    crop, side = vision.crop_size, vision.crop_size // vision.patch_size
+    merged = side // 2  # merged patches per crop side: a one-crop image has 2 * merged * (merged + 1) + 1 tokens
+    tokens = 2 * merged * (merged + 1) + 1
+    blank = embedding(
+        torch.full((1, tokens), vision.image_token_id, device=embeds.device),
+        torch.zeros(1, tokens, embeds.shape[-1], dtype=embeds.dtype, device=embeds.device),
+        image_pixel_values=torch.zeros(1, 2, 3, crop, crop, dtype=embeds.dtype, device=embeds.device),
+        image_sizes=torch.tensor([[crop, crop]], device=embeds.device),
+        image_attention_mask=torch.ones(1, 2, side, side, device=embeds.device),
+    )
+    # Zeroed before the sum: a half-precision sum of the features can overflow, and 0 x inf is NaN.
+    rest = {key: value for key, value in inputs.items() if key != "input_ids"}
+    return {**rest, "inputs_embeds": embeds + (blank * 0).sum().to(embeds.dtype)}
 
 
 def answer_loss(
