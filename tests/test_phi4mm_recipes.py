@@ -183,7 +183,7 @@ def test_training_moves_the_eval_loss_and_logits_away_from_the_base(mode, runs, 
     base_loss, base_logits = loss_and_logits(base_model(tiny_phi4mm, quantized), batch)
     loss, logits = loss_and_logits(trained_model(tiny_phi4mm, folder / "out", quantized), batch)
     # Three steps on the colour task take the answer loss down from the random model's, about ln(vocab) = 6.40
-    # (measured: LoRA 6.14, QLoRA 6.07, the full modes lower).
+    # (measured: LoRA 6.14, QLoRA 6.07).
     assert loss < base_loss - 0.1, (loss, base_loss)
     assert (logits - base_logits).abs().max() > 0.1
     # The saved output does what the trained model did: its loss is the one the run measured after training.
