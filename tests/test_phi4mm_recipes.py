@@ -72,9 +72,9 @@ RECIPES: dict[str, tuple[str, list[str], Callable[[Path, Path], list[str]]]] = {
     "nlvr2": ("finetune_hf_trainer_nlvr2.py", ["--use_lora", "--lora_rank", "4"],
               lambda tmp, shapes: ["--dataset_name_or_path",
                                    str(make_shapes_dataset(tmp / "pairs", num_train=16, images_per_row=2))]),
-    # 8 frames are 16 crops of 448 pixels and 4,360 image tokens a sample: 2 steps of 2 clips, 1 evaluated.
-    "ucf101": ("finetune_hf_trainer_ucf101.py", ["--max_steps", "2", "--batch_size", "2", "--batch_size_per_gpu", "2",
-                                                 "--max_eval_samples", "1"],
+    # 8 frames are 16 crops of 448 pixels and 4,360 image tokens a sample: 2 steps of 1 clip, 1 evaluated briefly.
+    "ucf101": ("finetune_hf_trainer_ucf101.py", ["--max_steps", "2", "--batch_size", "1", "--batch_size_per_gpu", "1",
+                                                 "--max_eval_samples", "1", "--max_new_tokens", "4"],
                lambda tmp, shapes: ["--data_dir", str(ucf101_frames(tmp / "ucf101"))]),
     # QLoRA computing in fp32 (no --bf16): CPUs without bf16 units run bf16 several times slower.
     "custom": ("finetune_hf_trainer_custom.py", ["--use_qlora", "--lora_rank", "4", "--packing"],
