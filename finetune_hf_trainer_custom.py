@@ -1,4 +1,5 @@
-"""Fine-tune Phi-3.5-vision on your own data: converted jsonl, LLaVA / ShareGPT JSON, or a CSV of image, question, answer.
+"""Fine-tune Phi-3.5-vision or Phi-4-multimodal on your own data: converted jsonl, LLaVA / ShareGPT JSON, or
+a CSV of image, question, answer.
 
     python -m phivision.data validate my_data                                           # check it first
     torchrun --nproc_per_node=4 finetune_hf_trainer_custom.py --data_dir my_data [--metric anls]

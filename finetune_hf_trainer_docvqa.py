@@ -1,4 +1,4 @@
-"""Fine-tune Phi-3.5-vision on DocVQA (questions about document images), scored with ANLS.
+"""Fine-tune Phi-3.5-vision or Phi-4-multimodal on DocVQA (questions about document images), scored with ANLS.
 
     torchrun --nproc_per_node=4 finetune_hf_trainer_docvqa.py                    # mini-train split
     torchrun --nproc_per_node=4 finetune_hf_trainer_docvqa.py --full_train --bf16 --use_flash_attention \

@@ -1,4 +1,4 @@
-"""Fine-tune Phi-3.5-vision on Hateful Memes (yes/no: is this meme hateful?).
+"""Fine-tune Phi-3.5-vision or Phi-4-multimodal on Hateful Memes (yes/no: is this meme hateful?).
 
     torchrun --nproc_per_node=8 finetune_hf_trainer_hateful_memes.py --output_dir out --batch_size 64 \
         --use_flash_attention --bf16                  # full fine-tuning (DeepSpeed ZeRO-2)

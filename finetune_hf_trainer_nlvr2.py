@@ -1,4 +1,4 @@
-"""Fine-tune Phi-3.5-vision on NLVR2 (two images, is the statement true?).
+"""Fine-tune Phi-3.5-vision or Phi-4-multimodal on NLVR2 (two images, is the statement true?).
 
     torchrun --nproc_per_node=4 finetune_hf_trainer_nlvr2.py --bf16 --use_flash_attention --batch_size 64 \
         --output_dir out --learning_rate 1e-5 --num_train_epochs 3

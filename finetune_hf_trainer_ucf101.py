@@ -1,4 +1,4 @@
-"""Fine-tune Phi-3.5-vision on UCF-101 video classification, each clip as 8 frames.
+"""Fine-tune Phi-3.5-vision or Phi-4-multimodal on UCF-101 video classification, each clip as 8 frames.
 
     python convert_ucf101.py --out_dir /path/to/converted_ucf101
     torchrun --nproc_per_node=4 finetune_hf_trainer_ucf101.py --data_dir /path/to/converted_ucf101

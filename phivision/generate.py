@@ -1,4 +1,5 @@
-"""Answer prompts about images with Phi-3(.5)-vision: a Hub model, a fine-tuned one, or a base + LoRA adapter.
+"""Answer prompts about images with Phi-3.5-vision or Phi-4-multimodal: a Hub model, a fine-tuned one, or a
+base + LoRA adapter.
 
     python -m phivision.generate --model microsoft/Phi-3.5-vision-instruct --image photo.jpg --prompt "What is shown?"
     python -m phivision.generate --model BASE --adapter LORA_OUTPUT_DIR --image a.jpg --image b.jpg \\
@@ -118,7 +119,8 @@ def answer_file(model, processor, input_file: str, output_file: str, images_dir:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m phivision.generate",
-        description="Answer a prompt about images (streamed), or every record of a jsonl file, with Phi-3(.5)-vision.",
+        description="Answer a prompt about images (streamed), or every record of a jsonl file, with Phi-3.5-vision "
+                    "or Phi-4-multimodal.",
     )
     parser.add_argument("--model", required=True,
                         help="Hub id or local folder of the model (a fine-tuned --output_dir, a merged model, "
@@ -142,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--no_tqdm", action="store_true", help="No progress bar.")
     gen = parser.add_argument_group("generation")
     gen.add_argument("--num_crops", type=int, default=None,
-                     help="Max 336x336 crops per image (default: the processor's; use the value you trained with).")
+                     help="Max crops per image (336x336 for Phi-3.5-vision, 448x448 for Phi-4-multimodal; default: "
+                          "the processor's; use the value you trained with).")
     gen.add_argument("--max_new_tokens", type=int, default=64, help="Longest answer, in tokens (default 64).")
     gen.add_argument("--do_sample", action="store_true", help="Sample instead of greedy decoding.")
     gen.add_argument("--temperature", type=float, default=None, help="Sampling temperature (with --do_sample).")
