@@ -8,6 +8,7 @@ Run as a script under torchrun, this file is the DDP worker of test_text_only_ba
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import warnings
@@ -288,9 +289,16 @@ def test_text_only_batches_train_under_ddp():
     """torchrun x2 (gloo), DDP with find_unused_parameters=False: rank 0 gets text only, rank 1 images, 2 steps."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, "ddp"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert result.stdout.count("ddp ok") == 2
+    # Its own session, so that a run past the timeout goes with its workers (torchrun alone would leave them).
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                          start_new_session=True) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            raise
+    assert run.returncode == 0, stdout[-3000:] + stderr[-6000:]
+    assert stdout.count("ddp ok") == 2
 
 
 def ddp_worker() -> None:
@@ -316,6 +324,8 @@ def ddp_worker() -> None:
     dist.all_gather(gathered, weight)
     assert torch.equal(gathered[0], gathered[1]) and not torch.equal(weight, start)  # trained, and in step
     print("ddp ok", flush=True)
+    del ddp, optimizer  # DDP's reducer goes before the process group it uses (else the exit can hang)
+    dist.barrier()
     dist.destroy_process_group()
 
 
