@@ -49,19 +49,18 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .attention import native_bf16, training_attention
 from .collator import pack_batch, pad_batch
+from .families import family_for_type, known_families
 from .phi3v.configuration import Phi3VConfig
 from .phi3v.image_processing import CROP_SIZE, hd_image_size, num_image_tokens
 from .phi3v.modeling import Phi3VForCausalLM
 from .phi3v.processing import Phi3VProcessor
-from .training.sizing import (STRATEGIES, Layout, meta_model, mode_arguments, reference_clip, sample_layout,
-                              state_bytes, step_cost)
+from .phi3v.family import reference_clip
+from .training.sizing import STRATEGIES, Layout, meta_model, mode_arguments, state_bytes, step_cost
 from .training.arguments import LoraArguments, ModelArguments
 from .training.modes import quantization_config, setup_mode
 from .training.trainer import length_buckets
 from .training.vision_cache import image_embedding
 
-# The Hub's config.json of Phi-3.5-vision-instruct, shipped for the full-size rows (no download).
-FULL_CONFIG = Path(__file__).resolve().parent / "configs" / "phi-3.5-vision-instruct.json"
 
 # name: (images per sample, num_crops, (width range), (height range), prompt tokens, answer tokens)
 DISTRIBUTIONS = {
@@ -79,6 +78,7 @@ SIZES = {
     "tiny": None,  # phivision.tiny's config with the real vocabulary: for smoke tests
     "full": None,
 }
+FAMILIES = {"phi3v": "phi3_v", "phi4mm": "phi4_multimodal"}  # --family: its config.json model_type
 BASELINE = "baseline (reference)"  # the rows that behave as the reference recipe, one per mode
 # Dense 16-bit tensor-core TFLOP/s with fp32 accumulation (bf16; fp16 on V100 and T4, which have no bf16), by
 # the words of torch.cuda.get_device_name(); the first entry whose words all appear wins.
@@ -170,6 +170,7 @@ class Sample:
     image_sizes: torch.Tensor  # [images, 2] (H, W) of the HD images
     num_crops: int
     seed: int
+    crop_size: int = CROP_SIZE  # the family's crop side: image_sizes / crop_size is each image's grid
 
     def as_dict(self) -> dict:
         """The collator's input; pixels are drawn here, so hundreds of samples don't hold GBs of crops."""
@@ -182,13 +183,22 @@ class Sample:
                 "image_sizes": self.image_sizes}
 
 
-def make_config(size: str) -> Phi3VConfig:
+def make_config(size: str, family: str = "phi3v"):
+    """The config of a `--size` of a `--family` (phi4mm: "full", the Hub's, and "tiny" with the real vocabulary)."""
+    if family == "phi4mm":
+        if size == "full":
+            return known_families()[FAMILIES[family]].full_size_config()
+        if size == "tiny":
+            from .phi4mm.tiny import build_tiny_tokenizer, tiny_config
+
+            return tiny_config(build_tiny_tokenizer(), vocab_size=200064)
+        raise ValueError(f"--size {size}: --family phi4mm has sizes full and tiny")
     if size == "tiny":
         from .tiny import tiny_config
 
         return tiny_config(vocab_size=32064, pad_token_id=32000)
     if size == "full":
-        return Phi3VConfig(**json.loads(FULL_CONFIG.read_text()))
+        return known_families()[FAMILIES["phi3v"]].full_size_config()  # the Hub's config.json, shipped
     settings = dict(SIZES[size])
     vision = settings.pop("vision")
     head_dim = settings["hidden_size"] // settings["num_attention_heads"]
@@ -201,9 +211,11 @@ def make_config(size: str) -> Phi3VConfig:
     )
 
 
-def make_samples(distribution: str, count: int, seed: int = 0, num_crops: int | None = None) -> list[Sample]:
-    """Token ids laid out as the processor lays them out, with random text and random pixels; `num_crops`
-    overrides the distribution's own."""
+def make_samples(distribution: str, count: int, seed: int = 0, num_crops: int | None = None,
+                 image_processor=None) -> list[Sample]:
+    """Token ids laid out as the processor lays them out (image tokens as negative ids), with random text and
+    random pixels; `num_crops` overrides the distribution's own. `image_processor`: the family whose crop grids
+    and image-token counts the samples get (`ModelFamily.default_image_processor()`; None: Phi-3-V's)."""
     images, default_crops, widths, heights, prompt, answer = DISTRIBUTIONS[distribution]
     num_crops = num_crops or default_crops
     rng = random.Random(seed)
@@ -212,12 +224,18 @@ def make_samples(distribution: str, count: int, seed: int = 0, num_crops: int | 
         ids, sizes = [1, 32010], []
         for k in range(1, images + 1):
             width, height = rng.randint(*widths), rng.randint(*heights)
-            sizes.append(list(hd_image_size(width, height, num_crops)))
-            ids += [-k] * num_image_tokens(width, height, num_crops) + [1]
+            if image_processor is None:
+                size, tokens = hd_image_size(width, height, num_crops), num_image_tokens(width, height, num_crops)
+            else:
+                size = image_processor.hd_image_size(width, height, num_crops)
+                tokens = image_processor.num_image_tokens(width, height, num_crops)
+            sizes.append(list(size))
+            ids += [-k] * tokens + [1]
         ids += [rng.randint(100, 31000) for _ in range(rng.randint(*prompt))] + [32007, 32001]
         answer_ids = [rng.randint(100, 31000) for _ in range(rng.randint(*answer))] + [32007, 32000]
         labels = [-100] * len(ids) + answer_ids
-        samples.append(Sample(ids + answer_ids, labels, torch.tensor(sizes), num_crops, seed + index))
+        samples.append(Sample(ids + answer_ids, labels, torch.tensor(sizes), num_crops, seed + index,
+                              CROP_SIZE if image_processor is None else image_processor.crop_size))
     return samples
 
 
@@ -236,6 +254,14 @@ def padding_fraction(groups: list[list[Sample]]) -> float:
     real = sum(len(s.input_ids) for g in groups for s in g)
     total = sum(len(g) * max(len(s.input_ids) for s in g) for g in groups)
     return 1 - real / total
+
+
+def crop_padding_fraction(groups: list[list[Sample]]) -> float:
+    """Padding crops / all crops the vision tower is given when each group's images are padded to the most crops of
+    an image in the group (Phi-4-MM's processor, padded or packed batches alike)."""
+    crops = [[1 + h * w for s in g for h, w in layout(s)[2]] for g in groups]
+    real = sum(sum(c) for c in crops)
+    return 1 - real / sum(len(c) * max(c) for c in crops if c)
 
 
 def collate_samples(group: list[Sample], packing: bool) -> dict:
@@ -458,7 +484,15 @@ META_SAMPLES = 4  # samples per distribution whose steps are measured on the met
 GPU_COUNTS = (1, 2, 4, 8)
 
 
-def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str],
+def reference_crop_slots(sample: Sample, family) -> int:
+    """Crops per image of the sample's batch-1 step as the processor pads them (`ModelFamily.pads_crops_to_limit`):
+    every image to the crop limit (Phi-3-V), or to the most crops of the sample's images (Phi-4-MM)."""
+    if family.pads_crops_to_limit:
+        return sample.num_crops + 1
+    return max(1 + h * w for h, w in layout(sample)[2])
+
+
+def meta_report(config, distributions: list[str], modes: list[str],
                 num_crops: int | None = None) -> list[dict]:
     """Per mode and distribution, at the size of `config` with no memory allocated: FLOPs of one sample's
     step (mean of META_SAMPLES), against the reference recipe's (all crop slots through CLIP, logits at every
@@ -466,22 +500,32 @@ def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str],
     --gradient_checkpointing auto picks when memory allows) and, for frozen vision, with cached image
     features (--cache_vision_features, epoch 2 on); the activations of the longest sample; and the bytes
     per GPU (weights, gradients, optimizer states + activations) for 1-8 GPUs."""
+    family = family_for_type(config.model_type, "--family")
+    images = None if family.pads_crops_to_limit else family.default_image_processor()
     rows = []
     for distribution in distributions:
-        samples = make_samples(distribution, META_SAMPLES, num_crops=num_crops)
-        slots = samples[0].num_crops + 1  # crop slots per image, padding included
+        samples = make_samples(distribution, META_SAMPLES, num_crops=num_crops, image_processor=images)
+        slots = {id(s): reference_crop_slots(s, family) for s in samples}  # crop slots per image, padding included
         longest = max(samples, key=lambda s: len(s.input_ids))
         print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f}"
               f" tokens, longest {len(longest.input_ids)}; TFLOP per sample's step (batch 1) and speed-up in FLOPs "
               "over the reference recipe's step; activations of the longest; GB per GPU for 1/2/4/8 GPUs", flush=True)
+        if not family.pads_crops_to_limit:  # the tower also runs the zero crops a batch pads its images with
+            many = make_samples(distribution, 400, num_crops=num_crops, image_processor=images)
+            shares = {f"batch {size}, {order}": crop_padding_fraction(batches(many, size, grouped=order == "grouped"))
+                      for size in (1, 4) for order in ("random", "grouped")}
+            rows.append({"config": "crop padding", "distribution": distribution, **shares})
+            print("  padding crops the vision tower runs: "
+                  + ", ".join(f"{key} {share:.1%}" for key, share in shares.items()), flush=True)
         measured = {}  # QLoRA computes as LoRA does (its 4-bit base is dequantised to 16-bit): measured once
         for mode in modes:
             model_args, lora = mode_arguments(mode)
             model = meta_model(config, model_args, lora)
             same_as = "lora" if mode == "qlora" else mode
             if same_as not in measured:
+                cached = model_args.freeze_vision_model and family.supports_vision_cache
                 measured[same_as] = measure_mode(config, model, meta_model(config, model_args, lora, False),
-                                                 samples, longest, slots, cached=model_args.freeze_vision_model)
+                                                 samples, longest, slots, cached=cached)
             row = {"config": mode, "distribution": distribution, **measured[same_as]}
             for key, activations in (("GB per GPU", row["activations GB"]),
                                      ("GB per GPU, no checkpointing", row["activations GB, no checkpointing"])):
@@ -495,18 +539,21 @@ def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str],
     return rows
 
 
-def measure_mode(config: Phi3VConfig, model: torch.nn.Module, unchecked: torch.nn.Module, samples: list[Sample],
-                 longest: Sample, slots: int, cached: bool) -> dict:
-    """The FLOPs and activations of `meta_report`'s row for one mode (`model` checkpointed, `unchecked` not)."""
+def measure_mode(config, model: torch.nn.Module, unchecked: torch.nn.Module, samples: list[Sample],
+                 longest: Sample, slots: dict[int, int], cached: bool) -> dict:
+    """The FLOPs and activations of `meta_report`'s row for one mode (`model` checkpointed, `unchecked` not;
+    `slots`: each sample's crop slots per image in the reference's step, by id)."""
 
-    def mean_flops(model: torch.nn.Module, **options) -> float:
-        return sum(step_cost(model, *layout(s), **options).flops for s in samples) / len(samples)
+    def mean_flops(model: torch.nn.Module, padded: bool = False, **options) -> float:
+        return sum(step_cost(model, *layout(s), crop_slots=slots[id(s)] if padded else None, **options).flops
+                   for s in samples) / len(samples)
 
     ours, free = mean_flops(model), mean_flops(unchecked)
-    # The reference's step, one saving at a time: every crop slot, then all of CLIP, then logits everywhere.
-    slots_only = mean_flops(model, crop_slots=slots)
-    whole_tower = mean_flops(model, crop_slots=slots, whole_tower=True)
-    reference = mean_flops(model, crop_slots=slots, whole_tower=True, full_logits=True)
+    # The reference's step, one saving at a time: every crop slot, then all of CLIP, then logits everywhere
+    # (Phi-4-MM's own model always runs its whole tower: no second saving there).
+    slots_only = mean_flops(model, padded=True)
+    whole_tower = mean_flops(model, padded=True, whole_tower=True)
+    reference = mean_flops(model, padded=True, whole_tower=True, full_logits=True)
     row = {"TFLOP/sample": ours / 1e12, "TFLOP/sample, no checkpointing": free / 1e12,
            "reference TFLOP/sample": reference / 1e12, "x vs reference": reference / ours,
            "x vs reference, no checkpointing": reference / free,
@@ -539,13 +586,18 @@ def format_meta_row(row: dict) -> str:
 
 
 def layout(sample: Sample) -> Layout:
-    return sample_layout(sample.input_ids, sample.labels, sample.image_sizes)
+    """The sample as `step_cost` takes it (its ids have the image tokens negative already)."""
+    return (list(sample.input_ids), list(sample.labels),
+            [(h // sample.crop_size, w // sample.crop_size) for h, w in sample.image_sizes.tolist()])
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The bench's command line (gpu_check checks its commands against it)."""
     parser = argparse.ArgumentParser(prog="python -m phivision.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=list(FAMILIES), default="phi3v",
+                        help="Model family: phi3v (Phi-3.5-vision) or phi4mm (Phi-4-multimodal: --device meta with "
+                             "--size full, the Hub checkpoint's, or tiny, so far).")
     parser.add_argument("--size", choices=list(SIZES), default="small", help="Model size (random weights).")
     parser.add_argument("--distribution", choices=[*DISTRIBUTIONS, "all"], default="docvqa", help="Sample lengths.")
     parser.add_argument("--modes", nargs="+", default=["full", "lora"],
@@ -579,8 +631,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     device = torch.device(args.device)
+    if args.family != "phi3v" and (device.type != "meta" or args.size not in ("full", "tiny")):
+        raise SystemExit(f"error: --family {args.family}: only with --device meta and --size full or tiny so far")
     if device.type == "meta":
-        rows = meta_report(make_config(args.size), list(DISTRIBUTIONS) if args.distribution == "all"
+        rows = meta_report(make_config(args.size, args.family), list(DISTRIBUTIONS) if args.distribution == "all"
                            else [args.distribution], args.modes, args.num_crops)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
