@@ -49,11 +49,11 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .attention import native_bf16, training_attention
 from .collator import pack_batch, pad_batch
-from .families import family_for_type, known_families
+from .families import family_for_type, family_of_model, known_families
 from .phi3v.configuration import Phi3VConfig
 from .phi3v.image_processing import CROP_SIZE, hd_image_size, num_image_tokens
-from .phi3v.modeling import Phi3VForCausalLM
 from .phi3v.processing import Phi3VProcessor
+from .phi4mm.image_processing import pad_crops
 from .phi3v.family import reference_clip
 from .training.sizing import STRATEGIES, Layout, meta_model, mode_arguments, state_bytes, step_cost
 from .training.arguments import LoraArguments, ModelArguments
@@ -171,10 +171,22 @@ class Sample:
     num_crops: int
     seed: int
     crop_size: int = CROP_SIZE  # the family's crop side: image_sizes / crop_size is each image's grid
+    # None: Phi-3-V's encoding (negative image ids, every image num_crops + 1 crop slots); else Phi-4-MM's
+    # (this placeholder id, the sample's images padded to their most crops, with a patch attention mask).
+    image_token_id: int | None = None
+    crop_masks: list[torch.Tensor] | None = None  # Phi-4-MM: each image's [1 + crops, S/p, S/p] patch mask
 
     def as_dict(self) -> dict:
         """The collator's input; pixels are drawn here, so hundreds of samples don't hold GBs of crops."""
         generator = torch.Generator().manual_seed(self.seed)
+        if self.image_token_id is not None:
+            crops, size = [len(mask) for mask in self.crop_masks], self.crop_size
+            pixels = torch.zeros(len(crops), max(crops), 3, size, size)
+            for i, real in enumerate(crops):
+                pixels[i, :real] = torch.randn(real, 3, size, size, generator=generator)
+            return {"input_ids": [self.image_token_id if i < 0 else i for i in self.input_ids], "labels": self.labels,
+                    "image_pixel_values": pixels, "image_sizes": self.image_sizes,
+                    "image_attention_mask": pad_crops(self.crop_masks, fill=1.0, empty_shape=())}
         pixels = torch.zeros(len(self.image_sizes), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
         for i, (h, w) in enumerate(self.image_sizes.tolist()):
             real = 1 + (h // CROP_SIZE) * (w // CROP_SIZE)
@@ -212,16 +224,17 @@ def make_config(size: str, family: str = "phi3v"):
 
 
 def make_samples(distribution: str, count: int, seed: int = 0, num_crops: int | None = None,
-                 image_processor=None) -> list[Sample]:
+                 image_processor=None, image_token_id: int | None = None) -> list[Sample]:
     """Token ids laid out as the processor lays them out (image tokens as negative ids), with random text and
     random pixels; `num_crops` overrides the distribution's own. `image_processor`: the family whose crop grids
-    and image-token counts the samples get (`ModelFamily.default_image_processor()`; None: Phi-3-V's)."""
+    and image-token counts the samples get (`ModelFamily.default_image_processor()`; None: Phi-3-V's), and
+    `image_token_id` its placeholder token (see `Sample`)."""
     images, default_crops, widths, heights, prompt, answer = DISTRIBUTIONS[distribution]
     num_crops = num_crops or default_crops
     rng = random.Random(seed)
     samples = []
     for index in range(count):
-        ids, sizes = [1, 32010], []
+        ids, sizes, masks = [1, 32010], [], []
         for k in range(1, images + 1):
             width, height = rng.randint(*widths), rng.randint(*heights)
             if image_processor is None:
@@ -229,13 +242,16 @@ def make_samples(distribution: str, count: int, seed: int = 0, num_crops: int | 
             else:
                 size = image_processor.hd_image_size(width, height, num_crops)
                 tokens = image_processor.num_image_tokens(width, height, num_crops)
+                if image_token_id is not None:
+                    masks.append(image_processor.crop_masks(image_processor.crop_layout(width, height, num_crops)))
             sizes.append(list(size))
             ids += [-k] * tokens + [1]
         ids += [rng.randint(100, 31000) for _ in range(rng.randint(*prompt))] + [32007, 32001]
         answer_ids = [rng.randint(100, 31000) for _ in range(rng.randint(*answer))] + [32007, 32000]
         labels = [-100] * len(ids) + answer_ids
         samples.append(Sample(ids + answer_ids, labels, torch.tensor(sizes), num_crops, seed + index,
-                              CROP_SIZE if image_processor is None else image_processor.crop_size))
+                              CROP_SIZE if image_processor is None else image_processor.crop_size, image_token_id,
+                              masks or None))
     return samples
 
 
@@ -264,10 +280,12 @@ def crop_padding_fraction(groups: list[list[Sample]]) -> float:
     return 1 - real / sum(len(c) * max(c) for c in crops if c)
 
 
-def collate_samples(group: list[Sample], packing: bool) -> dict:
+def collate_samples(group: list[Sample], packing: bool, family=None, pad_token_id: int = 32000) -> dict:
+    """A batch as the recipes' collator builds it for `family` (None: Phi-3-V)."""
     samples = [s.as_dict() for s in group]
-    return (pack_batch(samples, Phi3VProcessor.batch_images) if packing
-            else pad_batch(samples, pad_token_id=32000, batch_images=Phi3VProcessor.batch_images))
+    batch_images = Phi3VProcessor.batch_images if family is None else family.batch_images
+    return (pack_batch(samples, batch_images) if packing
+            else pad_batch(samples, pad_token_id=pad_token_id, batch_images=batch_images))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -284,10 +302,16 @@ def all_crops_embedding(self, pixel_values: torch.Tensor, image_sizes: torch.Ten
     return self.image_tokens(real, crops_hw)
 
 
+def training_loss(model, batch: dict) -> torch.Tensor:
+    """The loss the recipes' trainer computes: the family's own (Phi-4-MM: answer-only logits), else the model's."""
+    loss = family_of_model(model).training_loss(model, batch)
+    return model(**batch).loss if loss is None else loss
+
+
 def loss_of(model, batch: dict, full_logits: bool) -> tuple[torch.Tensor, int]:
     """(loss, bytes of the logits it read)."""
     if not full_logits:
-        loss = model(**batch).loss
+        loss = training_loss(model, batch)
         return loss, int((batch["labels"][:, 1:] != -100).sum()) * model.config.vocab_size * 4
     labels = batch.pop("labels")
     logits = model(**batch, use_cache=False).logits.float()  # the reference: HF's loss upcasts all logits
@@ -296,19 +320,20 @@ def loss_of(model, batch: dict, full_logits: bool) -> tuple[torch.Tensor, int]:
     return loss, logits.numel() * 4
 
 
-def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device, dtype: torch.dtype, workdir: Path,
+def build_model(config, mode: str, attn: str, device: torch.device, dtype: torch.dtype, workdir: Path,
                 checkpointing: bool = True):
-    """A random model set up as the recipes set up each mode, every layer checkpointed or none."""
+    """A random model of `config`'s family set up as the recipes set up each mode, every layer checkpointed or none."""
     config._attn_implementation = attn
+    model_class = family_for_type(config.model_type, "--family").model_class()
     if mode == "qlora":
         path = workdir / "random-checkpoint"
         if not path.exists():
-            Phi3VForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # as on the Hub: 8 GB at full size
-        model = Phi3VForCausalLM.from_pretrained(path, quantization_config=quantization_config(dtype),
-                                                 attn_implementation=attn, dtype=dtype, device_map={"": device})
+            model_class(config).to(torch.bfloat16).save_pretrained(path)  # as on the Hub: 8 GB at full size
+        model = model_class.from_pretrained(path, quantization_config=quantization_config(dtype),
+                                            attn_implementation=attn, dtype=dtype, device_map={"": device})
     else:
         with torch.device(device):
-            model = Phi3VForCausalLM(config).to(dtype if mode == "lora" else torch.float32)
+            model = model_class(config).to(dtype if mode == "lora" else torch.float32)
     # The recipes' own set-up, with their default LoRA settings.
     lora = LoraArguments(use_lora=mode in ("lora", "qlora"), use_qlora=mode == "qlora")
     model = setup_mode(model, ModelArguments(freeze_vision_model=mode == "frozen"), lora)
@@ -391,9 +416,12 @@ def run_config(row_config: Row, model, device, amp_dtype, peak_tflops, useful_fl
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    family = family_of_model(model)
+    # Phi-3-V's reference runs every crop slot through all of CLIP (`all_crops_embedding`, set by `main`).
+    all_crops = full_logits and family.pads_crops_to_limit
 
     def collate(group: list[Sample], packing: bool) -> dict:
-        batch = collate_samples(group, packing)
+        batch = collate_samples(group, packing, family, model.config.pad_token_id)
         if not row_config.cached or "pixel_values" not in batch:
             return batch
         with torch.no_grad(), autocast:  # the frozen tower's output, as the cache's pre-pass computes it
@@ -413,7 +441,7 @@ def run_config(row_config: Row, model, device, amp_dtype, peak_tflops, useful_fl
         for batch in alone:
             batch = to_device(batch, device)
             with autocast:
-                loss = model(**batch).loss
+                loss = training_loss(model, batch)
             loss.backward()
         optimizer.zero_grad(set_to_none=True)
 
@@ -430,7 +458,7 @@ def run_config(row_config: Row, model, device, amp_dtype, peak_tflops, useful_fl
     useful_flops = {} if useful_flops is None else useful_flops
     key = (row_config.mode, row_config.attn, row_config.checkpointing, row_config.cached)
     if key not in useful_flops:
-        baseline_embedding = image_embedding(model) if full_logits else None
+        baseline_embedding = image_embedding(model) if all_crops else None
         if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
             del baseline_embedding.forward
         alone = [collate([sample], False) for group in groups for sample in group]
@@ -631,8 +659,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     device = torch.device(args.device)
-    if args.family != "phi3v" and (device.type != "meta" or args.size not in ("full", "tiny")):
-        raise SystemExit(f"error: --family {args.family}: only with --device meta and --size full or tiny so far")
+    if args.family != "phi3v" and args.size not in ("full", "tiny"):
+        raise SystemExit(f"error: --size {args.size}: --family {args.family} has sizes full and tiny")
     if device.type == "meta":
         rows = meta_report(make_config(args.size, args.family), list(DISTRIBUTIONS) if args.distribution == "all"
                            else [args.distribution], args.modes, args.num_crops)
@@ -647,17 +675,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_samples < timed:
         raise SystemExit(f"error: --num_samples {args.num_samples} is fewer than the --steps x --batch_size = {timed} "
                          "samples every row times")
-    config = make_config(args.size)
+    config = make_config(args.size, args.family)
+    family = family_for_type(config.model_type, "--family")
+    images = None if family.pads_crops_to_limit else family.default_image_processor()
+    image_token = None if images is None else config.vision_config.image_token_id
     distributions = list(DISTRIBUTIONS) if args.distribution == "all" else [args.distribution]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for distribution in distributions:
-            samples = make_samples(distribution, args.num_samples, num_crops=args.num_crops)
+            samples = make_samples(distribution, args.num_samples, num_crops=args.num_crops, image_processor=images,
+                                   image_token_id=image_token)
             grouped = batches(samples, args.batch_size, grouped=True)
             random_order = batches(samples, args.batch_size, grouped=False)
             print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f} "
                   f"tokens; padding at batch {args.batch_size}: {padding_fraction(random_order):.1%} in random order, "
                   f"{padding_fraction(grouped):.1%} length-grouped", flush=True)
+            if images is not None:  # the processor pads a batch's images to its most crops
+                print(f"  padding crops the vision tower runs at batch {args.batch_size}: "
+                      f"{crop_padding_fraction(random_order):.1%} in random order (and packed rows), "
+                      f"{crop_padding_fraction(grouped):.1%} length-grouped", flush=True)
             # Every row times the same samples: the batch-1 rows one by one, the batched rows in --steps batches.
             pool = samples[:timed]
             one_by_one, grouped, random_order = (batches(pool, 1, False), batches(pool, args.batch_size, True),
@@ -675,7 +711,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.torch_compile_backend:
                     configs.append(Row(f"{mode} b1 no checkpointing compiled", mode, attn, one_by_one,
                                        checkpointing=False, compile_backend=args.torch_compile_backend))
-                if mode == "frozen":  # --cache_vision_features from the second epoch on
+                if mode == "frozen" and family.supports_vision_cache:  # --cache_vision_features from epoch 2 on
                     configs.append(Row(f"{mode} b1 cached features", mode, attn, one_by_one,
                                        checkpointing=False, cached=True))
                 if args.batch_size > 1:
@@ -691,7 +727,7 @@ def main(argv: list[str] | None = None) -> None:
                     model = build_model(config, mode, row_config.attn, device,
                                         amp_dtype if mode != "full" else torch.float32, Path(workdir),
                                         row_config.checkpointing)
-                    if full_logits:
+                    if full_logits and family.pads_crops_to_limit:
                         embedding = image_embedding(model)
                         embedding.forward = types.MethodType(all_crops_embedding, embedding)
                     row = run_config(row_config, model, device, amp_dtype, peak, useful_flops)

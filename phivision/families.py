@@ -104,6 +104,10 @@ class ModelFamily:
 
     # ----- meta-device sizing (phivision.training.sizing; only families with supports_step_sizing) -----
 
+    def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The image inputs of encoded samples as one batch: the processor's `batch_images` (no files needed)."""
+        raise NotImplementedError
+
     def full_size_config(self) -> Any:
         """The full-size checkpoint's config (the shipped copy of its config.json), for sizing without a download."""
         config_class = self.model_class().config_class

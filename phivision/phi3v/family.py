@@ -61,6 +61,11 @@ class Phi3VFamily(ModelFamily):
                     targets.append(name)
         return targets
 
+    def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from .processing import Phi3VProcessor
+
+        return Phi3VProcessor.batch_images(samples)
+
     def default_image_processor(self) -> Any:
         from .image_processing import Phi3VImageProcessor
 

@@ -57,6 +57,9 @@ class Phi4MMFamily(ModelFamily):
                       num_items_in_batch: Any = None) -> torch.Tensor:
         return modes.answer_loss(model, inputs, num_items_in_batch) + modes.zero_vision_term(model, inputs)
 
+    def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return Phi4MMProcessor.batch_images(samples)
+
     def default_image_processor(self) -> Any:
         from .image_processing import Phi4MMImageProcessor
 
