@@ -49,19 +49,18 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .attention import native_bf16, training_attention
 from .collator import pack_batch, pad_batch
+from .families import family_for_type, family_of_model, known_families
 from .phi3v.configuration import Phi3VConfig
 from .phi3v.image_processing import CROP_SIZE, hd_image_size, num_image_tokens
-from .phi3v.modeling import Phi3VForCausalLM
 from .phi3v.processing import Phi3VProcessor
-from .training.sizing import (STRATEGIES, Layout, meta_model, mode_arguments, reference_clip, sample_layout,
-                              state_bytes, step_cost)
+from .phi4mm.image_processing import pad_crops
+from .phi3v.family import reference_clip
+from .training.sizing import STRATEGIES, Layout, meta_model, mode_arguments, state_bytes, step_cost
 from .training.arguments import LoraArguments, ModelArguments
 from .training.modes import quantization_config, setup_mode
 from .training.trainer import length_buckets
 from .training.vision_cache import image_embedding
 
-# The Hub's config.json of Phi-3.5-vision-instruct, shipped for the full-size rows (no download).
-FULL_CONFIG = Path(__file__).resolve().parent / "configs" / "phi-3.5-vision-instruct.json"
 
 # name: (images per sample, num_crops, (width range), (height range), prompt tokens, answer tokens)
 DISTRIBUTIONS = {
@@ -79,6 +78,7 @@ SIZES = {
     "tiny": None,  # phivision.tiny's config with the real vocabulary: for smoke tests
     "full": None,
 }
+FAMILIES = {"phi3v": "phi3_v", "phi4mm": "phi4_multimodal"}  # --family: its config.json model_type
 BASELINE = "baseline (reference)"  # the rows that behave as the reference recipe, one per mode
 # Dense 16-bit tensor-core TFLOP/s with fp32 accumulation (bf16; fp16 on V100 and T4, which have no bf16), by
 # the words of torch.cuda.get_device_name(); the first entry whose words all appear wins.
@@ -170,10 +170,23 @@ class Sample:
     image_sizes: torch.Tensor  # [images, 2] (H, W) of the HD images
     num_crops: int
     seed: int
+    crop_size: int = CROP_SIZE  # the family's crop side: image_sizes / crop_size is each image's grid
+    # None: Phi-3-V's encoding (negative image ids, every image num_crops + 1 crop slots); else Phi-4-MM's
+    # (this placeholder id, the sample's images padded to their most crops, with a patch attention mask).
+    image_token_id: int | None = None
+    crop_masks: list[torch.Tensor] | None = None  # Phi-4-MM: each image's [1 + crops, S/p, S/p] patch mask
 
     def as_dict(self) -> dict:
         """The collator's input; pixels are drawn here, so hundreds of samples don't hold GBs of crops."""
         generator = torch.Generator().manual_seed(self.seed)
+        if self.image_token_id is not None:
+            crops, size = [len(mask) for mask in self.crop_masks], self.crop_size
+            pixels = torch.zeros(len(crops), max(crops), 3, size, size)
+            for i, real in enumerate(crops):
+                pixels[i, :real] = torch.randn(real, 3, size, size, generator=generator)
+            return {"input_ids": [self.image_token_id if i < 0 else i for i in self.input_ids], "labels": self.labels,
+                    "image_pixel_values": pixels, "image_sizes": self.image_sizes,
+                    "image_attention_mask": pad_crops(self.crop_masks, fill=1.0, empty_shape=())}
         pixels = torch.zeros(len(self.image_sizes), self.num_crops + 1, 3, CROP_SIZE, CROP_SIZE)
         for i, (h, w) in enumerate(self.image_sizes.tolist()):
             real = 1 + (h // CROP_SIZE) * (w // CROP_SIZE)
@@ -182,13 +195,22 @@ class Sample:
                 "image_sizes": self.image_sizes}
 
 
-def make_config(size: str) -> Phi3VConfig:
+def make_config(size: str, family: str = "phi3v"):
+    """The config of a `--size` of a `--family` (phi4mm: "full", the Hub's, and "tiny" with the real vocabulary)."""
+    if family == "phi4mm":
+        if size == "full":
+            return known_families()[FAMILIES[family]].full_size_config()
+        if size == "tiny":
+            from .phi4mm.tiny import build_tiny_tokenizer, tiny_config
+
+            return tiny_config(build_tiny_tokenizer(), vocab_size=200064)
+        raise ValueError(f"--size {size}: --family phi4mm has sizes full and tiny")
     if size == "tiny":
         from .tiny import tiny_config
 
         return tiny_config(vocab_size=32064, pad_token_id=32000)
     if size == "full":
-        return Phi3VConfig(**json.loads(FULL_CONFIG.read_text()))
+        return known_families()[FAMILIES["phi3v"]].full_size_config()  # the Hub's config.json, shipped
     settings = dict(SIZES[size])
     vision = settings.pop("vision")
     head_dim = settings["hidden_size"] // settings["num_attention_heads"]
@@ -201,23 +223,35 @@ def make_config(size: str) -> Phi3VConfig:
     )
 
 
-def make_samples(distribution: str, count: int, seed: int = 0, num_crops: int | None = None) -> list[Sample]:
-    """Token ids laid out as the processor lays them out, with random text and random pixels; `num_crops`
-    overrides the distribution's own."""
+def make_samples(distribution: str, count: int, seed: int = 0, num_crops: int | None = None,
+                 image_processor=None, image_token_id: int | None = None) -> list[Sample]:
+    """Token ids laid out as the processor lays them out (image tokens as negative ids), with random text and
+    random pixels; `num_crops` overrides the distribution's own. `image_processor`: the family whose crop grids
+    and image-token counts the samples get (`ModelFamily.default_image_processor()`; None: Phi-3-V's), and
+    `image_token_id` its placeholder token (see `Sample`)."""
     images, default_crops, widths, heights, prompt, answer = DISTRIBUTIONS[distribution]
     num_crops = num_crops or default_crops
     rng = random.Random(seed)
     samples = []
     for index in range(count):
-        ids, sizes = [1, 32010], []
+        ids, sizes, masks = [1, 32010], [], []
         for k in range(1, images + 1):
             width, height = rng.randint(*widths), rng.randint(*heights)
-            sizes.append(list(hd_image_size(width, height, num_crops)))
-            ids += [-k] * num_image_tokens(width, height, num_crops) + [1]
+            if image_processor is None:
+                size, tokens = hd_image_size(width, height, num_crops), num_image_tokens(width, height, num_crops)
+            else:
+                size = image_processor.hd_image_size(width, height, num_crops)
+                tokens = image_processor.num_image_tokens(width, height, num_crops)
+                if image_token_id is not None:
+                    masks.append(image_processor.crop_masks(image_processor.crop_layout(width, height, num_crops)))
+            sizes.append(list(size))
+            ids += [-k] * tokens + [1]
         ids += [rng.randint(100, 31000) for _ in range(rng.randint(*prompt))] + [32007, 32001]
         answer_ids = [rng.randint(100, 31000) for _ in range(rng.randint(*answer))] + [32007, 32000]
         labels = [-100] * len(ids) + answer_ids
-        samples.append(Sample(ids + answer_ids, labels, torch.tensor(sizes), num_crops, seed + index))
+        samples.append(Sample(ids + answer_ids, labels, torch.tensor(sizes), num_crops, seed + index,
+                              CROP_SIZE if image_processor is None else image_processor.crop_size, image_token_id,
+                              masks or None))
     return samples
 
 
@@ -238,10 +272,20 @@ def padding_fraction(groups: list[list[Sample]]) -> float:
     return 1 - real / total
 
 
-def collate_samples(group: list[Sample], packing: bool) -> dict:
+def crop_padding_fraction(groups: list[list[Sample]]) -> float:
+    """Padding crops / all crops the vision tower is given when each group's images are padded to the most crops of
+    an image in the group (Phi-4-MM's processor, padded or packed batches alike)."""
+    crops = [[1 + h * w for s in g for h, w in layout(s)[2]] for g in groups]
+    real = sum(sum(c) for c in crops)
+    return 1 - real / sum(len(c) * max(c) for c in crops if c)
+
+
+def collate_samples(group: list[Sample], packing: bool, family=None, pad_token_id: int = 32000) -> dict:
+    """A batch as the recipes' collator builds it for `family` (None: Phi-3-V)."""
     samples = [s.as_dict() for s in group]
-    return (pack_batch(samples, Phi3VProcessor.batch_images) if packing
-            else pad_batch(samples, pad_token_id=32000, batch_images=Phi3VProcessor.batch_images))
+    batch_images = Phi3VProcessor.batch_images if family is None else family.batch_images
+    return (pack_batch(samples, batch_images) if packing
+            else pad_batch(samples, pad_token_id=pad_token_id, batch_images=batch_images))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -258,10 +302,16 @@ def all_crops_embedding(self, pixel_values: torch.Tensor, image_sizes: torch.Ten
     return self.image_tokens(real, crops_hw)
 
 
+def training_loss(model, batch: dict) -> torch.Tensor:
+    """The loss the recipes' trainer computes: the family's own (Phi-4-MM: answer-only logits), else the model's."""
+    loss = family_of_model(model).training_loss(model, batch)
+    return model(**batch).loss if loss is None else loss
+
+
 def loss_of(model, batch: dict, full_logits: bool) -> tuple[torch.Tensor, int]:
     """(loss, bytes of the logits it read)."""
     if not full_logits:
-        loss = model(**batch).loss
+        loss = training_loss(model, batch)
         return loss, int((batch["labels"][:, 1:] != -100).sum()) * model.config.vocab_size * 4
     labels = batch.pop("labels")
     logits = model(**batch, use_cache=False).logits.float()  # the reference: HF's loss upcasts all logits
@@ -270,19 +320,20 @@ def loss_of(model, batch: dict, full_logits: bool) -> tuple[torch.Tensor, int]:
     return loss, logits.numel() * 4
 
 
-def build_model(config: Phi3VConfig, mode: str, attn: str, device: torch.device, dtype: torch.dtype, workdir: Path,
+def build_model(config, mode: str, attn: str, device: torch.device, dtype: torch.dtype, workdir: Path,
                 checkpointing: bool = True):
-    """A random model set up as the recipes set up each mode, every layer checkpointed or none."""
+    """A random model of `config`'s family set up as the recipes set up each mode, every layer checkpointed or none."""
     config._attn_implementation = attn
+    model_class = family_for_type(config.model_type, "--family").model_class()
     if mode == "qlora":
         path = workdir / "random-checkpoint"
         if not path.exists():
-            Phi3VForCausalLM(config).to(torch.bfloat16).save_pretrained(path)  # as on the Hub: 8 GB at full size
-        model = Phi3VForCausalLM.from_pretrained(path, quantization_config=quantization_config(dtype),
-                                                 attn_implementation=attn, dtype=dtype, device_map={"": device})
+            model_class(config).to(torch.bfloat16).save_pretrained(path)  # as on the Hub: 8 GB at full size
+        model = model_class.from_pretrained(path, quantization_config=quantization_config(dtype),
+                                            attn_implementation=attn, dtype=dtype, device_map={"": device})
     else:
         with torch.device(device):
-            model = Phi3VForCausalLM(config).to(dtype if mode == "lora" else torch.float32)
+            model = model_class(config).to(dtype if mode == "lora" else torch.float32)
     # The recipes' own set-up, with their default LoRA settings.
     lora = LoraArguments(use_lora=mode in ("lora", "qlora"), use_qlora=mode == "qlora")
     model = setup_mode(model, ModelArguments(freeze_vision_model=mode == "frozen"), lora)
@@ -365,9 +416,12 @@ def run_config(row_config: Row, model, device, amp_dtype, peak_tflops, useful_fl
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    family = family_of_model(model)
+    # Phi-3-V's reference runs every crop slot through all of CLIP (`all_crops_embedding`, set by `main`).
+    all_crops = full_logits and family.pads_crops_to_limit
 
     def collate(group: list[Sample], packing: bool) -> dict:
-        batch = collate_samples(group, packing)
+        batch = collate_samples(group, packing, family, model.config.pad_token_id)
         if not row_config.cached or "pixel_values" not in batch:
             return batch
         with torch.no_grad(), autocast:  # the frozen tower's output, as the cache's pre-pass computes it
@@ -387,7 +441,7 @@ def run_config(row_config: Row, model, device, amp_dtype, peak_tflops, useful_fl
         for batch in alone:
             batch = to_device(batch, device)
             with autocast:
-                loss = model(**batch).loss
+                loss = training_loss(model, batch)
             loss.backward()
         optimizer.zero_grad(set_to_none=True)
 
@@ -404,7 +458,7 @@ def run_config(row_config: Row, model, device, amp_dtype, peak_tflops, useful_fl
     useful_flops = {} if useful_flops is None else useful_flops
     key = (row_config.mode, row_config.attn, row_config.checkpointing, row_config.cached)
     if key not in useful_flops:
-        baseline_embedding = image_embedding(model) if full_logits else None
+        baseline_embedding = image_embedding(model) if all_crops else None
         if baseline_embedding is not None:  # useful FLOPs use the real-crop embedding
             del baseline_embedding.forward
         alone = [collate([sample], False) for group in groups for sample in group]
@@ -458,7 +512,15 @@ META_SAMPLES = 4  # samples per distribution whose steps are measured on the met
 GPU_COUNTS = (1, 2, 4, 8)
 
 
-def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str],
+def reference_crop_slots(sample: Sample, family) -> int:
+    """Crops per image of the sample's batch-1 step as the processor pads them (`ModelFamily.pads_crops_to_limit`):
+    every image to the crop limit (Phi-3-V), or to the most crops of the sample's images (Phi-4-MM)."""
+    if family.pads_crops_to_limit:
+        return sample.num_crops + 1
+    return max(1 + h * w for h, w in layout(sample)[2])
+
+
+def meta_report(config, distributions: list[str], modes: list[str],
                 num_crops: int | None = None) -> list[dict]:
     """Per mode and distribution, at the size of `config` with no memory allocated: FLOPs of one sample's
     step (mean of META_SAMPLES), against the reference recipe's (all crop slots through CLIP, logits at every
@@ -466,22 +528,32 @@ def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str],
     --gradient_checkpointing auto picks when memory allows) and, for frozen vision, with cached image
     features (--cache_vision_features, epoch 2 on); the activations of the longest sample; and the bytes
     per GPU (weights, gradients, optimizer states + activations) for 1-8 GPUs."""
+    family = family_for_type(config.model_type, "--family")
+    images = None if family.pads_crops_to_limit else family.default_image_processor()
     rows = []
     for distribution in distributions:
-        samples = make_samples(distribution, META_SAMPLES, num_crops=num_crops)
-        slots = samples[0].num_crops + 1  # crop slots per image, padding included
+        samples = make_samples(distribution, META_SAMPLES, num_crops=num_crops, image_processor=images)
+        slots = {id(s): reference_crop_slots(s, family) for s in samples}  # crop slots per image, padding included
         longest = max(samples, key=lambda s: len(s.input_ids))
         print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f}"
               f" tokens, longest {len(longest.input_ids)}; TFLOP per sample's step (batch 1) and speed-up in FLOPs "
               "over the reference recipe's step; activations of the longest; GB per GPU for 1/2/4/8 GPUs", flush=True)
+        if not family.pads_crops_to_limit:  # the tower also runs the zero crops a batch pads its images with
+            many = make_samples(distribution, 400, num_crops=num_crops, image_processor=images)
+            shares = {f"batch {size}, {order}": crop_padding_fraction(batches(many, size, grouped=order == "grouped"))
+                      for size in (1, 4) for order in ("random", "grouped")}
+            rows.append({"config": "crop padding", "distribution": distribution, **shares})
+            print("  padding crops the vision tower runs: "
+                  + ", ".join(f"{key} {share:.1%}" for key, share in shares.items()), flush=True)
         measured = {}  # QLoRA computes as LoRA does (its 4-bit base is dequantised to 16-bit): measured once
         for mode in modes:
             model_args, lora = mode_arguments(mode)
             model = meta_model(config, model_args, lora)
             same_as = "lora" if mode == "qlora" else mode
             if same_as not in measured:
+                cached = model_args.freeze_vision_model and family.supports_vision_cache
                 measured[same_as] = measure_mode(config, model, meta_model(config, model_args, lora, False),
-                                                 samples, longest, slots, cached=model_args.freeze_vision_model)
+                                                 samples, longest, slots, cached=cached)
             row = {"config": mode, "distribution": distribution, **measured[same_as]}
             for key, activations in (("GB per GPU", row["activations GB"]),
                                      ("GB per GPU, no checkpointing", row["activations GB, no checkpointing"])):
@@ -495,18 +567,21 @@ def meta_report(config: Phi3VConfig, distributions: list[str], modes: list[str],
     return rows
 
 
-def measure_mode(config: Phi3VConfig, model: torch.nn.Module, unchecked: torch.nn.Module, samples: list[Sample],
-                 longest: Sample, slots: int, cached: bool) -> dict:
-    """The FLOPs and activations of `meta_report`'s row for one mode (`model` checkpointed, `unchecked` not)."""
+def measure_mode(config, model: torch.nn.Module, unchecked: torch.nn.Module, samples: list[Sample],
+                 longest: Sample, slots: dict[int, int], cached: bool) -> dict:
+    """The FLOPs and activations of `meta_report`'s row for one mode (`model` checkpointed, `unchecked` not;
+    `slots`: each sample's crop slots per image in the reference's step, by id)."""
 
-    def mean_flops(model: torch.nn.Module, **options) -> float:
-        return sum(step_cost(model, *layout(s), **options).flops for s in samples) / len(samples)
+    def mean_flops(model: torch.nn.Module, padded: bool = False, **options) -> float:
+        return sum(step_cost(model, *layout(s), crop_slots=slots[id(s)] if padded else None, **options).flops
+                   for s in samples) / len(samples)
 
     ours, free = mean_flops(model), mean_flops(unchecked)
-    # The reference's step, one saving at a time: every crop slot, then all of CLIP, then logits everywhere.
-    slots_only = mean_flops(model, crop_slots=slots)
-    whole_tower = mean_flops(model, crop_slots=slots, whole_tower=True)
-    reference = mean_flops(model, crop_slots=slots, whole_tower=True, full_logits=True)
+    # The reference's step, one saving at a time: every crop slot, then all of CLIP, then logits everywhere
+    # (Phi-4-MM's own model always runs its whole tower: no second saving there).
+    slots_only = mean_flops(model, padded=True)
+    whole_tower = mean_flops(model, padded=True, whole_tower=True)
+    reference = mean_flops(model, padded=True, whole_tower=True, full_logits=True)
     row = {"TFLOP/sample": ours / 1e12, "TFLOP/sample, no checkpointing": free / 1e12,
            "reference TFLOP/sample": reference / 1e12, "x vs reference": reference / ours,
            "x vs reference, no checkpointing": reference / free,
@@ -539,13 +614,18 @@ def format_meta_row(row: dict) -> str:
 
 
 def layout(sample: Sample) -> Layout:
-    return sample_layout(sample.input_ids, sample.labels, sample.image_sizes)
+    """The sample as `step_cost` takes it (its ids have the image tokens negative already)."""
+    return (list(sample.input_ids), list(sample.labels),
+            [(h // sample.crop_size, w // sample.crop_size) for h, w in sample.image_sizes.tolist()])
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The bench's command line (gpu_check checks its commands against it)."""
     parser = argparse.ArgumentParser(prog="python -m phivision.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=list(FAMILIES), default="phi3v",
+                        help="Model family: phi3v (Phi-3.5-vision) or phi4mm (Phi-4-multimodal: --device meta with "
+                             "--size full, the Hub checkpoint's, or tiny, so far).")
     parser.add_argument("--size", choices=list(SIZES), default="small", help="Model size (random weights).")
     parser.add_argument("--distribution", choices=[*DISTRIBUTIONS, "all"], default="docvqa", help="Sample lengths.")
     parser.add_argument("--modes", nargs="+", default=["full", "lora"],
@@ -579,8 +659,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
 
     device = torch.device(args.device)
+    if args.family != "phi3v" and args.size not in ("full", "tiny"):
+        raise SystemExit(f"error: --size {args.size}: --family {args.family} has sizes full and tiny")
     if device.type == "meta":
-        rows = meta_report(make_config(args.size), list(DISTRIBUTIONS) if args.distribution == "all"
+        rows = meta_report(make_config(args.size, args.family), list(DISTRIBUTIONS) if args.distribution == "all"
                            else [args.distribution], args.modes, args.num_crops)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
@@ -593,17 +675,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_samples < timed:
         raise SystemExit(f"error: --num_samples {args.num_samples} is fewer than the --steps x --batch_size = {timed} "
                          "samples every row times")
-    config = make_config(args.size)
+    config = make_config(args.size, args.family)
+    family = family_for_type(config.model_type, "--family")
+    images = None if family.pads_crops_to_limit else family.default_image_processor()
+    image_token = None if images is None else config.vision_config.image_token_id
     distributions = list(DISTRIBUTIONS) if args.distribution == "all" else [args.distribution]
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for distribution in distributions:
-            samples = make_samples(distribution, args.num_samples, num_crops=args.num_crops)
+            samples = make_samples(distribution, args.num_samples, num_crops=args.num_crops, image_processor=images,
+                                   image_token_id=image_token)
             grouped = batches(samples, args.batch_size, grouped=True)
             random_order = batches(samples, args.batch_size, grouped=False)
             print(f"\n{distribution}: {len(samples)} samples, mean {sum(len(s.input_ids) for s in samples) / len(samples):.0f} "
                   f"tokens; padding at batch {args.batch_size}: {padding_fraction(random_order):.1%} in random order, "
                   f"{padding_fraction(grouped):.1%} length-grouped", flush=True)
+            if images is not None:  # the processor pads a batch's images to its most crops
+                print(f"  padding crops the vision tower runs at batch {args.batch_size}: "
+                      f"{crop_padding_fraction(random_order):.1%} in random order (and packed rows), "
+                      f"{crop_padding_fraction(grouped):.1%} length-grouped", flush=True)
             # Every row times the same samples: the batch-1 rows one by one, the batched rows in --steps batches.
             pool = samples[:timed]
             one_by_one, grouped, random_order = (batches(pool, 1, False), batches(pool, args.batch_size, True),
@@ -621,7 +711,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.torch_compile_backend:
                     configs.append(Row(f"{mode} b1 no checkpointing compiled", mode, attn, one_by_one,
                                        checkpointing=False, compile_backend=args.torch_compile_backend))
-                if mode == "frozen":  # --cache_vision_features from the second epoch on
+                if mode == "frozen" and family.supports_vision_cache:  # --cache_vision_features from epoch 2 on
                     configs.append(Row(f"{mode} b1 cached features", mode, attn, one_by_one,
                                        checkpointing=False, cached=True))
                 if args.batch_size > 1:
@@ -637,7 +727,7 @@ def main(argv: list[str] | None = None) -> None:
                     model = build_model(config, mode, row_config.attn, device,
                                         amp_dtype if mode != "full" else torch.float32, Path(workdir),
                                         row_config.checkpointing)
-                    if full_logits:
+                    if full_logits and family.pads_crops_to_limit:
                         embedding = image_embedding(model)
                         embedding.forward = types.MethodType(all_crops_embedding, embedding)
                     row = run_config(row_config, model, device, amp_dtype, peak, useful_flops)

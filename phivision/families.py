@@ -10,12 +10,20 @@ The chat layout, the image token and the image inputs' names and batching are th
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from .errors import SetupError, first_line
+
+# The Hub's config.json of each family's full-size checkpoint, shipped for meta-device sizing (no download).
+CONFIGS = Path(__file__).resolve().parent / "configs"
+# Layout of one encoded sample for meta-device sizing (phivision.training.sizing.step_cost): its input ids with
+# every image token as a negative id, its labels, and the (rows, columns) crop grid of each of its images.
+Layout = tuple[list[int], list[int], list[tuple[int, int]]]
 
 
 class Processor(Protocol):
@@ -57,6 +65,10 @@ class ModelFamily:
     supports_step_sizing: bool = False  # meta-device sizing of a step (auto checkpointing, the "which mode fits" table)
     supports_remote_code: bool = False  # saved files can name the original remote code (--remote_code_repo)
     ships_vision_lora: bool = False  # its checkpoints carry a vision LoRA to continue (--continue_vision_lora)
+    # The processor pads every image's crops to the crop limit (Phi-3-V: num_crops + 1 slots), not only to the
+    # most crops of an image in the batch (Phi-4-MM): what the reference step's padded crops are in sizing.
+    pads_crops_to_limit: bool = False
+    full_config: str  # the file in phivision/configs/ holding the full-size checkpoint's config.json
 
     def model_class(self) -> type:
         """The transformers model class, loaded with `from_pretrained`."""
@@ -95,6 +107,39 @@ class ModelFamily:
     def training_loss(self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor | None:
         """The loss of a training batch when the family computes it itself (None: the model's own `loss`)."""
         return None
+
+    # ----- meta-device sizing (phivision.training.sizing; only families with supports_step_sizing) -----
+
+    def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The image inputs of encoded samples as one batch: the processor's `batch_images` (no files needed)."""
+        raise NotImplementedError
+
+    def full_size_config(self) -> Any:
+        """The full-size checkpoint's config (the shipped copy of its config.json), for sizing without a download."""
+        config_class = self.model_class().config_class
+        return config_class(**json.loads((CONFIGS / self.full_config).read_text()))
+
+    def default_image_processor(self) -> Any:
+        """The family's image processor with its defaults: crop grids and image-token counts of image sizes."""
+        raise NotImplementedError
+
+    def sample_layout(self, config: Any, input_ids: Sequence[int], labels: Sequence[int],
+                      image_sizes: torch.Tensor | None) -> Layout:
+        """The `Layout` of an encoded sample (`image_sizes`: [images, 2] (H, W) of each padded image)."""
+        raise NotImplementedError
+
+    def checkpointable_layers(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+        """By name ("LM", the tower's), the layers gradient checkpointing can recompute that run and train."""
+        raise NotImplementedError
+
+    def meta_image_tokens(self, model: torch.nn.Module, crops_hw: Sequence[tuple[int, int]], image_tokens: int,
+                          crop_slots: int | None = None, whole_tower: bool = False) -> torch.Tensor:
+        """[image_tokens, hidden] image tokens of a sample's images as the model computes them, on the meta device.
+
+        `crops_hw`: each image's crop grid. `crop_slots`: crops per image padding included, as a batch pads
+        them (None: real crops only); `whole_tower`: every layer of the tower runs, as the reference recipe
+        runs it (families whose model always does so ignore it)."""
+        raise NotImplementedError
 
     def state_dict_to_save(self, state_dict: Any, base: str) -> Any:
         """What a full model's save writes: `state_dict` completed with what training left out (Phi-4-MM: the

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from phivision import bench
-from phivision.training import sizing
+from phivision.phi3v.family import reference_clip
 from phivision.training.sizing import NF4_BYTES, meta_model, mode_arguments, state_bytes, step_cost
 from phivision.tiny import tiny_config
 
@@ -65,7 +65,7 @@ def test_the_reference_runs_the_whole_clip_tower_ours_stops_at_the_feature_layer
     pixels = torch.randn(3, 3, 336, 336)
     tower, ran = real.vision_embed_tokens.img_processor, []
     tower.vision_model.encoder.layers[-1].register_forward_hook(lambda *args: ran.append(True))
-    assert torch.equal(sizing.reference_clip(tower, pixels), tower(pixels)) and ran == [True]
+    assert torch.equal(reference_clip(tower, pixels), tower(pixels)) and ran == [True]
 
 
 def test_bytes_per_gpu_of_each_mode():

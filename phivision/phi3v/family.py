@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..families import ModelFamily
+from ..families import Layout, ModelFamily
 
 LANGUAGE_LORA_TARGETS = ["qkv_proj", "o_proj", "down_proj", "gate_up_proj"]
 VISION_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -18,6 +19,8 @@ class Phi3VFamily(ModelFamily):
     supports_vision_cache = True
     supports_step_sizing = True
     supports_remote_code = True
+    pads_crops_to_limit = True
+    full_config = "phi-3.5-vision-instruct.json"
 
     def model_class(self) -> type:
         from .modeling import Phi3VForCausalLM
@@ -57,3 +60,49 @@ class Phi3VFamily(ModelFamily):
                 elif leaf in VISION_LORA_TARGETS and any(layer in name for layer in used_vision_layers):
                     targets.append(name)
         return targets
+
+    def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from .processing import Phi3VProcessor
+
+        return Phi3VProcessor.batch_images(samples)
+
+    def default_image_processor(self) -> Any:
+        from .image_processing import Phi3VImageProcessor
+
+        return Phi3VImageProcessor()
+
+    def sample_layout(self, config: Any, input_ids: Sequence[int], labels: Sequence[int],
+                      image_sizes: torch.Tensor | None) -> Layout:
+        """Phi-3-V's image tokens are negative ids already (-k for image k)."""
+        from .image_processing import CROP_SIZE
+
+        sizes = [] if image_sizes is None else image_sizes.tolist()
+        return list(input_ids), list(labels), [(h // CROP_SIZE, w // CROP_SIZE) for h, w in sizes]
+
+    def checkpointable_layers(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+        """The LM's decoder layers and CLIP's layers up to the feature layer that train (a frozen tower has none)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        tower = base.model.vision_embed_tokens.img_processor
+        vision = [layer for layer in tower.vision_model.encoder.layers[: tower.num_layers_used]
+                  if any(p.requires_grad for p in layer.parameters())]
+        return {"LM": list(base.model.layers), "CLIP": vision}
+
+    def meta_image_tokens(self, model: torch.nn.Module, crops_hw: Sequence[tuple[int, int]], image_tokens: int,
+                          crop_slots: int | None = None, whole_tower: bool = False) -> torch.Tensor:
+        """CLIP on the global crop and the sub-crops of each image (`crop_slots` per image with padding; the
+        padding slots are dropped after CLIP, as the reference does), then the HD merge and projection."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        embedding = base.model.vision_embed_tokens
+        real = sum(1 + h * w for h, w in crops_hw)
+        crops = real if crop_slots is None else crop_slots * len(crops_hw)
+        pixels = torch.zeros(crops, 3, embedding.crop_size, embedding.crop_size, dtype=torch.bfloat16, device="meta")
+        tower = embedding.img_processor
+        features = reference_clip(tower, pixels) if whole_tower else tower(pixels)
+        return embedding.image_tokens(features[:real], crops_hw)
+
+
+def reference_clip(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """CLIP as the reference recipe runs it: the whole CLIPVisionModel (every layer, and the post layer-norm on
+    the CLS token) with all hidden states kept, then hidden state `feature_layer`. Ours stops at that layer:
+    the reference's last layer is computed and never used (1 of CLIP ViT-L's 24)."""
+    return tower.vision_model(pixel_values, output_hidden_states=True).hidden_states[tower.feature_layer]

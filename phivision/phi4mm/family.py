@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import torch
 
 from ..distributed import parameters_are_sharded
 from ..errors import SetupError
-from ..families import ModelFamily
+from ..families import Layout, ModelFamily
 from . import modes
 from .processing import Phi4MMProcessor
 
@@ -20,6 +20,8 @@ class Phi4MMFamily(ModelFamily):
     name = "Phi-4-multimodal"
     model_type = "phi4_multimodal"
     ships_vision_lora = True
+    supports_step_sizing = True
+    full_config = "phi-4-multimodal-instruct.json"
 
     def model_class(self) -> type:
         from transformers import Phi4MultimodalForCausalLM
@@ -61,6 +63,35 @@ class Phi4MMFamily(ModelFamily):
     def training_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
         return modes.answer_loss(model, modes.with_vision_term(model, inputs), num_items_in_batch)
+
+    def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return Phi4MMProcessor.batch_images(samples)
+
+    def default_image_processor(self) -> Any:
+        from .image_processing import Phi4MMImageProcessor
+
+        return Phi4MMImageProcessor()
+
+    def sample_layout(self, config: Any, input_ids: Sequence[int], labels: Sequence[int],
+                      image_sizes: torch.Tensor | None) -> Layout:
+        """The image placeholder token (`vision_config.image_token_id`) becomes -1."""
+        image_token, crop = config.vision_config.image_token_id, config.vision_config.crop_size
+        sizes = [] if image_sizes is None else image_sizes.tolist()
+        return ([-1 if i == image_token else i for i in input_ids], list(labels),
+                [(h // crop, w // crop) for h, w in sizes])
+
+    def checkpointable_layers(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
+        """The LM's decoder layers and the SigLIP layers the features pass through that train (transformers
+        checkpoints both kinds: each is a GradientCheckpointingLayer)."""
+        lm = modes.causal_lm(model)
+        tower = modes.vision_module(lm).img_processor
+        vision = [layer for layer in tower.encoder.layers[: modes.used_vision_layers(lm)]
+                  if any(p.requires_grad for p in layer.parameters())]
+        return {"LM": list(lm.model.layers), "SigLIP": vision}
+
+    def meta_image_tokens(self, model: torch.nn.Module, crops_hw: Sequence[tuple[int, int]], image_tokens: int,
+                          crop_slots: int | None = None, whole_tower: bool = False) -> torch.Tensor:
+        return modes.meta_image_tokens(model, crops_hw, image_tokens, crop_slots)
 
     def state_dict_to_save(self, state_dict: Mapping[str, torch.Tensor], base: str) -> dict[str, torch.Tensor]:
         return modes.restore_speech_weights(state_dict, base)

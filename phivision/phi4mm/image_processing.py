@@ -300,12 +300,17 @@ class Phi4MMImageProcessor(BaseImageProcessor):
         global_view = _resize(pixels, size, size, "bicubic", antialias=False)
         tiles = (pixels.reshape(3, layout.rows, size, layout.cols, size).permute(1, 3, 0, 2, 4)
                  .reshape(-1, 3, size, size))
+        crops = torch.cat([global_view[None], tiles])
+        return crops, self.crop_masks(layout), layout
+
+    def crop_masks(self, layout: CropLayout) -> torch.Tensor:
+        """[1 + crops, S/p, S/p] patch attention mask of an image laid out as `layout`: the global view's (all
+        image), then each crop's (0 on patches of padding)."""
+        mask_size = self.crop_size // self.patch_size
         mask = _attention_mask(layout, self.patch_size)
         tile_masks = (mask.reshape(layout.rows, mask_size, layout.cols, mask_size).transpose(1, 2)
                       .reshape(-1, mask_size, mask_size))
-        crops = torch.cat([global_view[None], tiles])
-        masks = torch.cat([torch.ones(1, mask_size, mask_size), tile_masks])
-        return crops, masks, layout
+        return torch.cat([torch.ones(1, mask_size, mask_size), tile_masks])
 
     def preprocess(
         self,

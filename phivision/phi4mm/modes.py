@@ -27,6 +27,7 @@ saved full model gets `restore_speech_weights`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -301,3 +302,40 @@ def apply_vision_lora(model: nn.Module, checkpoint: str | Path) -> Phi4Multimoda
     for name, parameter in merged.named_parameters():  # PEFT froze the whole base for its adapter
         parameter.requires_grad_(name in trainable)
     return merged
+
+
+def meta_image_tokens(model: nn.Module, crops_hw: list[tuple[int, int]], image_tokens: int,
+                      crop_slots: int | None = None) -> torch.Tensor:
+    """[image_tokens, hidden] image tokens of a sample's images as Phi4MultimodalImageEmbedding computes them,
+    on the meta device (phivision.training.sizing.step_cost), for images of `crops_hw` (rows, columns) grids.
+
+    The model runs SigLIP on every crop it is given: the global crop and the sub-crops of each image, and with
+    `crop_slots` the zero crops a batch pads each image to as well (`get_img_features` on
+    `image_pixel_values.flatten(0, 1)`); the whole tower runs (every layer, `post_layernorm` and the pooling
+    head), though the features are hidden state `feature_layer`. Then 2x2 average pooling, the HD merge
+    (separators: the learned extensors) and the two-layer projection over the `image_tokens` tokens. The
+    model's own forward cannot run on the meta device (it reads the attention mask's values).
+    """
+    embedding = vision_module(model)
+    tower = embedding.img_processor
+    real = sum(1 + h * w for h, w in crops_hw)
+    crops = real if crop_slots is None else crop_slots * len(crops_hw)
+    size = embedding.crop_size
+    pixels = torch.zeros(crops, 3, size, size, dtype=torch.bfloat16, device="meta")
+    side = size // tower.config.patch_size
+    patches = torch.ones(crops, side, side, dtype=torch.bool, device="meta")
+    hidden = tower.embeddings(pixels, patches)
+    states = [hidden]
+    for layer in tower.encoder.layers:  # all-ones patch mask: no attention mask (SDPA's fast path)
+        hidden = layer(hidden, None)
+        states.append(hidden)
+    tower.head(tower.post_layernorm(hidden), patches.flatten(1))  # runs, unused: no gradient reaches it
+    features = states[embedding.layer_idx]
+    width = int(math.sqrt(features.shape[1]))
+    grid = features.view(-1, width, width, features.shape[-1]).permute(0, 3, 1, 2)
+    pooled = embedding.image_token_compression(grid).permute(0, 2, 3, 1).flatten(1, 2)[:real]
+    # The HD merge reorders the crops' tokens and adds a separator per row: as many tokens, from these.
+    flat = pooled.flatten(0, 1)[:image_tokens]
+    separators = embedding.sub_img_feature_extensor.reshape(1, -1).expand(image_tokens - flat.shape[0], -1)
+    merged = torch.cat([flat, separators.to(flat.dtype)])
+    return embedding.img_projection_down(F.gelu(embedding.img_projection_up(merged)))

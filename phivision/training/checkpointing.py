@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..distributed import print_once
+from ..families import family_of_model
 from .arguments import LoraArguments, ModelArguments, RecipeArguments
 from .sharding import sharding_strategy
 from .sizing import Layout, StepCost, meta_model, sample_layout, state_bytes, step_cost
@@ -55,12 +56,9 @@ class CheckpointingPlan:
 
 
 def checkpointable_layers(model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
-    """The LM's decoder layers and the vision tower's layers that run and train (a frozen tower has none)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    tower = base.model.vision_embed_tokens.img_processor
-    vision = [layer for layer in tower.vision_model.encoder.layers[: tower.num_layers_used]
-              if any(p.requires_grad for p in layer.parameters())]
-    return {"LM": list(base.model.layers), "CLIP": vision}
+    """The LM's decoder layers and the vision tower's layers that run and train (a frozen tower has none), by
+    the model's family."""
+    return family_of_model(model).checkpointable_layers(model)
 
 
 def set_checkpointing(groups: dict[str, list[torch.nn.Module]], counts: dict[str, int]) -> None:
@@ -105,10 +103,11 @@ def plan_checkpointing(model: torch.nn.Module, model_args: ModelArguments, lora:
     return CheckpointingPlan(groups, needed, budget_bytes)
 
 
-def longest_layout(samples: Sequence[dict]) -> Layout:
-    """The layout of the longest of the encoded `samples` (a dataset with their token counts in `lengths`)."""
+def longest_layout(samples: Sequence[dict], config) -> Layout:
+    """The layout of the longest of the encoded `samples` (a dataset with their token counts in `lengths`), for a
+    model of `config`."""
     longest = samples[max(range(len(samples.lengths)), key=samples.lengths.__getitem__)]
-    return sample_layout(longest["input_ids"], longest["labels"], longest.get("image_sizes"))
+    return sample_layout(config, longest["input_ids"], longest["labels"], longest.get("image_sizes"))
 
 
 def deepspeed_buffer_bytes(config: dict | None) -> int:

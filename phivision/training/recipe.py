@@ -136,7 +136,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
     if training.auto_checkpointing and training.activation_checkpointing and rows.lengths and trainer.family.supports_step_sizing:
         # Encoded from its row, pixels included: the feature cache (--cache_vision_features) is filled later.
         samples = TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode)
-        trainer.add_callback(AutoCheckpointing(args, longest_layout(samples)))
+        trainer.add_callback(AutoCheckpointing(args, longest_layout(samples, trainer.model.config)))
     if on_sharded_model:
         trainer.add_callback(EvaluateBefore(lambda model: evaluate(model, processor, eval_rows, format_example, metric,
                                                                    args, "before")))

@@ -21,9 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from transformers import AttentionInterface
 
-from ..phi3v.configuration import Phi3VConfig
-from ..phi3v.image_processing import CROP_SIZE
-from ..phi3v.modeling import Phi3VForCausalLM
+from ..families import Layout, family_for_type, family_of_model
 from .arguments import LoraArguments, ModelArguments
 from .modes import setup_mode
 
@@ -52,14 +50,16 @@ def mode_arguments(mode: str) -> tuple[ModelArguments, LoraArguments]:
             LoraArguments(use_lora=mode in ("lora", "qlora"), use_qlora=mode == "qlora"))
 
 
-def meta_model(config: Phi3VConfig, model_args: ModelArguments, lora: LoraArguments,
+def meta_model(config, model_args: ModelArguments, lora: LoraArguments,
                checkpointing: bool = True) -> torch.nn.Module:
-    """The model on the meta device in 16-bit, set up as the recipes set it up for these flags (QLoRA as LoRA:
-    the 4-bit base computes in 16-bit, see `state_bytes` for its size), attention as a GPU's flash kernel runs it."""
+    """The model of `config` (any family's) on the meta device in 16-bit, set up as the recipes set it up for
+    these flags (QLoRA as LoRA: the 4-bit base computes in 16-bit, see `state_bytes` for its size), attention
+    as a GPU's flash kernel runs it."""
+    family = family_for_type(config.model_type, "sizing")
     config = copy.deepcopy(config)  # the caller's model keeps its attention
     config._attn_implementation = "meta_fused_sdpa"
     with torch.device("meta"):
-        model = Phi3VForCausalLM(config).to(torch.bfloat16)
+        model = family.model_class()(config).to(torch.bfloat16)
         model = setup_mode(model, model_args, LoraArguments(**{**vars(lora), "use_qlora": False}))
     model.train()
     if checkpointing:
@@ -97,20 +97,9 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return sum(storages.values())
 
 
-Layout = tuple[list[int], list[int], list[tuple[int, int]]]
-
-
-def sample_layout(input_ids: list[int], labels: list[int], image_sizes: torch.Tensor | None) -> Layout:
-    """What `step_cost` measures of an encoded sample: (input ids, labels, sub-crop grid of each image)."""
-    sizes = [] if image_sizes is None else image_sizes.tolist()
-    return list(input_ids), list(labels), [(h // CROP_SIZE, w // CROP_SIZE) for h, w in sizes]
-
-
-def reference_clip(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """CLIP as the reference recipe runs it: the whole CLIPVisionModel (every layer, and the post layer-norm on
-    the CLS token) with all hidden states kept, then hidden state `feature_layer`. Ours stops at that layer:
-    the reference's last layer is computed and never used (1 of CLIP ViT-L's 24)."""
-    return tower.vision_model(pixel_values, output_hidden_states=True).hidden_states[tower.feature_layer]
+def sample_layout(config, input_ids: list[int], labels: list[int], image_sizes: torch.Tensor | None) -> Layout:
+    """What `step_cost` measures of a sample encoded for a model of `config`'s family (see `Layout`)."""
+    return family_for_type(config.model_type, "sizing").sample_layout(config, input_ids, labels, image_sizes)
 
 
 def step_cost(model: torch.nn.Module, input_ids: list[int], labels: list[int], crops_hw: list[tuple[int, int]],
@@ -118,31 +107,29 @@ def step_cost(model: torch.nn.Module, input_ids: list[int], labels: list[int], c
               whole_tower: bool = False) -> StepCost:
     """FLOPs and saved activations of one sample's step on a `meta_model`.
 
-    Our step runs CLIP on the real crops (1 + rows x columns per image) and the LM head at the labelled
-    positions only; with `cached_features` the image tokens come from the cache of a frozen tower (no CLIP,
-    no projection). The reference recipe's step (`crop_slots`: crops per image, padding slots included;
-    `whole_tower`; `full_logits`) runs every slot through all of CLIP and the head over every position.
+    Our step runs the vision tower on the real crops (the global crop + rows x columns per image) and the LM
+    head at the labelled positions only; with `cached_features` the image tokens come from the cache of a
+    frozen tower (no tower, no projection). The reference recipe's step (`crop_slots`: crops per image,
+    padding slots included; `whole_tower`; `full_logits`) runs every slot through the whole tower and the
+    head over every position. The image side is the family's (`ModelFamily.meta_image_tokens`).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    lm, embedding = base.model, base.model.vision_embed_tokens
+    family = family_of_model(base)
+    lm = base.model
     length, answer = len(input_ids), sum(label != -100 for label in labels[1:])
-    crops = sum(1 + h * w for h, w in crops_hw) if crop_slots is None else crop_slots * len(crops_hw)
     image_tokens = sum(1 for i in input_ids if i < 0)
     live = LiveBytes()
     with FlopCounterMode(display=False) as counter:
         with live:
             if cached_features:
                 tokens = torch.zeros(image_tokens, lm.config.hidden_size, dtype=torch.bfloat16, device="meta")
+            elif crops_hw:
+                tokens = family.meta_image_tokens(base, crops_hw, image_tokens, crop_slots, whole_tower)
             else:
-                pixels = torch.zeros(crops, 3, embedding.crop_size, embedding.crop_size, dtype=torch.bfloat16,
-                                     device="meta")
-                tower = embedding.img_processor
-                features = reference_clip(tower, pixels) if whole_tower else tower(pixels)
-                features = features[: sum(1 + h * w for h, w in crops_hw)]  # padding slots are dropped after CLIP
-                tokens = embedding.image_tokens(features, crops_hw)
+                tokens = torch.zeros(0, lm.config.hidden_size, dtype=torch.bfloat16, device="meta")
             text = lm.embed_tokens(torch.zeros(1, length - image_tokens, dtype=torch.long, device="meta"))
             hidden = torch.cat([tokens[None].to(text.dtype), text], dim=1)
-            # The decoder layers as Phi3Model runs them (a causal mask over one unpadded sequence is SDPA's flag).
+            # The decoder layers as the model runs them (a causal mask over one unpadded sequence is SDPA's flag).
             positions = torch.arange(length, device="meta")[None]
             rope = lm.rotary_emb(hidden, position_ids=positions)
             for layer in lm.layers:
