@@ -482,3 +482,24 @@ def test_qlora_trains_a_new_adapter_on_a_4bit_base_with_the_vision_lora_merged(c
 
 if __name__ == "__main__" and sys.argv[1:] == ["ddp"]:
     ddp_worker()
+
+
+def test_siglip_attends_both_ways_under_sdpa_as_under_eager():
+    """transformers' vision attention says is_causal=True, which SDPA applies when no patch is padding: the tower's
+    features then depend on the kernel. The family's load path makes it bidirectional, as eager (and the released
+    model) run it."""
+    from phivision.phi4mm.modes import bidirectional_vision_attention
+
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 448, 448)
+    mask = torch.ones(1, 32, 32, dtype=torch.bool)  # no padding: the mask is dropped
+    features = {}
+    for attention in ("eager", "sdpa", "sdpa fixed"):
+        model = tiny_model(attn_implementation=attention.split()[0]).eval()
+        if attention.endswith("fixed"):
+            bidirectional_vision_attention(model)
+        tower = vision_module(model).img_processor
+        with torch.no_grad():
+            features[attention] = tower(pixels, patch_attention_mask=mask).last_hidden_state
+    assert not torch.allclose(features["sdpa"], features["eager"], atol=1e-3)  # what transformers' class does
+    torch.testing.assert_close(features["sdpa fixed"], features["eager"], rtol=1e-4, atol=1e-4)

@@ -32,8 +32,10 @@ class Phi4MMFamily(ModelFamily):
         return Phi4MMProcessor.from_pretrained(name_or_path, **kwargs)
 
     def as_it_runs_on_images(self, model: torch.nn.Module, name_or_path: str) -> torch.nn.Module:
-        """The shipped vision LoRA (vision-lora/) merged in: the model as it runs on images. A model we saved has
-        it merged already (and no vision-lora/ folder)."""
+        """SigLIP attending both ways (`modes.bidirectional_vision_attention`) and the shipped vision LoRA
+        (vision-lora/) merged in: the model as it runs on images. A model we saved has the LoRA merged already (and
+        no vision-lora/ folder)."""
+        modes.bidirectional_vision_attention(model)
         if has_vision_lora(name_or_path):
             if parameters_are_sharded(model):
                 raise SetupError(f"{self.name} under ZeRO-3: its vision LoRA cannot be merged into weights partitioned "
@@ -45,6 +47,7 @@ class Phi4MMFamily(ModelFamily):
         if parameters_are_sharded(model):
             raise SetupError(f"--continue_vision_lora: {self.name}'s vision LoRA cannot go onto weights partitioned as "
                              "they load (ZeRO-3); use ZeRO-2")
+        modes.bidirectional_vision_attention(model)
         return modes.continue_vision_lora(model, name_or_path, train_vision=train_vision)
 
     def prepare_for_training(self, model: torch.nn.Module) -> None:

@@ -116,6 +116,21 @@ def lora_target_pattern(model: nn.Module, include_vision: bool) -> str:
     return "|".join(re.escape(name) for name in lora_target_modules(model, include_vision))
 
 
+def bidirectional_vision_attention(model: nn.Module) -> None:
+    """SigLIP's patches attend to each other both ways, as the released model's tower does, under every kernel.
+
+    transformers' `Phi4MultimodalVisionAttention` says `is_causal = True`. Eager attention ignores it, but SDPA and
+    flash attention read it whenever the patch mask is dropped, i.e. when no patch of the batch is padding: the
+    tower then ran causally (the features of an image depended on the kernel and on the other images of its
+    batch). Set per module instance, on the model loaded here.
+    """
+    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalVisionAttention
+
+    for module in causal_lm(model).modules():
+        if isinstance(module, Phi4MultimodalVisionAttention):
+            module.is_causal = False
+
+
 def prepare_for_training(model: nn.Module) -> None:
     """Freezes what never reaches the loss in vision work and takes the speech encoder out of the model.
 
