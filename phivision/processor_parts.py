@@ -1,5 +1,5 @@
-"""What the processors of every family share: token counts from image sizes alone, the call's prompts and images
-checked, and padded batches. Each family's processor (phivision.phi3v.processing, phivision.phi4mm.processing)
+"""What the processors of every family share: training conversations as ids and labels, token counts from image
+sizes alone, the call's prompts and images checked, and padded batches. Each family's processor (phivision.phi3v.processing, phivision.phi4mm.processing)
 builds on these."""
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from transformers.feature_extraction_utils import BatchFeature
 
+from .chat import images_per_turn, with_image_tags
+
 IGNORE_INDEX = -100  # the label of tokens that are not learned (prompt, image tokens, padding)
+END_OF_TEXT = "<|endoftext|>"  # ends the last answer of a training sample
 
 
 def _image_list(images: Any) -> list:
@@ -67,8 +70,40 @@ def padded_batch(rows: list[list[int]], pad_id: int | None, padding_side: str, i
 
 
 class TokenCounts:
-    """Token counts from image sizes alone, for a processor with `image_processor.num_image_tokens`,
-    `encode_prompt` and `encode_conversation` (both families' processors)."""
+    """Training conversations as ids and labels, and token counts from image sizes alone, for a processor with
+    `image_processor.num_image_tokens`, `encode_prompt`, `turn_prompt_ids`, `user_turn` and `answer_turn`
+    (both families' processors)."""
+
+    def encode_conversation(
+        self, turns: Sequence[dict[str, Any]], num_image_tokens: Sequence[int]
+    ) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of a training conversation.
+
+        `turns` is a conversation as `phivision.chat` describes it; `num_image_tokens` has one count per image,
+        in order. Each turn is its `user_turn` (ids from `turn_prompt_ids`, labels -100) followed by its
+        `answer_turn` (tokenised without special tokens, labels = ids); the last answer also ends with
+        `<|endoftext|>`, as in both families' reference recipes.
+        """
+        counts_per_turn = images_per_turn(turns, len(num_image_tokens))
+        if END_OF_TEXT not in self.tokenizer.get_vocab():  # (Phi-4-MM's unk token is <|endoftext|> itself)
+            raise ValueError(f"the tokenizer has no {END_OF_TEXT} token; use the model's own tokenizer")
+        end_of_text = self.tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        first_image = 1
+        for index, (turn, count) in enumerate(zip(turns, counts_per_turn)):
+            if "user" not in turn or "assistant" not in turn:
+                raise ValueError(f"turn {index} needs 'user' and 'assistant' keys, got {sorted(turn)}")
+            prompt = self.user_turn(with_image_tags(turn["user"], first_image, count))
+            counts = num_image_tokens[first_image - 1 : first_image - 1 + count]
+            prompt_ids = self.turn_prompt_ids(prompt, counts, first_image, index)
+            answer_ids = self.tokenizer(self.answer_turn(turn["assistant"]), add_special_tokens=False)["input_ids"]
+            if index == len(turns) - 1:
+                answer_ids = answer_ids + [end_of_text]
+            input_ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+            first_image += count
+        return input_ids, labels
 
     def num_prompt_tokens(self, prompt: str, image_sizes: Sequence[tuple[int, int]], num_crops: int | None = None) -> int:
         """Tokens of a prompt, image tokens included, from its images' (width, height) alone."""

@@ -18,10 +18,9 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-from ..chat import (IMAGE_TAG, ImageTagList, answer_turn, image_tag_problem, images_per_turn, stop_token_ids,
-                   user_turn, with_image_tags)
+from ..chat import IMAGE_TAG, ImageTagList, answer_turn, image_tag_problem, stop_token_ids, user_turn
 from ..files import write_json
-from ..processor_parts import IGNORE_INDEX, TokenCounts, padded_batch, prompts_and_images
+from ..processor_parts import TokenCounts, padded_batch, prompts_and_images
 from .image_processing import Phi3VImageProcessor
 
 # tokenizer_config.json keys that transformers 5 writes and transformers 4 does not know (the Hub's file has none).
@@ -175,41 +174,15 @@ class Phi3VProcessor(TokenCounts, ProcessorMixin):
         """Where a chat answer ends: the ids of <|end|> and <|endoftext|>."""
         return stop_token_ids(self.tokenizer)
 
-    def encode_conversation(
-        self, turns: Sequence[dict[str, Any]], num_image_tokens: Sequence[int]
-    ) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of a training conversation.
-
-        `turns` is a conversation as `phivision.chat` describes it; `num_image_tokens` has one count per image,
-        in order. Each turn is its `chat.user_turn` (encoded as a prompt, labels -100; only the first turn
-        starts with BOS) followed by its `chat.answer_turn` (tokenised without special tokens, labels = ids);
-        the last answer also ends with `<|endoftext|>`, as in the reference recipe.
-        """
-        counts_per_turn = images_per_turn(turns, len(num_image_tokens))
-        end_of_text = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        if end_of_text is None or end_of_text == self.tokenizer.unk_token_id:
-            raise ValueError("the tokenizer has no <|endoftext|> token; use the Phi-3-V tokenizer")
-
-        input_ids: list[int] = []
-        labels: list[int] = []
-        first_image = 1
-        for index, (turn, count) in enumerate(zip(turns, counts_per_turn)):
-            if "user" not in turn or "assistant" not in turn:
-                raise ValueError(f"turn {index} needs 'user' and 'assistant' keys, got {sorted(turn)}")
-            prompt = user_turn(with_image_tags(turn["user"], first_image, count))
-            pieces = self._split_at_tags(prompt, count, first_image, where=f"turn {index}")
-            counts = num_image_tokens[first_image - 1 : first_image - 1 + count]
-            prompt_ids = self._encode([pieces], [counts], first_image)[0]
-            if index > 0 and prompt_ids[:1] == [self.tokenizer.bos_token_id]:
-                # A follow-up turn continues the same text at inference (one BOS at the start), so no BOS here.
-                prompt_ids = prompt_ids[1:]
-            answer_ids = self.tokenizer(answer_turn(turn["assistant"]), add_special_tokens=False)["input_ids"]
-            if index == len(turns) - 1:
-                answer_ids = answer_ids + [end_of_text]
-            input_ids += prompt_ids + answer_ids
-            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-            first_image += count
-        return input_ids, labels
+    def turn_prompt_ids(self, prompt: str, num_image_tokens: Sequence[int], first_image: int, index: int) -> list[int]:
+        """Ids of a conversation's turn `index` prompt (see `encode_conversation`): encoded as a prompt, its tags
+        numbered from `first_image`; only the first turn starts with BOS."""
+        pieces = self._split_at_tags(prompt, len(num_image_tokens), first_image, where=f"turn {index}")
+        prompt_ids = self._encode([pieces], [num_image_tokens], first_image)[0]
+        if index > 0 and prompt_ids[:1] == [self.tokenizer.bos_token_id]:
+            # A follow-up turn continues the same text at inference (one BOS at the start), so no BOS here.
+            prompt_ids = prompt_ids[1:]
+        return prompt_ids
 
     @staticmethod
     def batch_images(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -20,15 +20,14 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.utils import cached_file
 
-from ..chat import IMAGE_TAG, STOP_TOKENS, image_tag_problem, images_per_turn, with_image_tags
+from ..chat import IMAGE_TAG, STOP_TOKENS, image_tag_problem
 from ..files import write_json
-from ..processor_parts import IGNORE_INDEX, TokenCounts, padded_batch, prompts_and_images
+from ..processor_parts import TokenCounts, padded_batch, prompts_and_images
 from .image_processing import Phi4MMImageProcessor, pad_crops, speech_settings
 
 NATIVE_PROCESSOR_CLASS = "Phi4MultimodalProcessor"
 # The model's image inputs, as Phi4MultimodalForCausalLM names its arguments.
 IMAGE_INPUTS = ("image_pixel_values", "image_sizes", "image_attention_mask")
-END_OF_TEXT = "<|endoftext|>"
 # from_pretrained keywords that say where the files are (passed on to every file's lookup).
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
 
@@ -171,34 +170,10 @@ class Phi4MMProcessor(TokenCounts):
         token counts (see `Phi4MMImageProcessor.num_image_tokens`)."""
         return self._encode([text], [num_image_tokens])[0]
 
-    def encode_conversation(
-        self, turns: Sequence[dict[str, Any]], num_image_tokens: Sequence[int]
-    ) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of a training conversation.
-
-        `turns` is a conversation as `phivision.chat` describes it; `num_image_tokens` has one count per image,
-        in order. Each turn is its `user_turn` (labels -100) followed by its `answer_turn` (labels = ids); the
-        last answer also ends with `<|endoftext|>`, as in Microsoft's Phi-4-MM vision fine-tuning sample.
-        No BOS: Phi-4-MM's tokenizer adds none.
-        """
-        counts_per_turn = images_per_turn(turns, len(num_image_tokens))
-        end_of_text = self.tokenizer.convert_tokens_to_ids(END_OF_TEXT)
-        input_ids: list[int] = []
-        labels: list[int] = []
-        first_image = 1
-        for index, (turn, count) in enumerate(zip(turns, counts_per_turn)):
-            if "user" not in turn or "assistant" not in turn:
-                raise ValueError(f"turn {index} needs 'user' and 'assistant' keys, got {sorted(turn)}")
-            prompt = self.user_turn(with_image_tags(turn["user"], first_image, count))
-            counts = num_image_tokens[first_image - 1 : first_image - 1 + count]
-            prompt_ids = self._encode([prompt], [counts], where=f"turn {index}", first_image=first_image)[0]
-            answer_ids = self.tokenizer(self.answer_turn(turn["assistant"]), add_special_tokens=False)["input_ids"]
-            if index == len(turns) - 1:
-                answer_ids = answer_ids + [end_of_text]
-            input_ids += prompt_ids + answer_ids
-            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-            first_image += count
-        return input_ids, labels
+    def turn_prompt_ids(self, prompt: str, num_image_tokens: Sequence[int], first_image: int, index: int) -> list[int]:
+        """Ids of a conversation's turn `index` prompt (see `encode_conversation`), its tags numbered from
+        `first_image`. No BOS: Phi-4-MM's tokenizer adds none."""
+        return self._encode([prompt], [num_image_tokens], where=f"turn {index}", first_image=first_image)[0]
 
     @staticmethod
     def batch_images(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
