@@ -21,6 +21,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .files import tree_follows_umask
 from .generation import use_chat_stop_tokens
 from .phi3v.configuration import Phi3VConfig
 from .phi3v.image_processing import Phi3VImageProcessor
@@ -221,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         path = build_tiny_checkpoint(args.out_dir, 4 if args.num_crops is None else args.num_crops, args.seed,
                                      args.full_size)
         name = "Phi-3-V"
+    tree_follows_umask(path)  # safetensors writes its files 0600: a checkpoint others are to read must follow the umask
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"Wrote a tiny random {name} ({size / 1e6:.1f} MB) to {path}")
 

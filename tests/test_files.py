@@ -84,3 +84,18 @@ def test_every_file_of_a_lora_run_a_merge_and_generate_follows_the_umask(tiny, t
     assert (tmp_path / "merged" / "model.safetensors").is_file()
     for folder in ("run", "merged", "predictions"):
         assert modes_under(tmp_path / folder, 0o022) == {}, folder
+
+
+@pytest.mark.parametrize("family", ["phi3v", "phi4mm"])
+def test_a_tiny_checkpoint_follows_the_umask(tmp_path, family):
+    from helpers import modes_under
+
+    from phivision import tiny
+
+    old = os.umask(0o022)
+    try:
+        tiny.main([str(tmp_path / "tiny"), "--family", family, "--num_crops", "1"])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "tiny" / "model.safetensors").is_file()
+    assert modes_under(tmp_path / "tiny", 0o022) == {}
