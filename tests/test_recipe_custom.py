@@ -4,6 +4,7 @@ to vLLM and the original remote code; defaults picked from the data; bad data na
 import csv
 import importlib.util
 import json
+import shutil
 import os
 import random
 from pathlib import Path
@@ -111,26 +112,33 @@ def test_converted_jsonl_with_metric_none(tiny, tmp_path):
 
 
 def test_eval_fraction_0_trains_without_evaluating_and_draws_the_curves(tiny, tmp_path, capsys):
-    """"--eval_fraction 0 with no test file trains without evaluating": the run ends with its curves, and so does
-    the re-run; every file it writes (weights and checkpoints included) has the mode the umask gives."""
+    """"--eval_fraction 0 with no test file trains without evaluating": the run ends with its curves; a re-run of the
+    finished run changes nothing (no checkpoint is kept, so training again would start from scratch); every file it
+    writes (weights included) has the mode the umask gives."""
     data = tmp_path / "data"
     (data / "train.json").parent.mkdir()
     (data / "train.json").write_text(json.dumps(llava_records(data / "images", 4, seed=8)))
     out = tmp_path / "out"
     argv = ["--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir", str(out), "--deepspeed", "none",
             "--batch_size", "2", "--batch_size_per_gpu", "2", "--max_steps", "1", "--save_steps", "1",
-            "--eval_fraction", "0"]
+            "--save_total_limit", "1", "--eval_fraction", "0"]
     old = os.umask(0o022)
     try:
-        for _ in range(2):  # the re-run finishes from the last checkpoint
-            run_recipe(SCRIPT, *argv)
-            printed = capsys.readouterr().out
-            assert f"Training curves: {out / 'training_curves.png'}" in printed
-            assert "Evaluation report: none (no evaluation rows)" in printed
+        run_recipe(SCRIPT, *argv)
+        printed = capsys.readouterr().out
+        assert f"Training curves: {out / 'training_curves.png'}" in printed
+        assert "Evaluation report: none (no evaluation rows)" in printed
+        assert (out / "model.safetensors").is_file() and (out / "checkpoint-1" / "model.safetensors").is_file()
+        shutil.rmtree(out / "checkpoint-1")  # as if --save_steps had kept none: a re-run must not train again
+        saved = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+        run_recipe(SCRIPT, *argv)
+        assert "is complete (its model and eval_after.json are there): nothing was changed" in capsys.readouterr().out
+        assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == saved
     finally:
         os.umask(old)
-    assert (out / "model.safetensors").is_file() and (out / "checkpoint-1" / "model.safetensors").is_file()
-    assert not (out / "eval_after.json").exists() and not (out / "eval_report.html").exists()
+    summary = json.loads((out / "eval_after.json").read_text())
+    assert summary["num_examples"] == 0 and summary["score"] is None and summary["examples"] == []
+    assert not (out / "eval_before.json").exists() and not (out / "eval_report.html").exists()
     assert modes_under(out, 0o022) == {}
 
 

@@ -30,13 +30,13 @@ from ..distributed import (finish, gather_lists, is_main_process, main_process_d
 from ..errors import SetupError
 from ..evaluation import evaluate as evaluate_rows
 from ..families import Processor
-from ..files import tree_follows_umask
+from ..files import tree_follows_umask, write_json
 from ..generation import try_command
 from ..metrics import Metric, resolve_metric
 from ..phi3v.remote_code import set_code_repo
 from .arguments import RecipeArguments
 from .checkpointing import AutoCheckpointing, longest_layout
-from .checkpoints import (CheckpointError, copy_model_files, find_resume_point, load_model_weights, log_history,
+from .checkpoints import (FINAL_EVAL, CheckpointError, copy_model_files, find_resume_point, load_model_weights, log_history,
                           run_is_complete, trained_steps)
 from .modes import check_family_flags, load_for_training, load_processor
 from .output_lock import OutputDirBusy, OutputDirLock
@@ -239,6 +239,12 @@ def evaluate(model: torch.nn.Module, processor: Processor, rows: Sequence[Any], 
     without rows: nothing is evaluated)."""
     if not rows:
         print_once(f"Evaluation {when} training skipped: no evaluation rows")
+        if when == "after" and is_main_process():
+            # eval_after.json marks a run complete: without it a re-run would train again (from scratch when
+            # no checkpoint was kept). It says that nothing was evaluated; no score, so no 0.00.
+            write_json(Path(args.training.output_dir) / FINAL_EVAL,
+                       {"metric": resolve_metric(metric)[0], "score": None, "num_examples": 0, "examples": [],
+                        "note": "no evaluation rows"})
         return None
     if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
         model.to(args.training.device)  # before training the Trainer hasn't placed it yet
