@@ -65,6 +65,7 @@ class ModelFamily:
     supports_step_sizing: bool = False  # meta-device sizing of a step (auto checkpointing, the "which mode fits" table)
     supports_remote_code: bool = False  # saved files can name the original remote code (--remote_code_repo)
     ships_vision_lora: bool = False  # its checkpoints carry a vision LoRA to continue (--continue_vision_lora)
+    supports_sharded_weights: bool = True  # trains with weights partitioned over the GPUs (ZeRO-3, FSDP2)
     # The processor pads every image's crops to the crop limit (Phi-3-V: num_crops + 1 slots), not only to the
     # most crops of an image in the batch (Phi-4-MM): what the reference step's padded crops are in sizing.
     pads_crops_to_limit: bool = False

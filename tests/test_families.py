@@ -1,6 +1,8 @@
 """phivision.families: a checkpoint's family is read from its config.json, before anything loads."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +77,37 @@ def test_a_saved_full_phi4mm_loads_back_into_the_model_held_for_training(tmp_pat
     family.prepare_for_training(model)
     load_model_weights(model, tmp_path / "checkpoint-2")
     assert torch.equal(model.lm_head.weight, trained.lm_head.weight)
+
+
+def test_phi4mm_with_partitioned_weights_is_refused_in_one_line_before_the_model_loads(tiny_phi4mm, shapes, tmp_path):
+    """FSDP2 and ZeRO-3: the shipped vision LoRA is merged as the weights load, and a text-only evaluation rank would
+    run other collectives than an image rank (a gloo size mismatch under FSDP2 when it was allowed)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from phivision.training import modes
+    from phivision.training.arguments import FlagError
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "finetune_hf_trainer_hateful_memes.py", "--model_name_or_path", str(tiny_phi4mm),
+         "--dataset_name_or_path", str(shapes), "--output_dir", str(tmp_path / "out"), "--fsdp",
+         "--fsdp_config", "fsdp_config.json"], capture_output=True, text=True, cwd=root, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --fsdp: Phi-4-multimodal cannot train with partitioned weights (ZeRO-3, FSDP2) yet; use ZeRO-2 "
+        "(--deepspeed ds_config_zero2.json, the default) or LoRA")
+    assert "Loading weights" not in result.stdout + result.stderr
+    # ZeRO-3 (which needs torchrun even for one process): the same check, with DeepSpeed's global switch on.
+    args = SimpleNamespace(model=SimpleNamespace(model_name_or_path=str(tiny_phi4mm), cache_vision_features=False,
+                                                 remote_code_repo=None),
+                           lora=SimpleNamespace(continue_vision_lora=False),
+                           training=SimpleNamespace(fsdp=[], deepspeed="ds_config_zero3.json"))
+    modes.check_family_flags(args)  # ZeRO-2 (the switch off): allowed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modes, "is_deepspeed_zero3_enabled", lambda: True)
+        with pytest.raises(FlagError, match=r"^--deepspeed ds_config_zero3.json: Phi-4-multimodal cannot train with "
+                                            r"partitioned weights"):
+            modes.check_family_flags(args)

@@ -20,6 +20,9 @@ class Phi4MMFamily(ModelFamily):
     name = "Phi-4-multimodal"
     model_type = "phi4_multimodal"
     ships_vision_lora = True
+    # Its shipped vision LoRA is merged into the weights as they load, which partitioned weights don't allow, and
+    # a rank with a text-only evaluation batch would generate without the vision collectives an image rank runs.
+    supports_sharded_weights = False
     supports_step_sizing = True
     full_config = "phi-4-multimodal-instruct.json"
 
@@ -39,7 +42,7 @@ class Phi4MMFamily(ModelFamily):
         if has_vision_lora(name_or_path):
             if parameters_are_sharded(model):
                 raise SetupError(f"{self.name} under ZeRO-3: its vision LoRA cannot be merged into weights partitioned "
-                                 "as they load; use ZeRO-2 (--deepspeed ds_config_zero2.json) or FSDP2")
+                                 "as they load; use ZeRO-2 (--deepspeed ds_config_zero2.json)")
             return modes.apply_vision_lora(model, name_or_path)
         return model
 

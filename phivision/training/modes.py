@@ -71,9 +71,14 @@ def setup_mode(model: torch.nn.Module, model_args: ModelArguments, lora: LoraArg
     return get_peft_model(model, config)
 
 
-def check_family_flags(model_args: ModelArguments, lora: LoraArguments) -> None:
+def check_family_flags(args: RecipeArguments) -> None:
     """A one-line FlagError for a flag that the checkpoint's family cannot honour (before the model loads)."""
+    model_args, lora, training = args.model, args.lora, args.training
     family = family_of(model_args.model_name_or_path)
+    if not family.supports_sharded_weights and (training.fsdp or is_deepspeed_zero3_enabled()):
+        flag = "--fsdp" if training.fsdp else f"--deepspeed {training.deepspeed}"
+        raise FlagError(f"{flag}: {family.name} cannot train with partitioned weights (ZeRO-3, FSDP2) yet; use ZeRO-2 "
+                        "(--deepspeed ds_config_zero2.json, the default) or LoRA")
     if lora.continue_vision_lora and not family.ships_vision_lora:
         raise FlagError(f"--continue_vision_lora: {family.name} ships no vision LoRA to continue (Phi-4-multimodal does)")
     if model_args.cache_vision_features and not family.supports_vision_cache:

@@ -98,7 +98,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         print_once(f"{incomplete} is incomplete (the run was stopped while writing it): moved to {moved_to}.")
 
     processor = load_processor(args.model.model_name_or_path)
-    check_family_flags(args.model, args.lora)
+    check_family_flags(args)
     rows = filter_by_length(train_rows, format_train, processor, args.model.num_crops, args.data.max_seq_length,
                             training.disable_tqdm, limit=args.data.max_train_samples)
     max_bad = args.data.max_bad_samples
