@@ -7,11 +7,13 @@ import pytest
 from PIL import Image
 from test_data_converted import GOOD as SUPERVISED
 from test_data_converted import write_dataset
+from test_data_cli import HUB_FILES
 
+from phivision.data import cli
 from phivision.data.converted import ValidationError
 from phivision.data.formats import load_own_data
 from phivision.data.preference import (REJECTED, load_preference_data, preference_example, rejected_conversation,
-                                       rlaif_v_example, validate_preference_file)
+                                       rlaif_v_example)
 
 FLAT = [
     {"id": "one", "image": "a.png", "question": "What is shown?", "chosen": "A red square.", "rejected": "A cat."},
@@ -80,7 +82,7 @@ def test_preference_example_opens_the_images_and_gives_the_contract_conversation
             assert [image.filename for image in opened] == [
                 str(images / path) for turn in conversation for path in turn.get("images", [])]
     conversation, opened = preference_example(FLAT[1], images)
-    assert [image.size for image in opened] == [(40, 40), (60, 30)] and opened[0].fp is not None  # opened, not decoded (load() closes the file)
+    assert [image.size for image in opened] == [(40, 40), (60, 30)] and opened[0].fp is not None  # not decoded yet
     rejected = rejected_conversation(conversation)
     assert rejected == [{"images": ["a.png", "sub/b.jpg"], "user": "<|image_1|>\n<|image_2|>\nSame size?",
                          "assistant": "Yes."}]
@@ -214,3 +216,41 @@ def test_an_unreadable_image_is_left_to_the_run_which_names_and_skips_it(tmp_pat
                             disable_tqdm=True)
     assert rows.indices == [0] and len(rows.unreadable) == 1
     assert rows.unreadable[0].startswith(f"{tmp_path / 'train.jsonl'}:2: UnidentifiedImageError")
+
+
+def test_validate_cli_on_a_good_and_a_bad_preference_file(tmp_path, capsys):
+    file = write_preference(tmp_path)
+    assert cli.main(["validate", str(tmp_path), "--no_token_count", "--no-tqdm"]) == 0
+    assert f"{file}: preference data (chosen and rejected answers), 4 valid record(s), 5 image(s): OK" in (
+        capsys.readouterr().out)
+    (tmp_path / "images/notes.png").write_text("not an image")
+    write_preference(tmp_path, FLAT + [BAD["missing rejected"][0], {**FLAT[0], "id": "u", "image": "notes.png"}],
+                     name="train.json")
+    assert cli.main(["validate", str(tmp_path / "train.json"), "--no_token_count", "--no-tqdm"]) == 1
+    out = capsys.readouterr().out
+    assert "train.json: preference data (chosen and rejected answers), 3 valid record(s), 3 image(s): 2 problem(s)" in out
+    assert f"  {tmp_path / 'train.json'}:5: record [3]: missing 'rejected'\n" in out
+    assert f"  {tmp_path / 'train.json'}:6: record [4]: image 'notes.png' cannot be read as an image" in out
+    (tmp_path / "notes.txt").write_text("")
+    assert cli.main(["validate", str(tmp_path / "notes.txt"), "--no_token_count", "--no-tqdm"]) == 1
+    assert "not a data file" in capsys.readouterr().err
+
+
+def test_validate_cli_counts_the_tokens_of_both_sequences(tmp_path, capsys):
+    """With the real Phi-3.5-vision tokenizer: the chosen and the rejected sequence each against --max_seq_length."""
+    if not (HUB_FILES / "tokenizer.json").is_file():
+        pytest.skip(f"no reference tokenizer files in {HUB_FILES}")
+    processor = cli.load_processor(str(HUB_FILES))
+    long_rejected = {**FLAT[2], "id": "long", "rejected": "No, " * 100 + "go away."}
+    write_preference(tmp_path, [FLAT[2], long_rejected])
+    sequences = [preference_example(record, tmp_path / "images")[0] for record in (FLAT[2], long_rejected)]
+    chosen = [processor.num_conversation_tokens(s, [], 4) for s in sequences]
+    rejected = [processor.num_conversation_tokens(rejected_conversation(s), [], 4) for s in sequences]
+    assert chosen[1] < 100 < rejected[1]  # only the rejected sequence is over a budget of 100
+    assert cli.main(["validate", str(tmp_path), "--model_name_or_path", str(HUB_FILES), "--num_crops", "4",
+                     "--max_seq_length", "100", "--no-tqdm"]) == 0
+    out = capsys.readouterr().out
+    assert (f"tokens at num_crops 4: chosen max {max(chosen)}, mean {sum(chosen) / 2:.0f}, min {min(chosen)}; "
+            f"rejected max {max(rejected)}, mean {sum(rejected) / 2:.0f}, min {min(rejected)}") in out
+    assert "1 of 2 record(s) over --max_seq_length 100 (the chosen or the rejected sequence; training skips them)" in out
+    assert f"line 2 (id long): chosen {chosen[1]}, rejected {rejected[1]} tokens" in out
