@@ -15,7 +15,8 @@ Check a folder (schema, images, token counts) before training:
 The training scripts run the same checks through `load_jsonl_dataset` and stop at a bad line with
 FILE:LINE and what is wrong (an image that is there but cannot be read is named and skipped instead, within
 --max_bad_samples). LLaVA JSON and CSV files are read into this form (`phivision.data.formats`) and
-checked by the same code (`check_records`).
+checked by the same code (`check_records`), and so is preference data (`preference`), whose last turn also has
+"rejected".
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@
 
 A record's own keys say which form it has. Every reader turns its records into the converted form, which
 `converted.check_records` checks the same way for all: schema, image tags, every image opening inside the
-image folder, unique ids; problems are named FILE:LINE (plus `record [N]` in a JSON list).
+image folder, unique ids; problems are named FILE:LINE (plus `record [N]` in a JSON list). A record with a
+"chosen" or "rejected" answer is preference data (`preference`, finetune_hf_trainer_dpo.py): the supervised
+recipes refuse its file in one line.
 
 A dataset is a folder (`train.EXT`, optionally `test.EXT`, and the images under `images/`) or a single file;
 without test data, evaluation rows are held out from the training ones (`load_own_data`).
