@@ -8,6 +8,7 @@ from PIL import Image
 from test_data_converted import GOOD as SUPERVISED
 from test_data_converted import write_dataset
 from test_data_cli import HUB_FILES
+from test_data_hub import datasets_cache  # noqa: F401 - a fixture
 
 from phivision.data import cli
 from phivision.data.converted import ValidationError
@@ -100,7 +101,7 @@ def test_rlaif_v_hub_rows():
     conversation, images = rlaif_v_example(row)
     assert images == [row["image"]]
     assert conversation == [{"images": images, "user": "What colour?", "assistant": "Black.", REJECTED: "White."}]
-    conversation, images = rlaif_v_example({**row, "image": {"bytes": png_bytes(), "path": None}})
+    conversation, images = rlaif_v_example({**row, "image": {"bytes": png_bytes()}})
     assert images[0].size == (32, 24) and conversation[0]["images"] == images
     conversation, images = rlaif_v_example({**row, "image": None})  # text only
     assert images == [] and conversation == [{"user": "What colour?", "assistant": "Black.", REJECTED: "White."}]
@@ -110,19 +111,26 @@ def test_rlaif_v_hub_rows():
         rlaif_v_example({key: value for key, value in row.items() if key != "rejected"})
 
 
-def test_rlaif_v_rows_through_a_datasets_dataset(tmp_path):
-    """Rows of a datasets.Dataset with RLAIF-V's Image column: decoded, and as token counting reads them."""
+def test_a_local_copy_of_rlaif_v_loads_and_its_rows_read(tmp_path, datasets_cache):
+    """RLAIF-V's parquet files (RLAIF-V-Dataset_000.parquet, its columns and Image feature) through load_hf_dataset:
+    rows decoded for training, and as token counting reads them (`sizes_only`)."""
     import datasets
 
-    from phivision.data import sizes_only
+    from phivision.data import load_hf_dataset, sizes_only
 
-    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
-                                  "chosen": datasets.Value("string"), "rejected": datasets.Value("string")})
-    rows = datasets.Dataset.from_dict({"image": [{"bytes": png_bytes(), "path": None}], "question": ["Q?"],
-                                       "chosen": ["Yes."], "rejected": ["No."]}, features=features)
+    columns = ("ds_name", "question", "chosen", "rejected", "origin_dataset", "origin_split", "idx", "image_path")
+    features = datasets.Features({"image": datasets.Image(), **{c: datasets.Value("string") for c in columns}})
+    values = {c: [f"{c} {i}" for i in range(2)] for c in columns}
+    images = [{"bytes": png_bytes((32, 24)), "path": None}, {"bytes": png_bytes((8, 16)), "path": None}]
+    (tmp_path / "rlaif_v").mkdir()
+    datasets.Dataset.from_dict({"image": images, **values}, features=features).to_parquet(
+        str(tmp_path / "rlaif_v" / "RLAIF-V-Dataset_000.parquet"))
+    rows = load_hf_dataset(str(tmp_path / "rlaif_v"))
     for view in (rows, sizes_only(rows)):
-        conversation, images = rlaif_v_example(view[0])
-        assert images[0].size == (32, 24) and conversation[0]["assistant"] == "Yes."
+        conversation, opened = rlaif_v_example(view[1])
+        assert [image.size for image in opened] == [(8, 16)]
+        assert conversation == [{"images": opened, "user": "question 1", "assistant": "chosen 1",
+                                 REJECTED: "rejected 1"}]
 
 
 BAD = {
