@@ -27,7 +27,7 @@ from typing import Any
 
 from ..chat import IMAGE_TAG, Conversation
 from .converted import FileReport, NumberedRecords, Problem, ValidationError, check_records, record_example
-from .formats import (CHOSEN, REJECTED, OwnData, is_preference_data, load_split_files, read_records)
+from .formats import CHOSEN, REJECTED, OwnData, is_preference_data, load_split_files, read_records
 from .hub import open_hub_image
 from .llava import image_field, tagged_question
 
@@ -71,10 +71,8 @@ def flat_conversation(record: dict, images: Sequence[Any]) -> Conversation:
     return [{"images": list(images), **turn} if images else turn]
 
 
-def _last_turn(turns: list, last: int) -> dict:
+def _last_turn(turn: dict, where: str) -> dict:
     """The last turn of a conversation layout with its answers as "assistant" (chosen) and "rejected"."""
-    where = f"conversations[{last}]"
-    turn = turns[last]
     if CHOSEN in turn and "assistant" in turn:
         raise ValueError(f"{where} has both 'chosen' and 'assistant': the last turn's answers are 'chosen' and "
                          f"'rejected'")
@@ -100,18 +98,16 @@ def converted_preference_record(record: Any, default_id: str | None = None) -> d
         if not isinstance(turns, list) or not turns or not isinstance(turns[-1], dict):
             raise ValueError(f"'conversations' must be a non-empty list of turns, the last with 'user', 'chosen' and "
                              f"'rejected', got {turns!r:.80}")
-        converted = {**record, "conversations": [*turns[:-1], _last_turn(turns, len(turns) - 1)]}
+        last = _last_turn(turns[-1], f"conversations[{len(turns) - 1}]")
+        converted = {**record, "conversations": [*turns[:-1], last]}
     else:
         unknown = sorted(set(record) - set(FLAT_KEYS) - set(RLAIF_V_COLUMNS))
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} (a flat preference record has "
                              f"{', '.join(map(repr, FLAT_KEYS))}; or give 'conversations')")
-        conversation = flat_conversation(record, image_field(record))
-        converted = {"id": record["id"], "conversations": conversation} if "id" in record else {
-            "conversations": conversation}
-    if "id" not in converted and default_id is not None:
-        converted = {"id": default_id, **converted}
-    return converted
+        converted = {"conversations": flat_conversation(record, image_field(record))}
+    record_id = record.get("id", default_id)
+    return converted if record_id is None else {"id": record_id, **converted}
 
 
 def rejected_conversation(conversation: Conversation) -> Conversation:
