@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,54 @@ def generate_answers(
     # Cut at the first stop token: what generate puts after it is padding.
     new_tokens = [ids[: next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))] for ids in new_tokens]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+class StopWhenSet:
+    """A stopping criterion: generation ends at the next token once `event` is set (a page's stop button)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_answer(model: torch.nn.Module, processor, prompt: str, images: Sequence[Any], *,
+                  stop: threading.Event | None = None, **options: Any) -> Iterator[str]:
+    """One prompt's answer as it grows: yields the text so far after each decoded piece, then the final answer
+    exactly as `generate_answers` returns it (stripped). Generation runs in a thread; it ends early when `stop`
+    is set or when the caller closes the iterator. `options`: those of `generate_answers`."""
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    stop = stop or threading.Event()
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    criteria = StoppingCriteriaList([*(options.pop("stopping_criteria", None) or []), StopWhenSet(stop)])
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with torch.no_grad():
+                result["answer"] = generate_answers(model, processor, [prompt], [images], streamer=streamer,
+                                                    stopping_criteria=criteria, **options)[0]
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            result["error"] = e
+            streamer.end()  # the caller waits on the streamer: let it go
+
+    thread = threading.Thread(target=run, name="generate", daemon=True)
+    thread.start()
+    text, read_to_the_end = "", False
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+        read_to_the_end = True
+    finally:
+        if not read_to_the_end:
+            stop.set()  # the caller stopped reading (a closed iterator): stop generating
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    yield result["answer"]
 
 
 def length_sorted_batches(
@@ -241,6 +290,17 @@ def try_command(output_dir: str, base_model: str | None, is_adapter: bool, examp
     parts = ["python", "-m", "phivision.generate"]
     parts += ["--model", base_model, "--adapter", output_dir] if is_adapter else ["--model", output_dir]
     parts += ["--image", example_image or "path/to/image.jpg", "--prompt", prompt]
+    if num_crops is not None:
+        parts += ["--num_crops", str(num_crops)]
+    return shlex.join(parts)
+
+
+def web_command(output_dir: str, base_model: str | None, is_adapter: bool, *, num_crops: int | None = None) -> str:
+    """The `python -m phivision.web` command that opens a chat page on a model (printed beside `try_command`'s)."""
+    if is_adapter and not base_model:
+        raise ValueError("web_command: an adapter needs its base_model")
+    parts = ["python", "-m", "phivision.web"]
+    parts += ["--model", base_model, "--adapter", output_dir] if is_adapter else ["--model", output_dir]
     if num_crops is not None:
         parts += ["--num_crops", str(num_crops)]
     return shlex.join(parts)
