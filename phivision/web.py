@@ -432,9 +432,11 @@ def build_page(chat: ChatModel, examples: list[Example], examples_note: str, lim
         send.click(respond, inputs, outputs, concurrency_id="model", concurrency_limit=1)
         question.submit(respond, inputs, outputs, concurrency_id="model", concurrency_limit=1)
         stop.click(stop_answering, None, None, queue=False)
-        clear.click(clear_all, None, [*chat_outputs, state, status, question, uploads, gallery],
-                    queue=False)
-        example_list.click(use_example, example_list, [*chat_outputs, state, status, question, uploads, gallery], queue=False).then(
+        cleared = [*chat_outputs, state, status, question, uploads, gallery]
+        clear.click(clear_all, None, cleared, queue=False)
+        for box in chat_outputs:  # a chat's own bin button clears the whole conversation, not only what it shows
+            box.clear(clear_all, None, cleared, queue=False)
+        example_list.click(use_example, example_list, cleared, queue=False).then(
             respond, inputs, outputs, concurrency_id="model", concurrency_limit=1)
     return page
 
