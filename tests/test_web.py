@@ -240,6 +240,19 @@ def test_the_adapter_is_switched_off_on_the_same_model(tiny, adapter):  # noqa: 
     assert tuned != base and list(chat.answer(turns, settings))[-1] == tuned  # the adapter is back on
 
 
+def test_any_family_answers_on_the_page_as_generate_does(tiny_phi4mm):
+    """Phi-4-multimodal: its own chat layout (from its processor), the same answer as `generate`'s."""
+    from phivision.generate import answer_prompt
+
+    model, processor = load_pretrained(str(tiny_phi4mm))
+    chat = web.ChatModel(model, processor, has_adapter=False)
+    image = red_row(0)[1][0]
+    expected = answer_prompt(model, processor, QUESTION, [image], stream=False, num_crops=chat.default_num_crops,
+                             max_new_tokens=8)
+    turns = [{"user": QUESTION, "images": [image]}]
+    assert list(chat.answer(turns, web.Settings(8, "greedy", 0.7, chat.default_num_crops)))[-1] == expected
+
+
 # ----------------------------------------------------------------------------- the page in a browser
 
 def browser_or_skip():
@@ -373,9 +386,6 @@ def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
         wait.until(lambda d: "Expected answer: red" in css("#status").text)
         assert answers("tuned") == [tuned] and answers("base") == [base]  # its image is the same red picture
         assert "The run's answer at its evaluation: blue" in css("#status").text
-        driver.save_screenshot(str(tmp_path / "web_chat.png"))
-        if os.environ.get("WEB_SCREENSHOT"):  # docs/web_chat.png is made this way
-            shutil.copy(tmp_path / "web_chat.png", os.environ["WEB_SCREENSHOT"])
 
         # Everything the page loaded came from the server: nothing from the internet.
         loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
