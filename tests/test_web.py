@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import redirect_stdout
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from test_generate import adapter  # noqa: F401 - the fixture: a LoRA adapter of the tiny model that changes answers
+from helpers import chromium
 from videos import write_clip, write_garbage
 
 from phivision import web
@@ -256,11 +258,10 @@ def test_any_family_answers_on_the_page_as_generate_does(tiny_phi4mm):
 # ----------------------------------------------------------------------------- the page in a browser
 
 def browser_or_skip():
-    """Headless Chromium driven by selenium; without them the test skips, except in CI (CI=true), where it fails."""
+    """Headless Chromium and its profile folder; without a browser the test skips, except in CI (CI=true): it fails."""
     missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
     try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
+        import selenium  # noqa: F401
     except ImportError:
         missing.append("selenium")
     if missing:
@@ -268,14 +269,8 @@ def browser_or_skip():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(message)
         pytest.skip(message)
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    user_data = Path(os.environ.get("TMPDIR", "/tmp")) / f"phivision-chromium-{os.getpid()}"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={user_data}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options), user_data
+    user_data = Path(tempfile.mkdtemp(prefix="phivision-chromium-"))
+    return chromium(user_data), user_data
 
 
 def free_port() -> int:
