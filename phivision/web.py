@@ -386,7 +386,7 @@ def build_page(chat: ChatModel, examples: list[Example], examples_note: str, lim
                 settings.options()
                 images = [model_image(path) for path in example.images] if example else []
                 images += read_uploads(files or [], limits)
-            except ValueError as e:  # the page says why, and keeps serving
+            except (ValueError, OSError) as e:  # the page says why, and keeps serving
                 yield view(session_state, f"**Not sent:** {e}", images=False)
                 return
             event = stops[request.session_hash] = threading.Event()
