@@ -20,6 +20,7 @@ def main(url: str, image: str, question: str, out: str) -> None:
     with tempfile.TemporaryDirectory() as profile:
         driver = chromium(Path(profile))
         try:
+            driver.set_window_size(1400, 1250)  # the run's examples below the chat too
             driver.get(url)
             wait = WebDriverWait(driver, 120)
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#question textarea"))

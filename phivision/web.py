@@ -348,8 +348,8 @@ def build_page(chat: ChatModel, examples: list[Example], examples_note: str, lim
                 uploads = gr.File(label=f"Images or a video (up to {limits.max_files} files of "
                                         f"{limits.max_file_mb:g} MB; a video gives {limits.num_frames} frames)",
                                   file_count="multiple", type="filepath", elem_id="uploads")
-                gallery = gr.Gallery(label="Images of this conversation", elem_id="gallery", height=200,
-                                     columns=4, interactive=False)
+                gallery = gr.Gallery(label="Images of this conversation", elem_id="gallery", height="auto",
+                                     columns=4, object_fit="contain", allow_preview=False, interactive=False)
                 with gr.Accordion("Generation settings", open=True):
                     max_new_tokens = gr.Slider(1, 1024, value=initial.max_new_tokens, step=1,
                                                label="Max new tokens", elem_id="max-new-tokens")
