@@ -28,6 +28,7 @@ from phivision.training.report import save_eval_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "What colour is the shape?"
+SECOND = "And the background?"
 MAX_NEW_TOKENS = 16  # short answers: the browser test generates 8 of them
 INSTALL_BROWSER = "apt-get install -y chromium chromium-driver && pip install selenium"
 
@@ -105,6 +106,27 @@ def test_web_command():
         "python -m phivision.web --model base --adapter out --num_crops 4")
     with pytest.raises(ValueError, match="base_model"):
         web_command("out", None, is_adapter=True)
+
+
+def test_the_page_loads_the_model_as_generate_does(tiny, adapter, monkeypatch, capsys):  # noqa: F811
+    """Through generate's loader, with the precision and device flags (which pick bf16/fp16/fp32 per device there)."""
+    calls = []
+
+    def loader(*a, **k):
+        calls.append((a, k))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("phivision.generation.load_pretrained", loader)
+    for variable in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED"):
+        monkeypatch.setenv(variable, "")
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+    assert web.main(["--model", str(tiny), "--adapter", str(adapter), "--dtype", "fp16", "--device", "cuda:1",
+                     "--attn_implementation", "eager"]) == 1
+    assert calls == [((str(tiny), str(adapter)), {"dtype": "fp16", "device": "cuda:1",
+                                                  "attn_implementation": "eager"})]
+    assert capsys.readouterr().err == "error: stop here\n"
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert not Path(os.environ["GRADIO_TEMP_DIR"]).exists()
 
 
 # ----------------------------------------------------------------------------- uploads
@@ -325,6 +347,12 @@ def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
         # The page's num_crops is the one the adapter's run saved (2), for both sides.
         base = generate_cli("--model", str(tiny), "--image", str(image), "--prompt", QUESTION, "--num_crops", "2")
         assert tuned != base
+        # The second turn's answer, with the first exchange as its history (the fine-tuned side).
+        model, processor = load_pretrained(str(tiny), str(run))
+        turns = [{"user": QUESTION, "images": [Image.open(image)], "assistant": tuned},
+                 {"user": SECOND, "images": []}]
+        second = generate_answers(model, processor, [conversation_prompt(turns, 1, processor)], [turns[0]["images"]],
+                                  num_crops=2, max_new_tokens=MAX_NEW_TOKENS)[0]
         wait = WebDriverWait(driver, 40, poll_frequency=0.2)
         url = f"http://127.0.0.1:{port}/"
         log, serving = [], threading.Event()
@@ -367,8 +395,8 @@ def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
         assert answers("tuned") == [tuned] and answers("base") == [base]  # side by side, as generate answers them
 
         # A second turn: each side answers with its own history.
-        ask("And the background?", count=2)
-        assert all(len(answers(side)) == 2 and answers(side)[1] for side in web.SIDES)
+        ask(SECOND, count=2)
+        assert answers("tuned") == [tuned, second] and answers("base")[0] == base
 
         # A text file uploaded as an image: a message on the page, nothing sent; then the next question is answered.
         css("#clear").click()
