@@ -323,6 +323,7 @@ def generate_cli(*argv: str) -> str:
 
 def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     start = time.monotonic()
@@ -419,6 +420,18 @@ def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
         wait.until(lambda d: "Expected answer: red" in css("#status").text)
         assert answers("tuned") == [tuned] and answers("base") == [base]  # its image is the same red picture
         assert "The run's answer at its evaluation: blue" in css("#status").text
+
+        # Stop: a long answer asked for (1024 new tokens) ends early, and says so.
+        tokens = css("#max-new-tokens input[type=number]")
+        tokens.clear()
+        tokens.send_keys("1024", Keys.TAB)
+        box = css("#question textarea")
+        box.send_keys(SECOND)
+        css("#send").click()
+        wait.until(lambda d: css("#status").text == "Answering...")
+        css("#stop").click()
+        wait.until(lambda d: css("#status").text == "Stopped.")
+        assert len(answers("tuned")) == 2 and len(answers("tuned")[1]) < 512
 
         # Everything the page loaded came from the server: nothing from the internet.
         loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
