@@ -12,9 +12,10 @@ import json
 import shlex
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -135,10 +136,14 @@ class StopWhenSet:
 
 
 def stream_answer(model: torch.nn.Module, processor, prompt: str, images: Sequence[Any], *,
-                  stop: threading.Event | None = None, **options: Any) -> Iterator[str]:
+                  stop: threading.Event | None = None, context: Callable[[], ContextManager] | None = None,
+                  **options: Any) -> Iterator[str]:
     """One prompt's answer as it grows: yields the text so far after each decoded piece, then the final answer
-    exactly as `generate_answers` returns it (stripped). Generation runs in a thread; it ends early when `stop`
-    is set or when the caller closes the iterator. `options`: those of `generate_answers`."""
+    exactly as `generate_answers` returns it (stripped). `options`: those of `generate_answers`.
+
+    Generation runs in a thread, inside `context()` when given (a lock, a LoRA adapter switched off): the thread
+    leaves it when generation ends, even if the caller stops reading and never closes the iterator. It ends early
+    when `stop` is set or when the caller closes the iterator."""
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     stop = stop or threading.Event()
@@ -148,7 +153,7 @@ def stream_answer(model: torch.nn.Module, processor, prompt: str, images: Sequen
 
     def run() -> None:
         try:
-            with torch.no_grad():
+            with context() if context is not None else nullcontext(), torch.no_grad():
                 result["answer"] = generate_answers(model, processor, [prompt], [images], streamer=streamer,
                                                     stopping_criteria=criteria, **options)[0]
         except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread

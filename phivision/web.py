@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,8 +293,14 @@ class ChatModel:
         options = settings.options()
         images = [image for turn in turns for image in turn["images"]]
         prompt = conversation_prompt(turns, len(images), self.processor)
-        with self.lock, (nullcontext() if adapter or not self.has_adapter else self.model.disable_adapter()):
-            yield from stream_answer(self.model, self.processor, prompt, images, stop=stop, **options)
+
+        @contextmanager
+        def model_as_asked() -> Iterator[None]:  # held by the generation's thread, for that generation only
+            with self.lock, (nullcontext() if adapter or not self.has_adapter else self.model.disable_adapter()):
+                yield
+
+        yield from stream_answer(self.model, self.processor, prompt, images, stop=stop, context=model_as_asked,
+                                 **options)
 
 
 # ----------------------------------------------------------------------------- the page
@@ -326,7 +332,7 @@ def build_page(chat: ChatModel, examples: list[Example], examples_note: str, lim
 
     sides = SIDES if chat.has_adapter else SIDES[:1]
     labels = {"tuned": "Fine-tuned (adapter on)" if chat.has_adapter else "Model", "base": "Base (adapter off)"}
-    stops: dict[str, threading.Event] = {}  # per browser session: its stop button's flag
+    stops: dict[str, threading.Event] = {}  # per browser session answering now: its stop button's flag
 
     with gr.Blocks(title=title, analytics_enabled=False) as page:
         gr.Markdown(f"## {title}")
@@ -389,7 +395,8 @@ def build_page(chat: ChatModel, examples: list[Example], examples_note: str, lim
             except (ValueError, OSError) as e:  # the page says why, and keeps serving
                 yield view(session_state, f"**Not sent:** {e}", images=False)
                 return
-            event = stops[request.session_hash] = threading.Event()
+            session = request.session_hash
+            event = stops[session] = threading.Event()
             turn = {"user": text, "images": images}
             session_state["turns"].append(turn)
             yield view(session_state, "Answering...", {side: "" for side in sides}, question_value="",
@@ -401,10 +408,15 @@ def build_page(chat: ChatModel, examples: list[Example], examples_note: str, lim
                 try:
                     waiting = {later: "" for later in sides[sides.index(side) + 1:]}
                     for answer in chat.answer([*history, turn], settings, adapter=side == "tuned", stop=event):
+                        if stops.get(session) is not event:  # cleared meanwhile: show nothing more of it
+                            return  # (closing the answer's stream ends its generation)
                         yield view(session_state, "Answering...", {**waiting, side: answer}, images=False)
                 except Exception as e:  # noqa: BLE001 - the page keeps serving; the note says what failed
                     failure = f"**Generation failed:** {type(e).__name__}: {e}"
                 session_state["answers"][side].append(answer)
+            if stops.get(session) is not event:
+                return
+            del stops[session]
             notes = [failure or ("Stopped." if event.is_set() else "")]
             if example is not None:
                 notes.append(f"**Expected answer:** {' | '.join(example.answers)}  \n"
@@ -416,7 +428,8 @@ def build_page(chat: ChatModel, examples: list[Example], examples_note: str, lim
                 event.set()
 
         def clear_all(request: gr.Request):
-            stop_answering(request)
+            if (event := stops.pop(request.session_hash, None)) is not None:
+                event.set()  # the answer being generated ends, and its conversation is not shown again
             fresh = new_state()
             return (*[[] for _ in sides], fresh, "", "", None, [])
 

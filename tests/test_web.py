@@ -262,6 +262,12 @@ def test_the_adapter_is_switched_off_on_the_same_model(tiny, adapter):  # noqa: 
     alone, alone_processor = load_pretrained(str(tiny))
     assert base == list(web.ChatModel(alone, alone_processor, False).answer(turns, settings))[-1]
     assert tuned != base and list(chat.answer(turns, settings))[-1] == tuned  # the adapter is back on
+    # A reader that stops reading the base's answer, without closing it (a browser gone): the adapter is switched
+    # off for that generation only, in its own thread, and back on when it ends.
+    abandoned = chat.answer(turns, settings, adapter=False)
+    next(abandoned)
+    assert list(chat.answer(turns, settings))[-1] == tuned
+    del abandoned
 
 
 def test_any_family_answers_on_the_page_as_generate_does(tiny_phi4mm):
