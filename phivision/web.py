@@ -468,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     folder = Path(tempfile.mkdtemp(prefix="phivision-web-"))
     os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    # Gradio imports matplotlib, which writes a font cache in ~/.cache unless told where: there too.
+    os.environ.setdefault("MPLCONFIGDIR", str(folder / "matplotlib"))
     # A SIGTERM (a service manager, `kill`) stops the server as Ctrl-C does, so that its folder is removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

@@ -86,15 +86,21 @@ def test_refusals_come_before_the_model_loads_in_one_line(tiny, monkeypatch, cap
     assert capsys.readouterr().err == "error: --adapter no/such/adapter: no such folder\n"
 
 
-def test_without_gradio_the_command_says_how_to_install_it(tiny, monkeypatch, capsys):
+@pytest.fixture
+def main_in_this_process(monkeypatch, tmp_path):
+    """What `web.main` sets in its process (environment variables, a SIGTERM handler), undone after the test."""
+    for variable in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED"):
+        monkeypatch.setenv(variable, "")
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "matplotlib"))
+    monkeypatch.setattr("signal.signal", lambda *a: None)
+
+
+def test_without_gradio_the_command_says_how_to_install_it(tiny, monkeypatch, capsys, main_in_this_process):
     def no_loading(*a, **k):
         raise AssertionError("the model loaded")
 
     monkeypatch.setattr("phivision.generation.load_pretrained", no_loading)
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises ImportError
-    for variable in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED"):  # main sets them: restored after the test
-        monkeypatch.setenv(variable, "")
-    monkeypatch.setattr("signal.signal", lambda *a: None)  # and a SIGTERM handler, in this process
     assert web.main(["--model", str(tiny)]) == 1
     assert capsys.readouterr().err == "error: the web page needs Gradio: pip install gradio\n"
     assert not Path(os.environ["GRADIO_TEMP_DIR"]).exists()  # its temporary folder is gone with it
@@ -108,7 +114,8 @@ def test_web_command():
         web_command("out", None, is_adapter=True)
 
 
-def test_the_page_loads_the_model_as_generate_does(tiny, adapter, monkeypatch, capsys):  # noqa: F811
+def test_the_page_loads_the_model_as_generate_does(tiny, adapter, monkeypatch, capsys,  # noqa: F811
+                                                   main_in_this_process):
     """Through generate's loader, with the precision and device flags (which pick bf16/fp16/fp32 per device there)."""
     calls = []
 
@@ -117,9 +124,6 @@ def test_the_page_loads_the_model_as_generate_does(tiny, adapter, monkeypatch, c
         raise ValueError("stop here")
 
     monkeypatch.setattr("phivision.generation.load_pretrained", loader)
-    for variable in ("GRADIO_TEMP_DIR", "GRADIO_ANALYTICS_ENABLED"):
-        monkeypatch.setenv(variable, "")
-    monkeypatch.setattr("signal.signal", lambda *a: None)
     assert web.main(["--model", str(tiny), "--adapter", str(adapter), "--dtype", "fp16", "--device", "cuda:1",
                      "--attn_implementation", "eager"]) == 1
     assert calls == [((str(tiny), str(adapter)), {"dtype": "fp16", "device": "cuda:1",
@@ -340,10 +344,12 @@ def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
     red_row(0)[1][0].save(image)
     (tmp_path / "notes.png").write_text("a text file, not an image")
     port = free_port()
-    cwd = tmp_path / "cwd"  # the server writes nothing outside its temporary folder: not here, not in $TMPDIR
+    cwd = tmp_path / "cwd"  # the server writes nothing outside its temporary folder: not here, nor $TMPDIR, nor $HOME
     (cwd / "tmp").mkdir(parents=True)
+    (cwd / "home").mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TMPDIR": str(cwd / "tmp"),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "HOME": str(cwd / "home")}
+    env.pop("MPLCONFIGDIR", None)
     driver, user_data = browser_or_skip()
     server = subprocess.Popen([sys.executable, "-m", "phivision.web", "--model", str(tiny), "--adapter", str(run),
                                "--port", str(port), "--max_new_tokens", str(MAX_NEW_TOKENS)],
@@ -447,5 +453,5 @@ def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
         shutil.rmtree(user_data, ignore_errors=True)
         server.terminate()
         server.wait(timeout=30)
-    assert os.listdir(cwd / "tmp") == [] and os.listdir(cwd) == ["tmp"]
+    assert sorted(str(path.relative_to(cwd)) for path in cwd.rglob("*")) == ["home", "tmp"]
     print(f"browser test: {time.monotonic() - start:.1f} s")
