@@ -8,6 +8,7 @@ The library behind evaluation and `python -m phivision.generate`:
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -281,6 +282,26 @@ def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str =
     processor = family.load_processor(processor_source(model_name, adapter))
     use_chat_stop_tokens(model, processor)
     return model.eval(), processor
+
+
+def add_model_flags(parser: argparse.ArgumentParser, adapter_help: str = "LoRA/QLoRA adapter folder to apply on "
+                                                                          "--model.") -> None:
+    """--model and --adapter, as the command lines that load a model for inference (`load_pretrained`) take them."""
+    parser.add_argument("--model", required=True,
+                        help="Hub id or local folder of the model (a fine-tuned --output_dir, a merged model, "
+                             "or the base model of --adapter).")
+    parser.add_argument("--adapter", default=None, help=adapter_help)
+
+
+def add_hardware_flags(parser: argparse.ArgumentParser) -> None:
+    """The "hardware" flags of `load_pretrained`: --dtype, --device, --attn_implementation."""
+    hw = parser.add_argument_group("hardware")
+    hw.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                    help="Weights precision (default auto: bf16 on GPUs that support it, else fp16; fp32 on CPU).")
+    hw.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available, else cpu).")
+    hw.add_argument("--attn_implementation", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
+                    help="Attention kernel (default sdpa; flash_attention_2 falls back to sdpa without flash-attn, "
+                         "before Ampere, or with fp32 weights).")
 
 
 def try_command(output_dir: str, base_model: str | None, is_adapter: bool, example_image: str | None = None, *,

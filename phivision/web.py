@@ -47,17 +47,15 @@ class UploadError(ValueError):
 # ----------------------------------------------------------------------------- flags
 
 def build_parser() -> argparse.ArgumentParser:
+    from .generation import add_hardware_flags, add_model_flags
+
     parser = argparse.ArgumentParser(
         prog="python -m phivision.web",
         description="Chat with a Phi-3.5-vision or Phi-4-multimodal model about images or a video, in a browser "
                     "(a Gradio page; pip install gradio).",
     )
-    parser.add_argument("--model", required=True,
-                        help="Hub id or local folder of the model (a fine-tuned --output_dir, a merged model, "
-                             "or the base model of --adapter).")
-    parser.add_argument("--adapter", default=None,
-                        help="LoRA/QLoRA adapter folder to apply on --model; the page then shows the fine-tuned and "
-                             "the base model's answers side by side.")
+    add_model_flags(parser, "LoRA/QLoRA adapter folder to apply on --model; the page then shows the fine-tuned "
+                            "and the base model's answers side by side.")
     parser.add_argument("--examples", default=None, metavar="RUN_DIR",
                         help="The training run whose evaluation examples the page offers (its eval_after.json and "
                              "eval_examples/; default: --adapter, else --model).")
@@ -80,14 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max_new_tokens", type=int, default=64, help="Longest answer, in tokens (default 64).")
     gen.add_argument("--num_crops", type=int, default=None,
                      help="Max crops per image (default: the processor's; use the value you trained with).")
-    hw = parser.add_argument_group("hardware")
-    from .generation import DTYPES
-
-    hw.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                    help="Weights precision (default auto: bf16 on GPUs that support it, else fp16; fp32 on CPU).")
-    hw.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available, else cpu).")
-    hw.add_argument("--attn_implementation", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
-                    help="Attention kernel (default sdpa).")
+    add_hardware_flags(parser)
     return parser
 
 
