@@ -217,8 +217,8 @@ def load_examples(run_dir: str | Path | None) -> tuple[list[Example], str]:
         summary = json.loads((Path(run_dir) / "eval_after.json").read_text(encoding="utf-8"))
         index = json.loads((folder / EVAL_EXAMPLES_INDEX).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return [], f"No evaluation examples: {run_dir} has eval_after.json but no {EVAL_EXAMPLES}/ (runs save it " \
-                   f"since the web page exists)."
+        return [], (f"No evaluation examples: {run_dir} has eval_after.json but no {EVAL_EXAMPLES}/ (a run from "
+                    f"before runs saved their examples' images).")
     except (OSError, ValueError) as e:
         return [], f"No evaluation examples: cannot read them ({type(e).__name__}: {e})."
     examples = []
