@@ -445,6 +445,15 @@ def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
         wait.until(lambda d: css("#status").text == "Stopped.")
         assert len(answers("tuned")) == 2 and len(answers("tuned")[1]) < 512
 
+        # A video: its 8 frames, sampled as the UCF-101 recipe samples them, are the question's images.
+        tokens.clear()
+        tokens.send_keys(str(MAX_NEW_TOKENS), Keys.TAB)
+        css("#clear").click()
+        wait.until(lambda d: answers("tuned") == [])
+        ask(QUESTION, write_clip(tmp_path / "clip.mp4", 12, "libx264"))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#gallery img")) == 8
+        assert css("#chat-tuned [data-testid=user]").get_attribute("textContent").startswith("[8 image(s)] ")
+
         # Everything the page loaded came from the server: nothing from the internet.
         loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert loaded and all(name.startswith(url) for name in loaded), loaded
