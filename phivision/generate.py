@@ -30,7 +30,8 @@ from .data.converted import Problem, ValidationError, record_images, validate_re
 from .data.hub import missing_local_folder
 from .errors import SetupError
 from .files import cannot_write_in, write_jsonl
-from .generation import DTYPES, generate_answers, length_sorted_batches, load_pretrained
+from .generation import (add_hardware_flags, add_model_flags, generate_answers, length_sorted_batches,
+                         load_pretrained)
 from .images import image_size, open_image
 from .phi3v.modeling import longrope_limit
 
@@ -122,10 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer a prompt about images (streamed), or every record of a jsonl file, with Phi-3.5-vision "
                     "or Phi-4-multimodal.",
     )
-    parser.add_argument("--model", required=True,
-                        help="Hub id or local folder of the model (a fine-tuned --output_dir, a merged model, "
-                             "or the base model of --adapter).")
-    parser.add_argument("--adapter", default=None, help="LoRA/QLoRA adapter folder to apply on --model.")
+    add_model_flags(parser)
     one = parser.add_argument_group("one prompt")
     one.add_argument("--prompt", default=None,
                      help="The question. May place the images with <|image_1|>, <|image_2|>...; without tags the "
@@ -157,13 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition_penalty", type=float, default=None,
                      help="Penalty > 1 for tokens already in the prompt or the answer (image positions excluded).")
     gen.add_argument("--seed", type=int, default=None, help="Random seed, for reproducible sampling.")
-    hw = parser.add_argument_group("hardware")
-    hw.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                    help="Weights precision (default auto: bf16 on GPUs that support it, else fp16; fp32 on CPU).")
-    hw.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available, else cpu).")
-    hw.add_argument("--attn_implementation", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
-                    help="Attention kernel (default sdpa; flash_attention_2 falls back to sdpa without flash-attn, "
-                         "before Ampere, or with fp32 weights).")
+    add_hardware_flags(parser)
     return parser
 
 

@@ -8,12 +8,15 @@ The library behind evaluation and `python -m phivision.generate`:
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -123,6 +126,58 @@ def generate_answers(
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+class StopWhenSet:
+    """A stopping criterion: generation ends at the next token once `event` is set (a page's stop button)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_answer(model: torch.nn.Module, processor, prompt: str, images: Sequence[Any], *,
+                  stop: threading.Event | None = None, context: Callable[[], ContextManager] | None = None,
+                  **options: Any) -> Iterator[str]:
+    """One prompt's answer as it grows: yields the text so far after each decoded piece, then the final answer
+    exactly as `generate_answers` returns it (stripped). `options`: those of `generate_answers`.
+
+    Generation runs in a thread, inside `context()` when given (a lock, a LoRA adapter switched off): the thread
+    leaves it when generation ends, even if the caller stops reading and never closes the iterator. It ends early
+    when `stop` is set or when the caller closes the iterator."""
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    stop = stop or threading.Event()
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    criteria = StoppingCriteriaList([*(options.pop("stopping_criteria", None) or []), StopWhenSet(stop)])
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with context() if context is not None else nullcontext(), torch.no_grad():
+                result["answer"] = generate_answers(model, processor, [prompt], [images], streamer=streamer,
+                                                    stopping_criteria=criteria, **options)[0]
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            result["error"] = e
+            streamer.end()  # the caller waits on the streamer: let it go
+
+    thread = threading.Thread(target=run, name="generate", daemon=True)
+    thread.start()
+    text, read_to_the_end = "", False
+    try:
+        for piece in streamer:
+            text += piece
+            yield text
+        read_to_the_end = True
+    finally:
+        if not read_to_the_end:
+            stop.set()  # the caller stopped reading (a closed iterator): stop generating
+        thread.join()
+    if "error" in result:
+        raise result["error"]
+    yield result["answer"]
+
+
 def length_sorted_batches(
     lengths: Sequence[int], batch_size: int, limit: int | None, max_new_tokens: int
 ) -> list[list[int]]:
@@ -229,6 +284,26 @@ def load_pretrained(model_name: str, adapter: str | None = None, *, dtype: str =
     return model.eval(), processor
 
 
+def add_model_flags(parser: argparse.ArgumentParser, adapter_help: str = "LoRA/QLoRA adapter folder to apply on "
+                                                                          "--model.") -> None:
+    """--model and --adapter, as the command lines that load a model for inference (`load_pretrained`) take them."""
+    parser.add_argument("--model", required=True,
+                        help="Hub id or local folder of the model (a fine-tuned --output_dir, a merged model, "
+                             "or the base model of --adapter).")
+    parser.add_argument("--adapter", default=None, help=adapter_help)
+
+
+def add_hardware_flags(parser: argparse.ArgumentParser) -> None:
+    """The "hardware" flags of `load_pretrained`: --dtype, --device, --attn_implementation."""
+    hw = parser.add_argument_group("hardware")
+    hw.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                    help="Weights precision (default auto: bf16 on GPUs that support it, else fp16; fp32 on CPU).")
+    hw.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available, else cpu).")
+    hw.add_argument("--attn_implementation", choices=["sdpa", "eager", "flash_attention_2"], default="sdpa",
+                    help="Attention kernel (default sdpa; flash_attention_2 falls back to sdpa without flash-attn, "
+                         "before Ampere, or with fp32 weights).")
+
+
 def try_command(output_dir: str, base_model: str | None, is_adapter: bool, example_image: str | None = None, *,
                 num_crops: int | None = None, prompt: str = DEFAULT_PROMPT) -> str:
     """The `python -m phivision.generate` command that tries a model (printed at the end of a run or a merge).
@@ -241,6 +316,17 @@ def try_command(output_dir: str, base_model: str | None, is_adapter: bool, examp
     parts = ["python", "-m", "phivision.generate"]
     parts += ["--model", base_model, "--adapter", output_dir] if is_adapter else ["--model", output_dir]
     parts += ["--image", example_image or "path/to/image.jpg", "--prompt", prompt]
+    if num_crops is not None:
+        parts += ["--num_crops", str(num_crops)]
+    return shlex.join(parts)
+
+
+def web_command(output_dir: str, base_model: str | None, is_adapter: bool, *, num_crops: int | None = None) -> str:
+    """The `python -m phivision.web` command that opens a chat page on a model (printed beside `try_command`'s)."""
+    if is_adapter and not base_model:
+        raise ValueError("web_command: an adapter needs its base_model")
+    parts = ["python", "-m", "phivision.web"]
+    parts += ["--model", base_model, "--adapter", output_dir] if is_adapter else ["--model", output_dir]
     if num_crops is not None:
         parts += ["--num_crops", str(num_crops)]
     return shlex.join(parts)

@@ -30,7 +30,7 @@ from .data.hub import missing_local_folder
 from .errors import SetupError
 from .families import family_of
 from .files import cannot_write_in, tree_follows_umask
-from .generation import DTYPES, apply_adapter, processor_source, try_command, use_chat_stop_tokens
+from .generation import DTYPES, apply_adapter, processor_source, try_command, use_chat_stop_tokens, web_command
 from .phi3v.remote_code import set_code_repo
 
 
@@ -181,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, SetupError) as e:  # missing or bad files and folders, a base that cannot be found
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"Wrote the merged model to {out}. Try it with:\n  {try_command(str(out), None, is_adapter=False)}")
+    print(f"Wrote the merged model to {out}. Try it with:\n  {try_command(str(out), None, is_adapter=False)}\n"
+          f"  {web_command(str(out), None, is_adapter=False)}    # chat in a browser (pip install gradio)")
     return 0
 
 

@@ -37,6 +37,7 @@ SLOW_FIRST = [
     "test_long_runs.py::test_a_second_run_into_the_same_output_dir",
     "test_training_sizing.py::test_bench_on_the_meta_device",
     "test_recipes.py::test_hateful_memes_full_finetuning_zero2",
+    "test_web.py::test_chat_in_a_browser",  # 30 s alone, a minute beside another test process
 ]
 
 

@@ -165,3 +165,22 @@ def read_only_folder():
             shutil.rmtree(path)
 
     return folder()
+
+
+# Headless Chromium on a closed network: without the background-networking flags its connections are refused.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1000")
+
+
+def chromium(user_data_dir: Path):
+    """Headless Chromium driven by selenium, with a new profile in `user_data_dir` (the system's chromium and
+    chromedriver: apt-get install -y chromium chromium-driver)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)

@@ -19,6 +19,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import convert_ucf101 as cv  # noqa: E402
+from phivision import video  # noqa: E402
 from videos import frame_index, set_avi_frame_count, write_clip, write_garbage  # noqa: E402
 
 # relative path: (decoded frames, codec, extra write_clip arguments)
@@ -85,13 +86,13 @@ def converted(source, tmp_path_factory):
 
 
 def test_evenly_spaced_indices():
-    assert cv.evenly_spaced_indices(20, 8) == [1, 3, 6, 8, 11, 13, 16, 18]
-    assert cv.evenly_spaced_indices(8, 8) == list(range(8))
-    assert cv.evenly_spaced_indices(3, 8) == [0, 0, 0, 1, 1, 2, 2, 2]
-    assert cv.evenly_spaced_indices(1, 8) == [0] * 8
+    assert video.evenly_spaced_indices(20, 8) == [1, 3, 6, 8, 11, 13, 16, 18]
+    assert video.evenly_spaced_indices(8, 8) == list(range(8))
+    assert video.evenly_spaced_indices(3, 8) == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert video.evenly_spaced_indices(1, 8) == [0] * 8
     for n in range(1, 80):
         for m in range(1, 17):
-            idx = cv.evenly_spaced_indices(n, m)
+            idx = video.evenly_spaced_indices(n, m)
             assert len(idx) == m and all(0 <= i < n for i in idx) and idx == sorted(idx)
             if n >= m:
                 assert len(set(idx)) == m
@@ -140,7 +141,7 @@ def test_frames_evenly_spaced_over_decoded_frames(converted):
             pixels = np.asarray(Image.open(out / "images" / f"{stem(rel)}.{k}.jpg").convert("L"), dtype=float)
             h, w = pixels.shape
             shown.append(frame_index(pixels[h // 2 - 4: h // 2 + 4, w // 2 - 4: w // 2 + 4].mean()))
-        assert shown == cv.evenly_spaced_indices(frames, 8), rel
+        assert shown == video.evenly_spaced_indices(frames, 8), rel
 
 
 def test_rotated_clip_is_upright(converted):
@@ -255,9 +256,9 @@ def test_hub_unreachable_names_the_local_options(tmp_path):
 
 
 def test_long_clips_are_decoded_twice_with_the_same_frames(source, monkeypatch):
-    once, n, header, _ = cv.read_frames(source / "train/Alpha/a2.mp4", 8)
-    monkeypatch.setattr(cv, "MAX_BUFFERED_BYTES", 1)  # forces the counting pass + the picking pass
-    twice, n2, _, _ = cv.read_frames(source / "train/Alpha/a2.mp4", 8)
+    once, n, header, _ = video.read_frames(source / "train/Alpha/a2.mp4", 8)
+    monkeypatch.setattr(video, "MAX_BUFFERED_BYTES", 1)  # forces the counting pass + the picking pass
+    twice, n2, _, _ = video.read_frames(source / "train/Alpha/a2.mp4", 8)
     assert (n, n2, header) == (12, 12, 12)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(once, twice))
 

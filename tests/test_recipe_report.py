@@ -1,5 +1,6 @@
 """What a run shows, end to end on CPU: TensorBoard events, the two pictures, the closing lines, a clean console."""
 
+import json
 import shlex
 
 from PIL import Image
@@ -25,12 +26,22 @@ def test_full_finetuning_torchrun_reports_to_tensorboard_draws_the_run_and_print
     assert console.count("No GPU: fp16 mixed precision is unavailable") == 1  # our own warning, said once
 
     # The run ends by naming the command to try (with an image that exists) and both pictures.
-    last = result.stdout.strip().splitlines()[-4:]
+    last = result.stdout.strip().splitlines()[-5:]
     assert last[0] == "Try it with:"
     command = shlex.split(last[1])
     with Image.open(command[command.index("--image") + 1]) as image:
         assert image.format == "JPEG"
-    assert last[2:] == [f"Training curves: {out / 'training_curves.png'}", f"Evaluation report: {out / 'eval_report.html'}"]
+    assert shlex.split(last[2], comments=True) == ["python", "-m", "phivision.web", "--model", str(out)]
+    # The run saved its evaluated examples' images for the web page (a text-only row has none), losslessly.
+    index = json.loads((out / "eval_examples" / "index.json").read_text())
+    assert sorted(index, key=int) == [str(row) for row in range(6)]
+    assert sum(1 for names in index.values() if names) >= 4
+    for row, names in index.items():
+        assert names in ([], [f"{row}.0.png"]), row
+        for name in names:
+            with Image.open(out / "eval_examples" / name) as image:
+                assert image.format == "PNG"
+    assert last[3:] == [f"Training curves: {out / 'training_curves.png'}", f"Evaluation report: {out / 'eval_report.html'}"]
 
     # --report_to tensorboard: event files under output_dir/runs, as `tensorboard --logdir OUTPUT_DIR/runs` reads them.
     (events,) = (out / "runs").glob("*/events.out.tfevents.*")

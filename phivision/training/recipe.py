@@ -31,7 +31,7 @@ from ..errors import SetupError
 from ..evaluation import evaluate as evaluate_rows
 from ..families import Processor
 from ..files import tree_follows_umask, write_json
-from ..generation import try_command
+from ..generation import try_command, web_command
 from ..metrics import Metric, resolve_metric
 from ..phi3v.remote_code import set_code_repo
 from .arguments import RecipeArguments
@@ -40,7 +40,7 @@ from .checkpoints import (FINAL_EVAL, CheckpointError, copy_model_files, find_re
                           run_is_complete, trained_steps)
 from .modes import check_family_flags, load_for_training, load_processor
 from .output_lock import OutputDirBusy, OutputDirLock
-from .report import save_example_image, write_pictures
+from .report import save_eval_examples, save_example_image, write_pictures
 from .sharding import full_weights
 from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
 from .trainer import RecipeTrainer, TrainingSamples, filter_by_length
@@ -169,10 +169,14 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
     if is_main_process():
         history = log_history(point.checkpoint) if finished else trainer.state.log_history
         curves, report = write_pictures(args, history, eval_rows, format_example, after)
+        if after is not None:
+            save_eval_examples(eval_rows, format_example, after, output_dir)
         example_image = example_image or save_example_image(eval_rows, format_example, output_dir)
         command = try_command(str(output_dir), args.model.model_name_or_path, args.lora.use_lora, example_image)
+        page = web_command(str(output_dir), args.model.model_name_or_path, args.lora.use_lora)
         report = report or "none (no evaluation rows)"
-        print(f"Try it with:\n  {command}\nTraining curves: {curves}\nEvaluation report: {report}", flush=True)
+        print(f"Try it with:\n  {command}\n  {page}    # chat in a browser (pip install gradio)\n"
+              f"Training curves: {curves}\nEvaluation report: {report}", flush=True)
 
 
 def save_merged(trainer: Trainer, base: str, output_dir: str) -> None:

@@ -1,20 +1,26 @@
 """What a run leaves for a person to look at when it ends, in --output_dir (main process only):
-`training_curves.png`, `eval_report.html` and an example image for the closing "Try it with" command."""
+`training_curves.png`, `eval_report.html`, an example image for the closing "Try it with" command and the
+images of the first evaluated examples (`eval_examples/`, which `python -m phivision.web` offers)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..chat import FormatExample
 from ..eval_report import write_eval_report
-from ..files import write_atomically
+from ..data.rows import UNREADABLE
+from ..files import write_atomically, write_json
+from ..images import model_image
 from ..training_curves import write_training_curves
 from .arguments import RecipeArguments
 
 EXAMPLE_IMAGE = "example_image.jpg"
+EVAL_EXAMPLES = "eval_examples"  # the folder; its index.json maps each saved example's row to its image files
+EVAL_EXAMPLES_INDEX = "index.json"
 
 
 def write_pictures(args: RecipeArguments, log_history: Sequence[dict], eval_rows: Sequence[Any],
@@ -53,3 +59,29 @@ def save_example_image(rows: Sequence[Any], format_example: FormatExample, outpu
             write_atomically(path, lambda f: image.save(f, format="JPEG", quality=95), binary=True)
             return str(path)
     return None
+
+
+def save_eval_examples(rows: Sequence[Any], format_example: FormatExample, after: dict, output_dir: str | Path,
+                       max_examples: int = 16) -> Path:
+    """The images of the first `max_examples` examples of `after` (the evaluation after training), saved losslessly
+    as output_dir/eval_examples/{row}.{k}.png, with index.json: {row: [its image files]} ([] for a text-only row).
+
+    eval_after.json holds no images (the rows may live in Arrow files or on the Hub): these let the web page ask
+    the model the evaluated questions again. Rows whose images cannot be read are left out. Returns the folder.
+    """
+    folder = Path(output_dir) / EVAL_EXAMPLES
+    shutil.rmtree(folder, ignore_errors=True)  # a resumed run's earlier examples
+    folder.mkdir(parents=True)
+    index: dict[str, list[str]] = {}
+    for example in after["examples"][:max_examples]:
+        row = int(example["row"])
+        try:
+            images = [model_image(image) for image in format_example(rows[row])[1]]
+        except UNREADABLE:
+            continue
+        names = [f"{row}.{k}.png" for k in range(len(images))]
+        for name, image in zip(names, images):
+            write_atomically(folder / name, lambda f, image=image: image.save(f, format="PNG"), binary=True)
+        index[str(row)] = names
+    write_json(folder / EVAL_EXAMPLES_INDEX, index)
+    return folder
