@@ -147,6 +147,10 @@ class ModelFamily:
         speech encoder, from the base checkpoint `base`)."""
         return state_dict
 
+    def finish_saved_model(self, folder: str | Path) -> None:
+        """Rewrites what `save_pretrained` just wrote to `folder` (a full model) where readers other than this
+        package's transformers (vLLM, transformers 4.x) would read it otherwise. Default: nothing to rewrite."""
+
 
 # Checkpoints of a family in its remote-code layout, which transformers' own classes do not read.
 REMOTE_CODE_LAYOUTS = {"phi4mm": ": this is Phi-4-multimodal's remote-code layout; use a snapshot in the transformers-native "

@@ -122,6 +122,7 @@ def merge_lora(base: str, adapter: str, out: str, dtype: str = "bf16", max_shard
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+        family.finish_saved_model(out_dir)
         processor.save_pretrained(out_dir)
         tree_follows_umask(out_dir)
         problems = shape_differences(expected, checkpoint_shapes(out_dir))

@@ -12,7 +12,7 @@ import torch
 from ..distributed import parameters_are_sharded
 from ..errors import SetupError
 from ..families import Layout, ModelFamily
-from . import modes
+from . import config_file, modes
 from .processing import Phi4MMProcessor
 
 
@@ -101,6 +101,10 @@ class Phi4MMFamily(ModelFamily):
 
     def state_dict_to_save(self, state_dict: Mapping[str, torch.Tensor], base: str) -> dict[str, torch.Tensor]:
         return modes.restore_speech_weights(state_dict, base)
+
+    def finish_saved_model(self, folder: str | Path) -> None:
+        """config.json in the Hub's form (`config_file.hub_form`), which vLLM reads right on transformers 4 too."""
+        config_file.write_hub_form(folder)
 
 
 def has_vision_lora(name_or_path: str) -> bool:

@@ -184,6 +184,7 @@ def save_merged(trainer: Trainer, base: str, output_dir: str) -> None:
     merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     if trainer.args.should_save:
         merged.save_pretrained(output_dir, state_dict=trainer.family.state_dict_to_save(merged.state_dict(), base))
+        trainer.family.finish_saved_model(output_dir)
         tree_follows_umask(output_dir)
 
 
