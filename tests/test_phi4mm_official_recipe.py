@@ -1,12 +1,15 @@
 """--continue_vision_lora: Microsoft's Phi-4-MM vision recipe (the shipped vision LoRA and the image embedding trained,
 the language model frozen) through our recipes, saved as a full model with the LoRA merged in."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import Phi4MultimodalForCausalLM
 
 from phivision.errors import SetupError
+from phivision.phi4mm.config_file import hub_form
 from phivision.phi4mm.modes import apply_vision_lora
 from phivision.phi4mm.tiny import build_tiny_checkpoint
 from test_recipes import run_recipe
@@ -25,6 +28,8 @@ def test_the_official_recipe_trains_the_vision_lora_and_image_embedding_and_save
                "--max_eval_samples", "4", "--save_steps", "1")
     assert not (out / "adapter_config.json").exists() and not (out / "vision-lora").exists()
     assert (out / "checkpoint-1" / "adapter_config.json").is_file()  # checkpoints resume as an adapter
+    config = json.loads((out / "config.json").read_text())
+    assert "rope_parameters" not in config and hub_form(config) == config  # what vLLM on transformers 4 reads
     base, trained = load_file(tiny4 / "model.safetensors"), load_file(out / "model.safetensors")
     speech = [k for k in base if ".audio_embed." in k]
     assert speech and all(torch.equal(base[k], trained[k]) for k in speech)
