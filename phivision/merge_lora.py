@@ -13,6 +13,8 @@ a target) as `model-0000k-of-0000n.safetensors` shards with `model.safetensors.i
 (tokenizer, preprocessor config) of the adapter folder when it has one, else of the base, written by
 `Phi3VProcessor`. No code is copied: every `auto_map` entry names the Hub repo of the original code
 (`phivision.phi3v.remote_code`), so vLLM and transformers 4.x load the folder with `trust_remote_code`.
+A Phi-4-multimodal output is transformers-native, its `config.json` in the Hub's form
+(`phivision.phi4mm.config_file`): vLLM serves it as it is (README "Serve it").
 """
 
 from __future__ import annotations
