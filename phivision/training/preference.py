@@ -35,11 +35,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from transformers.integrations import is_deepspeed_zero3_enabled
+
 from ..chat import Conversation, FormatExample
 from ..collator import DataCollator
+from ..data.rows import UNREADABLE
 from ..distributed import gather_lists, is_main_process, print_once, rank_and_world_size
+from ..families import Processor, family_of_model
 from ..files import write_json
-from .trainer import RecipeTrainer, TrainingSamples
+from .arguments import FlagError, RecipeArguments
+from .recipe import Objective
+from .trainer import RecipeTrainer, TrainingRows
 
 REJECTED = "rejected"  # the last turn's key of the rejected answer (phivision.data.preference's REJECTED)
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -228,9 +234,6 @@ def compute_pair_logps(model: torch.nn.Module, rows: Sequence[Any], indices: Seq
     """{row index: [chosen, rejected] summed answer log-probs} of the rows at `indices` under `model` (in eval mode,
     no gradient), each process its share, gathered: the same dict on every process. A row that cannot be read is
     left out (training skips it too)."""
-    from ..data.rows import UNREADABLE
-    from ..families import family_of_model
-
     family = family_of_model(model)
     rank, world = rank_and_world_size()
     mine = list(indices)[rank::world]
@@ -258,18 +261,28 @@ def compute_pair_logps(model: torch.nn.Module, rows: Sequence[Any], indices: Seq
     return dict(gather_lists(found))
 
 
-def load_reference(path: Path, indices: Sequence[int]) -> dict[int, list[float]] | None:
-    """The stored reference log-probs when `path` holds every one of `indices` (None: compute them)."""
+def reference_source(args: RecipeArguments) -> dict[str, Any]:
+    """What stored reference log-probs depend on besides the rows: a stored file made otherwise is not reused."""
+    return {"model": args.model.model_name_or_path, "num_crops": args.model.num_crops,
+            "continue_vision_lora": args.lora.continue_vision_lora}
+
+
+def load_reference(path: Path, indices: Sequence[int], source: dict[str, Any]) -> dict[int, list[float]] | None:
+    """The stored reference log-probs when `path` holds those of `indices`, made from `source` (None: compute them)."""
     if not path.is_file():
         return None
-    stored = {int(key): value for key, value in json.loads(path.read_text())["logps"].items()}
-    return stored if all(index in stored for index in indices) else None
+    stored = json.loads(path.read_text())
+    if stored.get("source") != source or stored.get("indices") != list(indices):
+        return None
+    return {int(key): value for key, value in stored["logps"].items()}
 
 
-def save_reference(path: Path, logps: dict[int, list[float]]) -> None:
-    """Writes the reference log-probs (main process), atomically: a run stopped while writing leaves none."""
+def save_reference(path: Path, indices: Sequence[int], logps: dict[int, list[float]], source: dict[str, Any]) -> None:
+    """Writes the reference log-probs of the rows at `indices` (main process), atomically: a run stopped while
+    writing leaves none. Unreadable rows have none."""
     if is_main_process():
-        write_json(path, {"logps": {str(index): value for index, value in sorted(logps.items())}})
+        write_json(path, {"source": source, "indices": list(indices),
+                          "logps": {str(index): value for index, value in sorted(logps.items())}})
 
 
 def preference_accuracy(policy: dict[int, list[float]], reference: dict[int, list[float]]) -> dict[str, Any]:
@@ -284,3 +297,87 @@ def preference_accuracy(policy: dict[int, list[float]], reference: dict[int, lis
     return {"preference_accuracy": sum(scores) / count if count else None,
             "mean_logratio_margin": sum(margins) / count if count else None, "num_pairs": count}
 
+
+
+class PreferenceObjective(Objective):
+    """Preference tuning's steps in the recipes' run (phivision.training.recipe.run(..., objective=...))."""
+
+    def __init__(self, settings: PreferenceLoss):
+        self.settings = settings
+
+    def check(self, args: RecipeArguments) -> None:
+        if args.training.eval_strategy != "no":
+            raise FlagError(f"--eval_strategy {args.training.eval_strategy}: preference tuning evaluates before and "
+                            "after training only (for now)")
+        if args.model.cache_vision_features:
+            raise FlagError("--cache_vision_features: not available for preference tuning yet")
+        if is_deepspeed_zero3_enabled() or args.training.fsdp:
+            raise FlagError(("--fsdp" if args.training.fsdp else f"--deepspeed {args.training.deepspeed}") +
+                            ": preference tuning runs under ZeRO-2 (full, frozen vision) or DDP (LoRA, QLoRA) for now; "
+                            "ZeRO-3 and FSDP2 are not tested with it")
+
+    def length_format(self, format_train: FormatExample, processor: Processor) -> FormatExample:
+        return longer_answer(format_train, processor.tokenizer)
+
+    def collator(self, processor: Processor, format_train: FormatExample, args: RecipeArguments) -> PreferenceCollator:
+        return PreferenceCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
+
+    def trainer(self, **kwargs: Any) -> PreferenceTrainer:
+        return PreferenceTrainer(preference=self.settings, **kwargs)
+
+    def before_training(self, trainer: RecipeTrainer, train_rows: Sequence[Any], rows: TrainingRows,
+                        collator: DataCollator, eval_rows: Sequence[Any], args: RecipeArguments) -> None:
+        """Without a new LoRA adapter, the reference log-probs of every training pair, stored or computed now."""
+        if args.lora.use_lora:
+            return  # the reference is the model with its adapter disabled
+        training = args.training
+        path = Path(training.output_dir) / REFERENCE_FILE
+        source = reference_source(args)
+        logps = load_reference(path, rows.indices, source)
+        if logps is None:
+            logps = compute_pair_logps(trainer.model, train_rows, rows.indices, collator,
+                                       training.per_device_train_batch_size, training.device,
+                                       autocast=trainer.accelerator.autocast, disable_tqdm=training.disable_tqdm)
+            save_reference(path, rows.indices, logps, source)
+            print_once(f"Reference log-probs of {len(logps)} training pairs computed once, kept in {path}")
+        else:
+            print_once(f"Reference log-probs of the training pairs read from {path}")
+        trainer.train_dataset.features = StoredReference(logps)
+
+    def evaluate(self, model: torch.nn.Module, processor: Processor, eval_rows: Sequence[Any],
+                 format_example: FormatExample, args: RecipeArguments, when: str, summary: dict) -> None:
+        """Preference accuracy on the held-out pairs, added to the summary (and eval_{when}.json) as "preference".
+
+        Before training the policy IS the reference: its log-probs of the evaluation pairs are recorded in
+        output_dir/eval_reference_logps.json (every tie counts 0.5, so the accuracy is 0.5). Without them
+        (--skip_eval_before), a LoRA run's reference is its base with the adapter disabled.
+        """
+        output_dir = Path(args.training.output_dir)
+        limit = len(eval_rows) if args.data.max_eval_samples is None else min(len(eval_rows), args.data.max_eval_samples)
+        indices = list(range(limit))
+        collator = PreferenceCollator(processor, format_example, args.model.num_crops)
+        batch_size = args.training.per_device_eval_batch_size
+        device = next(model.parameters()).device
+        policy = compute_pair_logps(model, eval_rows, indices, collator, batch_size, device,
+                                    disable_tqdm=args.training.disable_tqdm, desc="Preference evaluation")
+        path = output_dir / EVAL_REFERENCE_FILE
+        reference = load_reference(path, indices, reference_source(args))
+        if reference is None and when == "before":
+            reference = policy
+            save_reference(path, indices, reference, reference_source(args))
+        elif reference is None and hasattr(model, "disable_adapter") and args.lora.use_lora:
+            with model.disable_adapter():
+                reference = compute_pair_logps(model, eval_rows, indices, collator, batch_size, device,
+                                               disable_tqdm=True)
+        if reference is None:
+            print_once(f"Preference accuracy {when} training: not measured (no reference log-probs of the evaluation "
+                       "pairs: the evaluation before training records them)")
+            return
+        summary["preference"] = preference_accuracy(policy, reference)
+        if is_main_process():
+            write_json(output_dir / f"eval_{when}.json", summary)
+        result = summary["preference"]
+        if result["num_pairs"]:
+            print_once(f"Preference accuracy {when} training: {100 * result['preference_accuracy']:.2f}% on "
+                       f"{result['num_pairs']} held-out pairs (chosen favoured over rejected against the reference; "
+                       f"a tie counts half), mean log-ratio margin {result['mean_logratio_margin']:.4g}")
