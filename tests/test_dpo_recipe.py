@@ -1,0 +1,87 @@
+"""finetune_hf_trainer_dpo.py end to end on CPU: the tiny checkpoint, generated preference pairs ("what colour is the
+shape?": the right colour chosen, a wrong one rejected; text-only pairs mixed in), LoRA and full fine-tuning under
+torchrun x2, Phi-4-MM in process. One run serves several assertions."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import built_once
+from test_recipes import ROOT, log_losses, resume_pair, run_recipe, torchrun_recipe, weights
+
+from phivision.synthetic import make_shapes_preferences
+
+SCRIPT = "finetune_hf_trainer_dpo.py"
+# Small: a few dozen steps of the tiny model. Held-out pairs: the first 32 (test.jsonl).
+TRAIN = ["--batch_size", "8", "--max_steps", "32", "--warmup_steps", "2", "--beta", "1", "--metric", "accuracy",
+         "--max_eval_samples", "32", "--max_new_tokens", "2", "--gradient_checkpointing", "false", "--save_steps", "1000",
+         "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory) -> Path:
+    """128 training pairs + 32 held-out ones (test.jsonl), one in four text-only, in the flat local layout."""
+    return built_once(tmp_path_factory, "shapes-preferences",
+                      lambda path: make_shapes_preferences(path, num_train=128, num_eval=32, text_only_every=4))
+
+
+def history(out: Path) -> list[dict]:
+    checkpoint = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+
+
+def preference(out: Path, when: str) -> dict:
+    return json.loads((out / f"eval_{when}.json").read_text())["preference"]
+
+
+def check_learned(out: Path) -> None:
+    """Held-out preference accuracy from chance (every pair a tie: policy = reference) to >= 0.9; margins grow."""
+    before, after = preference(out, "before"), preference(out, "after")
+    assert before == {"preference_accuracy": 0.5, "mean_logratio_margin": 0.0, "num_pairs": 32}
+    assert after["preference_accuracy"] >= 0.9 and after["num_pairs"] == 32
+    margins = [entry["rewards/margins"] for entry in history(out) if "rewards/margins" in entry]
+    assert len(margins) >= 4 and margins[-1] > margins[0] and margins[-1] > 0.5
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert all(key in entry for entry in history(out) if "loss" in entry), key
+    json.loads((out / "eval_after.json").read_text())["score"]  # the task metric by generation is there too
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    report = (out / "eval_report.html").read_text()
+    assert "rejected answer" in report and "Preference accuracy on the held-out pairs" in report
+
+
+def test_lora_learns_the_preference_under_torchrun_and_merges_and_generates(tiny, pairs, tmp_path):
+    out = tmp_path / "out"
+    torchrun_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir", str(out),
+                    "--use_lora", "--lora_rank", "16", "--learning_rate", "1e-2", "--report_to", "tensorboard", *TRAIN)
+    check_learned(out)
+    assert not (out / "reference_logps.json").exists()  # the reference is the base with the adapter disabled
+    assert list(out.glob("runs/*/events.out.tfevents.*"))
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, "-m", "phivision.merge_lora", "--base", str(tiny), "--adapter", str(out),
+                    "--out", str(merged)], check=True, capture_output=True, cwd=ROOT)
+    image = pairs / "images" / "0.png"
+    result = subprocess.run([sys.executable, "-m", "phivision.generate", "--model", str(merged), "--image", str(image),
+                             "--prompt", "What colour is the shape? Answer red, green or blue.",
+                             "--max_new_tokens", "2"], check=True, capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip()
+
+
+def test_full_fine_tuning_zero2_with_stored_reference_under_torchrun(tiny, pairs, tmp_path):
+    """The reference log-probs are computed once before training (each process its share) and stored; a finished
+    run re-run changes nothing."""
+    out = tmp_path / "out"
+    torchrun_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir", str(out),
+                    "--learning_rate", "3e-3", *TRAIN)
+    check_learned(out)
+    stored = json.loads((out / "reference_logps.json").read_text())
+    assert len(stored["logps"]) == 128 and stored["source"]["model"] == str(tiny)
+    assert (out / "model.safetensors").exists()
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    result = torchrun_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir",
+                             str(out), "--learning_rate", "3e-3", *TRAIN)
+    assert "is complete" in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
