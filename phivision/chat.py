@@ -7,7 +7,10 @@ A recipe describes each of its rows with `format_example(row) -> (conversation, 
   conversation; without any `"images"` key the images belong to the turns whose texts tag them,
   or else all to the first turn. The last turn may
   carry `"answers"`: several correct answers for evaluation (DocVQA), the first of which is usually
-  its "assistant".
+  its "assistant". A preference row (DPO, `phivision.data.preference`) is such a conversation whose last
+  turn also carries `"rejected"`: the rejected answer (a str), its "assistant" being the chosen one, so
+  that every supervised tool (token counts, evaluation against the reference answer) sees the chosen
+  answer; the rejected sequence is the same conversation with that "assistant" replaced by "rejected".
 - `images`: every image of the conversation in order (image 1, 2, ...): PIL images, or files
   opened but not decoded (token counting then reads only their headers). Empty for text-only rows.
 

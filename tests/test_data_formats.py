@@ -69,3 +69,14 @@ def test_video_like_data_is_many_images_per_sample():
     assert is_video_like([record(8), record(8), record(0), record(0), record(0)])  # text-only rows do not count
     assert not is_video_like([record(1), record(2), record(8)])
     assert not is_video_like([record(0)])
+
+
+def test_held_out_and_kept_records_keep_their_file_and_line(tmp_path):
+    """The run names an unreadable record by FILE:LINE (`rows.row_location`), also after holding out."""
+    from phivision.data.rows import row_location
+
+    write_dataset(tmp_path, name="all.jsonl")
+    data = load_own_data(tmp_path / "all.jsonl", eval_fraction=0.25, seed=1)
+    for part in (data.train, data.eval):
+        lines = [CONVERTED_GOOD.index(record) + 1 for record in part]
+        assert [row_location(part, i) for i in range(len(part))] == [f"{tmp_path / 'all.jsonl'}:{n}" for n in lines]

@@ -176,3 +176,14 @@ def test_bad_data_and_flags_stop_before_any_model_loads(tmp_path, capsys):
             run_recipe(SCRIPT, *flags)
         assert exit_info.value.code == 2
         assert "pass --data_dir DIR or --data_file FILE (one of them)" in capsys.readouterr().err
+
+
+def test_preference_data_is_refused_in_one_line_pointing_at_the_dpo_recipe(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"question": "Say hi.", "chosen": "Hi.", "rejected": "No."}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe(SCRIPT, "--model_name_or_path", str(tmp_path / "no-model"), "--data_file", str(data),
+                   "--deepspeed", "none")
+    assert exit_info.value.code == 1
+    assert (f"{data}:1: a preference record ('chosen' and 'rejected' answers): train on preference data with "
+            "finetune_hf_trainer_dpo.py\n") in capsys.readouterr().err

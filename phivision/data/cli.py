@@ -1,4 +1,5 @@
-"""`python -m phivision.data validate DATA`: checks a data folder or file (jsonl, LLaVA JSON, CSV) before training."""
+"""`python -m phivision.data validate DATA`: checks a data folder or file (jsonl, LLaVA JSON, CSV, preference data)
+before training."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .converted import MAX_PROBLEMS_SHOWN, SPLITS, FileReport, Problem, ValidationError, find_split_file
-from .formats import SUFFIXES, data_files, validate_data_file
+from .converted import MAX_PROBLEMS_SHOWN, SPLITS, FileReport, Problem, ValidationError, check_records, find_split_file
+from .formats import SUFFIXES, data_files, is_preference_data, read_records
+from .preference import check_preference_records, rejected_conversation
 
 DEFAULT_MODEL = "microsoft/Phi-3.5-vision-instruct"
 
@@ -20,30 +22,40 @@ def load_processor(model_name_or_path: str):
 
 
 def token_report(report: FileReport, processor, num_crops: int, max_seq_length: int | None,
-                 progress: bool = False) -> tuple[list[str], list[Problem]]:
-    """Lines describing the token counts of a file's (valid) records, and records the processor rejects."""
+                 progress: bool = False, preference: bool = False) -> tuple[list[str], list[Problem]]:
+    """Lines describing the token counts of a file's (valid) records, and records the processor rejects.
+
+    With `preference` each record is two sequences, its chosen and its rejected one
+    (`preference.rejected_conversation`), and a record is over the budget when either is."""
     from tqdm.auto import tqdm
 
-    counts, problems, over = [], [], []
+    names = ("chosen ", "rejected ") if preference else ("",)  # how the lines name each sequence
+    counts: dict[str, list[int]] = {name: [] for name in names}
+    problems, over = [], []
     items = zip(report.records, report.image_sizes, report.lines)
     for record, sizes, line in tqdm(items, total=len(report.records), desc=f"Counting tokens {report.path.name}",
                                     unit="record", disable=not progress):
+        sequences = [record["conversations"]] + ([rejected_conversation(record["conversations"])] if preference else [])
         try:
-            n = processor.num_conversation_tokens(record["conversations"], sizes, num_crops)
+            ns = [processor.num_conversation_tokens(sequence, sizes, num_crops) for sequence in sequences]
         except ValueError as e:
             problems.append(Problem(str(report.path), line, f"the processor rejects it: {e}"))
             continue
-        counts.append(n)
-        if max_seq_length is not None and n > max_seq_length:
-            over.append((line, record["id"], n))
-    if not counts:
+        for name, n in zip(names, ns):
+            counts[name].append(n)
+        if max_seq_length is not None and max(ns) > max_seq_length:
+            over.append((line, record["id"], ns))
+    if not counts[names[0]]:
         return [], problems
-    text = [f"  tokens at num_crops {num_crops}: max {max(counts)}, mean {sum(counts) / len(counts):.0f}, "
-            f"min {min(counts)}"]
+    text = [f"  tokens at num_crops {num_crops}: " + "; ".join(
+        f"{name}max {max(c)}, mean {sum(c) / len(c):.0f}, min {min(c)}" for name, c in counts.items())]
     if max_seq_length is not None:
-        text.append(f"  {len(over)} of {len(counts)} record(s) over --max_seq_length {max_seq_length} "
-                    f"(training skips them)" + (":" if over else ""))
-        text += [f"    line {line} (id {rid}): {n} tokens" for line, rid, n in over[:10]]
+        total = len(counts[names[0]])
+        why = "the chosen or the rejected sequence; training skips them" if preference else "training skips them"
+        text.append(f"  {len(over)} of {total} record(s) over --max_seq_length {max_seq_length} ({why})"
+                    + (":" if over else ""))
+        text += [f"    line {line} (id {rid}): {', '.join(f'{name}{n}' for name, n in zip(names, ns))} tokens"
+                 for line, rid, ns in over[:10]]
         if len(over) > 10:
             text.append(f"    ... and {len(over) - 10} more")
     return text, problems
@@ -89,15 +101,24 @@ def validate_command(args: argparse.Namespace) -> int:
 
     all_problems = []
     for file in files:
-        report = validate_data_file(file, images_dir, full_check=args.full_check, progress=not args.no_tqdm)
+        try:
+            items = read_records(file)
+        except ValidationError as e:
+            print(f"error: {e}", file=sys.stderr)
+            all_problems += e.problems
+            continue
+        preference = is_preference_data(items)  # a file of chosen and rejected answers: checked as such
+        check = check_preference_records if preference else check_records
+        report = check(file, items, images_dir, full_check=args.full_check, progress=not args.no_tqdm)
         images = sum(len(s) for s in report.image_sizes)
         lines = []
         if processor is not None and report.records:
             lines, rejected = token_report(report, processor, num_crops, args.max_seq_length,
-                                           progress=not args.no_tqdm)
+                                           progress=not args.no_tqdm, preference=preference)
             report.problems += rejected
         status = "OK" if not report.problems else f"{len(report.problems)} problem(s)"
-        print(f"{file}: {len(report.records)} valid record(s), {images} image(s): {status}")
+        kind = "preference data (chosen and rejected answers), " if preference else ""
+        print(f"{file}: {kind}{len(report.records)} valid record(s), {images} image(s): {status}")
         for text in lines + [f"  {p}" for p in report.problems[:MAX_PROBLEMS_SHOWN]]:
             print(text)
         if len(report.problems) > MAX_PROBLEMS_SHOWN:
@@ -117,8 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Checks every record of every data file in DATA (a folder: its *.jsonl, *.json and *.csv; or "
                     "one file): that it parses and has the schema (converted jsonl, LLaVA/ShareGPT JSON, or CSV with "
                     "image, question, answer columns), that every image exists, opens and lies inside the image "
-                    "folder, that image tags match the images, and reports the tokens per sample. Exit status 1 "
-                    "when anything is wrong.")
+                    "folder, that image tags match the images, and reports the tokens per sample. A jsonl or JSON "
+                    "file of preference records (chosen and rejected answers, for finetune_hf_trainer_dpo.py) is "
+                    "checked as preference data, with the tokens of both answers' sequences. Exit status 1 when "
+                    "anything is wrong.")
     validate.add_argument("data", metavar="DATA", help="A data folder (images/ and the data files) or one data file.")
     validate.add_argument("--image_folder", default=None,
                           help="Folder the image paths are relative to (default: images/ beside the data files).")
@@ -128,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           help="Crops per image for the token counts (default: the processor's, 4 for Phi-3.5-vision; "
                                "use the value you will train with, e.g. 4 for video frames, 16 for documents).")
     validate.add_argument("--max_seq_length", type=int, default=None,
-                          help="Token budget: report the records longer than this (training skips them).")
+                          help="Token budget: report the records longer than this (training skips them; for "
+                               "preference data, those whose chosen or rejected sequence is longer).")
     validate.add_argument("--model_name_or_path", default=DEFAULT_MODEL,
                           help=f"Hub id or local folder of the processor (tokenizer) for token counts (default {DEFAULT_MODEL}).")
     validate.add_argument("--no_token_count", action="store_true", help="Skip the token counts (no processor needed).")

@@ -15,14 +15,15 @@ Check a folder (schema, images, token counts) before training:
 The training scripts run the same checks through `load_jsonl_dataset` and stop at a bad line with
 FILE:LINE and what is wrong (an image that is there but cannot be read is named and skipped instead, within
 --max_bad_samples). LLaVA JSON and CSV files are read into this form (`phivision.data.formats`) and
-checked by the same code (`check_records`).
+checked by the same code (`check_records`), and so is preference data (`preference`), whose last turn also has
+"rejected".
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -96,7 +97,7 @@ def image_path_problem(path: Any) -> str | None:
     return None
 
 
-def _schema_problem(record: Any) -> str | None:
+def _schema_problem(record: Any, last_turn_keys: Collection[str] = ()) -> str | None:
     if not isinstance(record, dict):
         return f"a record must be a JSON object, got {type(record).__name__}"
     if "id" not in record:
@@ -115,7 +116,7 @@ def _schema_problem(record: Any) -> str | None:
         where = f"conversations[{t}]"
         if not isinstance(turn, dict):
             return f"{where} must be an object with 'user' and 'assistant', got {turn!r:.80}"
-        unknown = sorted(set(turn) - TURN_KEYS)
+        unknown = sorted(set(turn) - TURN_KEYS - (set(last_turn_keys) if t == len(turns) - 1 else set()))
         if unknown:
             return f"{where} has unknown key(s) {', '.join(map(repr, unknown))} (a turn has 'images', 'user', 'assistant')"
         for key in ("user", "assistant"):
@@ -153,6 +154,7 @@ def validate_record(
     full_check: bool = False,
     size_cache: dict[str, tuple[int, int]] | None = None,
     unreadable_images_ok: bool = False,
+    last_turn_keys: Collection[str] = (),
 ) -> list[tuple[int, int]]:
     """Checks one record; returns the (width, height) of its images (empty without images_dir).
 
@@ -160,8 +162,10 @@ def validate_record(
     image exists and opens (header only; `full_check` decodes the pixels too). Raises ValidationError
     naming `path:line` when given. With `unreadable_images_ok` an image that is there but cannot be read
     is no problem here (and has no size): a training run names and skips its record, as it does a Hub row's.
+    `last_turn_keys`: keys the last turn may have besides TURN_KEYS, checked by the record's reader (a
+    preference record's "rejected", `phivision.data.preference`).
     """
-    problem = _schema_problem(record)
+    problem = _schema_problem(record, last_turn_keys)
     if problem:
         raise ValidationError(problem, path, line)
     if images_dir is None:
@@ -252,6 +256,7 @@ def check_records(
     full_check: bool = False,
     progress: bool = False,
     unreadable_images_ok: bool = False,
+    last_turn_keys: Collection[str] = (),
 ) -> FileReport:
     """Checks records read from `path` (`validate_record`, unique ids, images under images_dir, which defaults
     to the images/ folder beside the file). Collects all problems instead of stopping."""
@@ -273,7 +278,7 @@ def check_records(
         try:
             sizes = validate_record(record, images_dir if check_images else None, path=where, line=line,
                                     full_check=full_check, size_cache=cache,
-                                    unreadable_images_ok=unreadable_images_ok)
+                                    unreadable_images_ok=unreadable_images_ok, last_turn_keys=last_turn_keys)
         except ValidationError as e:
             report.problems.extend(replace(problem, record=index) for problem in e.problems)
             continue

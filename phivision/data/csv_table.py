@@ -16,7 +16,7 @@ import csv
 from pathlib import Path
 
 from .converted import NumberedRecords, Problem, image_path_problem
-from .llava import PLACEHOLDER, placeholders_to_tags
+from .llava import tagged_question
 
 REQUIRED = ("question", "answer")
 
@@ -69,10 +69,7 @@ def _record(row: dict[str, str], line: int) -> dict:
         if problem:
             raise ValueError(f"'image': {problem}")
     images = [image] if image else []
-    question, placeholders = placeholders_to_tags(row["question"], 1)
-    if placeholders not in (0, len(images)):
-        raise ValueError(f"'question' has {placeholders} {PLACEHOLDER} placeholder(s) but the row has "
-                         f"{len(images)} image(s)")
+    question = tagged_question(row["question"], len(images))
     if not row["answer"].strip():
         raise ValueError("'answer' is empty: nothing to learn")
     turn = {"user": question, "assistant": row["answer"]}

@@ -125,10 +125,19 @@ class _HeaderOnlyRows(Sequence):
         return _open_images(self.arrow[index].to_pylist()[0])
 
 
+def open_hub_image(image):
+    """A Hub row's image opened (not decoded): a PIL image as it is, or datasets' stored form, a dict with the
+    file's "bytes" or its "path"."""
+    if isinstance(image, dict):
+        data = image.get("bytes")
+        return Image.open(io.BytesIO(data) if data is not None else image["path"])
+    return image
+
+
 def _open_images(value):
     if isinstance(value, dict):
         if value.keys() == {"bytes", "path"}:  # how datasets stores an image
-            return Image.open(io.BytesIO(value["bytes"]) if value["bytes"] is not None else value["path"])
+            return open_hub_image(value)
         return {key: _open_images(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_open_images(item) for item in value]

@@ -42,7 +42,18 @@ def placeholders_to_tags(text: str, first_image: int) -> tuple[str, int]:
     return tagged, len(pieces) - 1
 
 
-def _images(record: dict) -> list[str]:
+def tagged_question(question: str, num_images: int) -> str:
+    """A one-turn sample's question with its `<image>` placeholders as tags (ValueError unless it has none, or one
+    per image)."""
+    question, placeholders = placeholders_to_tags(question, 1)
+    if placeholders not in (0, num_images):
+        raise ValueError(f"'question' has {placeholders} {PLACEHOLDER} placeholder(s) but the row has "
+                         f"{num_images} image(s)")
+    return question
+
+
+def image_field(record: dict) -> list[str]:
+    """The paths of a record's "image" (one path, a list of paths, or absent), each checked (ValueError)."""
     images = record.get("image")
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list):
@@ -68,7 +79,7 @@ def convert_llava_record(record: Any) -> dict:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"'conversations' must be a non-empty list of {{\"from\", \"value\"}} messages, "
                          f"got {messages!r:.80}")
-    images = _images(record)
+    images = image_field(record)
     turns: list[dict] = []
     used = 0
     for m, message in enumerate(messages):
