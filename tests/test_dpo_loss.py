@@ -10,7 +10,8 @@ from transformers import TrainingArguments
 
 from phivision.collator import DataCollator
 from phivision.families import family_of
-from phivision.training.preference import PreferenceCollator, PreferenceLoss, PreferenceTrainer, rejected_conversation
+from phivision.data.preference import rejected_conversation
+from phivision.training.preference import PreferenceCollator, PreferenceLoss, PreferenceTrainer
 
 
 def pair(question, chosen, rejected, *images):

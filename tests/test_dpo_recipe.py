@@ -3,6 +3,7 @@ shape?": the right colour chosen, a wrong one rejected; text-only pairs mixed in
 torchrun x2, Phi-4-MM in process. One run serves several assertions."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -85,3 +86,72 @@ def test_full_fine_tuning_zero2_with_stored_reference_under_torchrun(tiny, pairs
                              str(out), "--learning_rate", "3e-3", *TRAIN)
     assert "is complete" in result.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resumed_run_equals_an_uninterrupted_one_and_reuses_the_stored_reference(tiny, pairs, tmp_path):
+    """Full fine-tuning in one process: a run resumed from its step-2 checkpoint (with the reference log-probs the
+    first launch stored) trains as the uninterrupted run did."""
+    common = ["--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--deepspeed", "none", "--batch_size", "4",
+              "--batch_size_per_gpu", "2", "--max_steps", "4", "--save_steps", "2", "--max_train_samples", "16",
+              "--max_eval_samples", "2", "--max_new_tokens", "2", "--learning_rate", "1e-3", "--seed", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_recipe(SCRIPT, *common, "--output_dir", str(straight))
+    resumed.mkdir()
+    for name in ("checkpoint-2", "reference_logps.json", "eval_before.json", "eval_reference_logps.json"):
+        copy = shutil.copytree if name.startswith("checkpoint-") else shutil.copy
+        copy(straight / name, resumed / name)  # what a run stopped at step 2 leaves
+    stored = (resumed / "reference_logps.json").stat().st_mtime_ns
+    run_recipe(SCRIPT, *common, "--output_dir", str(resumed))
+    assert (resumed / "reference_logps.json").stat().st_mtime_ns == stored  # read, not computed again
+    assert log_losses(straight / "checkpoint-4") == pytest.approx(log_losses(resumed / "checkpoint-4"), rel=1e-5)
+    margins = [[e["rewards/margins"] for e in history(out) if "rewards/margins" in e] for out in (straight, resumed)]
+    assert margins[0] == pytest.approx(margins[1], rel=1e-5, abs=1e-7)
+    a, b = weights(straight / "model.safetensors"), weights(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert preference(resumed, "after") == pytest.approx(preference(straight, "after"))
+
+
+def test_phi4mm_lora_through_the_recipe(tiny_phi4mm, pairs, tmp_path):
+    out = tmp_path / "out"
+    run_recipe(SCRIPT, "--model_name_or_path", str(tiny_phi4mm), "--data_dir", str(pairs), "--output_dir", str(out),
+               "--use_lora", "--lora_rank", "4", "--batch_size", "4", "--batch_size_per_gpu", "4", "--max_steps", "2",
+               "--max_train_samples", "8", "--max_eval_samples", "4", "--max_new_tokens", "2", "--learning_rate", "1e-2",
+               "--packing")
+    assert preference(out, "before")["preference_accuracy"] == 0.5
+    after = preference(out, "after")
+    assert after["num_pairs"] == 4 and after["mean_logratio_margin"] != 0  # the adapter trained
+    assert all("rewards/margins" in e for e in history(out) if "loss" in e)
+    assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval_strategy", "steps"], "--eval_strategy steps: preference tuning evaluates before and after training only"),
+    (["--beta", "0"], "--beta must be above 0, got 0"),
+])
+def test_setup_mistakes_are_one_line(tiny, pairs, tmp_path, capsys, flags, message):
+    from phivision.errors import SetupError
+
+    try:
+        run_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir",
+                   str(tmp_path / "out"), "--use_lora", *flags)
+    except SystemExit as e:  # a flag's own check: the parser's one line, exit status 2
+        assert e.code == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    except SetupError as e:  # found once the checkpoint is known, before the model loads: one line
+        assert message in str(e) and "\n" not in str(e)
+    else:
+        pytest.fail(f"{flags} was accepted")
+
+
+def test_zero3_is_refused_with_one_line_under_torchrun(tiny, pairs, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / SCRIPT),
+               "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir", str(tmp_path / "out"),
+               "--deepspeed", str(ROOT / "ds_config_zero3.json"), "--num_crops", "1", "--batch_size", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    output = (result.stdout + result.stderr).split("ChildFailedError")[0]
+    assert result.returncode != 0
+    line = f"error: --deepspeed {ROOT / 'ds_config_zero3.json'}: preference tuning runs under ZeRO-2"
+    assert output.count(line) == 1 and "Traceback" not in output.split("error: ")[0], output[-3000:]

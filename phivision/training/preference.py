@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from ..chat import Conversation, FormatExample
+from ..chat import FormatExample
 from ..collator import DataCollator
+from ..data.preference import REJECTED, rejected_conversation
 from ..data.rows import UNREADABLE
 from ..distributed import gather_lists, is_main_process, print_once, rank_and_world_size
 from ..families import Processor, family_of_model
@@ -47,7 +48,6 @@ from .arguments import FlagError, RecipeArguments
 from .recipe import Objective
 from .trainer import RecipeTrainer, TrainingRows
 
-REJECTED = "rejected"  # the last turn's key of the rejected answer (phivision.data.preference's REJECTED)
 LOSS_TYPES = ("sigmoid", "ipo")
 REFERENCE_FILE = "reference_logps.json"  # the training pairs' reference log-probs, in output_dir
 EVAL_REFERENCE_FILE = "eval_reference_logps.json"  # the evaluation pairs', recorded before training
@@ -60,12 +60,6 @@ class PreferenceLoss:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     rpo_alpha: float | None = None
-
-
-def rejected_conversation(conversation: Conversation) -> Conversation:
-    """The conversation with its last answer replaced by the rejected one."""
-    last = conversation[-1]
-    return [*conversation[:-1], {**last, "assistant": last[REJECTED]}]
 
 
 def longer_answer(format_example: FormatExample, tokenizer: Any) -> FormatExample:
@@ -306,8 +300,9 @@ class PreferenceObjective(Objective):
         self.settings = settings
 
     def check(self, args: RecipeArguments) -> None:
-        if args.training.eval_strategy != "no":
-            raise FlagError(f"--eval_strategy {args.training.eval_strategy}: preference tuning evaluates before and "
+        strategy = getattr(args.training.eval_strategy, "value", args.training.eval_strategy)  # an IntervalStrategy
+        if strategy != "no":
+            raise FlagError(f"--eval_strategy {strategy}: preference tuning evaluates before and "
                             "after training only (for now)")
         if args.model.cache_vision_features:
             raise FlagError("--cache_vision_features: not available for preference tuning yet")
