@@ -162,3 +162,28 @@ def test_phi4mm_answer_logps_through_its_family_hook(tiny_phi4mm, tmp_path):
     batch = collator.collate([collator.encode(p) for p in PAIRS])
     want_loss, _ = expected(policy, reference, 0.1, "sigmoid", None)
     assert float(trainer.compute_loss(model, dict(batch))) == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
+
+
+def test_preference_accuracy_counts_a_tie_half():
+    from phivision.training.preference import preference_accuracy
+
+    reference = {0: [-5.0, -6.0], 1: [-4.0, -4.0], 2: [-3.0, -1.0], 3: [-2.0, -2.0]}
+    policy = {0: [-5.0, -6.0],  # the reference itself: a tie
+              1: [-3.0, -5.0],  # chosen up 1, rejected down 1: margin 2
+              2: [-4.0, -1.0],  # chosen down 1: margin -1
+              3: [-1.0, -1.5]}  # both up, chosen more: margin 0.5
+    assert preference_accuracy(policy, reference) == {"preference_accuracy": (0.5 + 1 + 0 + 1) / 4,
+                                                      "mean_logratio_margin": (0 + 2 - 1 + 0.5) / 4, "num_pairs": 4}
+    assert preference_accuracy(reference, reference)["preference_accuracy"] == 0.5
+
+
+def test_stored_reference_is_reused_only_for_the_same_rows_and_model(tmp_path):
+    from phivision.training.preference import load_reference, save_reference
+
+    path, source = tmp_path / "reference_logps.json", {"model": "a", "num_crops": 1, "continue_vision_lora": False}
+    logps = {3: [-1.5, -2.25], 7: [-0.125, -3.0]}
+    save_reference(path, [3, 7], logps, source)
+    assert load_reference(path, [3, 7], source) == logps
+    assert load_reference(path, [3, 7, 9], source) is None  # other rows: computed again
+    assert load_reference(path, [3, 7], {**source, "model": "b"}) is None  # another starting model
+    assert load_reference(tmp_path / "missing.json", [3, 7], source) is None
