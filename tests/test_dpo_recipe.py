@@ -166,7 +166,7 @@ def test_an_unreadable_pair_is_named_and_skipped_in_training_and_in_the_referenc
     reference log-probs of the others, trains on them, and names the pair by its file and line."""
     data = make_shapes_preferences(tmp_path / "pairs", num_train=8, num_eval=2, text_only_every=4)
     records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
-    bad = data / "images" / records[1]["image"]
+    bad = data / "images" / records[0]["image"]
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     out = tmp_path / "out"
     run_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(data), "--output_dir", str(out),
@@ -174,7 +174,7 @@ def test_an_unreadable_pair_is_named_and_skipped_in_training_and_in_the_referenc
                "--max_new_tokens", "2", "--max_bad_samples", "1", "--learning_rate", "1e-3")
     printed = capsys.readouterr().out
     assert printed.count("unreadable, skipped during training: ") == 1
-    assert f"{data / 'train.jsonl'}:2" in printed.split("unreadable, skipped during training: ")[1].splitlines()[0]
+    assert f"{data / 'train.jsonl'}:1" in printed.split("unreadable, skipped during training: ")[1].splitlines()[0]
     stored = json.loads((out / "reference_logps.json").read_text())
     assert len(stored["logps"]) == 7 and len(stored["indices"]) == 8  # every pair but the unreadable one
     assert (out / "model.safetensors").exists()
