@@ -178,3 +178,22 @@ def test_an_unreadable_pair_is_named_and_skipped_in_training_and_in_the_referenc
     stored = json.loads((out / "reference_logps.json").read_text())
     assert len(stored["logps"]) == 7 and len(stored["indices"]) == 8  # every pair but the unreadable one
     assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("checkpoint, flags, stored", [
+    ("tiny", ["--use_qlora", "--lora_rank", "4", "--bf16"], False),
+    ("tiny_phi4mm", ["--continue_vision_lora", "--deepspeed", "none"], True),
+], ids=["QLoRA", "Phi-4-MM continue_vision_lora"])
+def test_the_reference_of_the_other_modes(checkpoint, flags, stored, pairs, tmp_path, request):
+    """QLoRA: the 4-bit base with the adapter disabled. --continue_vision_lora: disabling the shipped vision LoRA
+    would not give the starting model, so the reference log-probs are computed before training and stored."""
+    out = tmp_path / "out"
+    run_recipe(SCRIPT, "--model_name_or_path", str(request.getfixturevalue(checkpoint)), "--data_dir", str(pairs),
+               "--output_dir", str(out), *flags, "--batch_size", "4", "--batch_size_per_gpu", "4", "--max_steps", "2",
+               "--max_train_samples", "8", "--max_eval_samples", "4", "--max_new_tokens", "2", "--learning_rate", "1e-2")
+    assert (out / "reference_logps.json").exists() == stored
+    assert preference(out, "before")["preference_accuracy"] == 0.5
+    assert preference(out, "after")["mean_logratio_margin"] != 0
+    first = next(e for e in history(out) if "rewards/margins" in e)
+    if stored:  # step 1 starts from the reference: its rewards are 0 up to the precision of the two passes
+        assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
