@@ -197,3 +197,17 @@ def test_the_reference_of_the_other_modes(checkpoint, flags, stored, pairs, tmp_
     first = next(e for e in history(out) if "rewards/margins" in e)
     if stored:  # step 1 starts from the reference: its rewards are 0 up to the precision of the two passes
         assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+
+
+def test_two_seeded_runs_are_identical(tiny, pairs, tmp_path):
+    common = ["--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--use_lora", "--lora_rank", "4",
+              "--lora_dropout", "0.1", "--batch_size", "4", "--batch_size_per_gpu", "2", "--max_steps", "2",
+              "--max_train_samples", "8", "--max_eval_samples", "2", "--max_new_tokens", "2", "--skip_eval_before",
+              "--learning_rate", "1e-2", "--seed", "3"]
+    for name in ("a", "b"):
+        run_recipe(SCRIPT, *common, "--output_dir", str(tmp_path / name))
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    assert [{k: v for k, v in e.items() if k not in timing} for e in history(tmp_path / "a")] == \
+        [{k: v for k, v in e.items() if k not in timing} for e in history(tmp_path / "b")]
+    a, b = weights(tmp_path / "a" / "adapter_model.safetensors"), weights(tmp_path / "b" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
