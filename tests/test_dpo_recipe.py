@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,30 @@ def test_two_seeded_runs_are_identical(tiny, pairs, tmp_path):
         [{k: v for k, v in e.items() if k not in timing} for e in history(tmp_path / "b")]
     a, b = weights(tmp_path / "a" / "adapter_model.safetensors"), weights(tmp_path / "b" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_killed_and_rerun_gives_the_uninterrupted_result(tiny, pairs, tmp_path):
+    """Full fine-tuning with stored reference log-probs, killed while writing a checkpoint and at a random moment
+    (perhaps while computing the reference), then run again to its end: as the uninterrupted run."""
+    from test_long_runs import SLOW_CHECKPOINTS, finish, launch, run_with_kills
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SLOW_CHECKPOINTS)
+    argv = ["--model_name_or_path", tiny, "--data_dir", pairs, "--deepspeed", "none", "--batch_size", 4,
+            "--batch_size_per_gpu", 2, "--max_steps", 6, "--save_steps", 1, "--max_train_samples", 24,
+            "--max_eval_samples", 2, "--max_new_tokens", 2, "--learning_rate", 1e-3, "--seed", 1]
+    straight = tmp_path / "straight"
+    start = time.time()
+    code, output = finish(launch(False, *argv, "--output_dir", straight, script=SCRIPT))
+    assert code == 0, output[-4000:]
+    out = tmp_path / "killed"
+    kills = run_with_kills(out, False, argv, ["at a random moment", "while writing a checkpoint"], site,
+                           time.time() - start, script=SCRIPT)
+    assert kills, "the runs were not interrupted"
+    assert log_losses(out / "checkpoint-6") == pytest.approx(log_losses(straight / "checkpoint-6"), rel=1e-5)
+    a, b = weights(straight / "model.safetensors"), weights(out / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "reference_logps.json").read_text()) == json.loads(
+        (straight / "reference_logps.json").read_text())
