@@ -239,3 +239,29 @@ def test_killed_and_rerun_gives_the_uninterrupted_result(tiny, pairs, tmp_path):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     assert json.loads((out / "reference_logps.json").read_text()) == json.loads(
         (straight / "reference_logps.json").read_text())
+
+
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_finishes(tiny, pairs, tmp_path):
+    """LoRA in one process, DataLoader workers on: SIGTERM stops training at a step boundary with a checkpoint."""
+    import signal
+
+    from test_long_runs import finish, launch, output_of
+
+    argv = ["--model_name_or_path", tiny, "--data_dir", pairs, "--use_lora", "--lora_rank", 4, "--batch_size", 2,
+            "--batch_size_per_gpu", 2, "--max_steps", 40, "--save_steps", 100, "--max_train_samples", 80,
+            "--max_eval_samples", 2, "--max_new_tokens", 2, "--dataloader_num_workers", 2, "--seed", 1]
+    out = tmp_path / "out"
+    process = launch(False, *argv, "--output_dir", out, script=SCRIPT)
+    deadline = time.time() + 300
+    while "'loss'" not in output_of(process) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # until training has begun
+    process.send_signal(signal.SIGTERM)
+    code, output = finish(process)
+    stopped = [line for line in output.splitlines() if line.startswith("Stopped by SIGTERM at step")]
+    assert code == 128 + signal.SIGTERM and len(stopped) == 1, output[-4000:]
+    step = int(stopped[0].split("at step ")[1].split(":")[0])
+    assert 1 <= step < 40 and (out / f"checkpoint-{step}" / "checkpoint_complete").is_file()
+    assert "Traceback" not in output
+    code, output = finish(launch(False, *argv, "--output_dir", out, script=SCRIPT))
+    assert code == 0 and f"Resuming from {out / f'checkpoint-{step}'}" in output, output[-4000:]
+    assert preference(out, "after")["num_pairs"] == 2
