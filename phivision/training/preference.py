@@ -177,7 +177,7 @@ class PreferenceTrainer(RecipeTrainer):
         self.preference = preference
         # The loss is a mean over the batch's pairs: the Trainer divides it by the accumulation steps itself.
         self.model_accepts_loss_kwargs = False
-        self._metric_sums: dict[str, float] = {}
+        self._metric_sums: dict[str, torch.Tensor] = {}  # kept on the device: no host sync until a log
         self._metric_steps = 0
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
@@ -191,7 +191,7 @@ class PreferenceTrainer(RecipeTrainer):
         loss, metrics = preference_loss(policy, reference, tokens, self.preference)
         if model.training:
             for name, value in metrics.items():
-                self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(value)
+                self._metric_sums[name] = self._metric_sums.get(name, 0) + value.double()
             self._metric_steps += 1
         return (loss, {"policy_logps": policy}) if return_outputs else loss
 
@@ -204,8 +204,8 @@ class PreferenceTrainer(RecipeTrainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._metric_steps:  # a training log: every process calls it at the same step
             names = sorted(self._metric_sums)
-            totals = torch.tensor([self._metric_sums[n] for n in names] + [self._metric_steps],
-                                  dtype=torch.float64, device=self.args.device)
+            steps = torch.tensor([self._metric_steps], dtype=torch.float64, device=self._metric_sums[names[0]].device)
+            totals = torch.cat([torch.stack([self._metric_sums[n] for n in names]), steps])
             totals = self.accelerator.reduce(totals, reduction="sum")
             logs.update({name: float(totals[i] / totals[-1]) for i, name in enumerate(names)})
             self._metric_sums, self._metric_steps = {}, 0
