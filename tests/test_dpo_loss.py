@@ -113,8 +113,8 @@ def test_loss_and_logged_rewards_equal_the_formulas_with_the_adapter_disabled_as
     trainer = trainer_for(model, tmp_path, settings)
     model.train()  # as in training: the metrics are collected for the next log
     loss = trainer.compute_loss(model, dict(batch))
-    assert float(loss) == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
-    trainer.log({"loss": float(loss)})
+    assert loss.item() == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
+    trainer.log({"loss": loss.item()})
     logged = trainer.state.log_history[-1]
     for name, value in want_metrics.items():
         assert logged[name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
@@ -135,10 +135,10 @@ def test_stored_reference_logps_are_used_and_a_full_model_gets_gradients(tiny, t
     trainer = trainer_for(model, tmp_path, PreferenceLoss())
     model.train()
     loss = trainer.compute_loss(model, dict(batch))
-    assert float(loss) == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
+    assert loss.item() == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
     loss.backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
-    trainer.log({"loss": float(loss)})
+    trainer.log({"loss": loss.item()})
     for name, value in want_metrics.items():
         assert trainer.state.log_history[-1][name] == pytest.approx(value, rel=1e-6, abs=1e-6), name
 
@@ -156,7 +156,7 @@ def test_phi4mm_answer_logps_through_its_family_hook(tiny_phi4mm, tmp_path):
     trainer = trainer_for(model, tmp_path, PreferenceLoss())
     model.train()
     loss = trainer.compute_loss(model, dict(batch))
-    assert float(loss) == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
+    assert loss.item() == pytest.approx(want_loss, rel=1e-6, abs=1e-6)
     loss.backward()
     assert any(".image_embed." in n and p.grad is not None for n, p in model.named_parameters())
     batch = collator.collate([collator.encode(p) for p in PAIRS])
@@ -187,3 +187,17 @@ def test_stored_reference_is_reused_only_for_the_same_rows_and_model(tmp_path):
     assert load_reference(path, [3, 7, 9], source) is None  # other rows: computed again
     assert load_reference(path, [3, 7], {**source, "model": "b"}) is None  # another starting model
     assert load_reference(tmp_path / "missing.json", [3, 7], source) is None
+
+
+def test_the_reference_pass_puts_a_model_still_on_the_cpu_onto_the_training_device():
+    """Under DeepSpeed the Trainer places the model only in train(): the reference log-probs, computed before,
+    would run a CPU model on device batches (with --skip_eval_before nothing else has moved it)."""
+    from types import SimpleNamespace
+
+    from phivision.training.recipe import on_training_device
+
+    model = torch.nn.Linear(2, 2)
+    on_training_device(model, SimpleNamespace(training=SimpleNamespace(device=torch.device("cpu"))))
+    assert model.weight.device.type == "cpu"
+    on_training_device(model, SimpleNamespace(training=SimpleNamespace(device=torch.device("meta"))))  # a stand-in
+    assert model.weight.device.type == "meta"

@@ -45,7 +45,7 @@ from ..distributed import gather_lists, is_main_process, print_once, rank_and_wo
 from ..families import Processor, family_of_model
 from ..files import write_json
 from .arguments import FlagError, RecipeArguments
-from .recipe import Objective
+from .recipe import Objective, on_training_device
 from .trainer import RecipeTrainer, TrainingRows
 
 LOSS_TYPES = ("sigmoid", "ipo")
@@ -330,6 +330,7 @@ class PreferenceObjective(Objective):
         source = reference_source(args)
         logps = load_reference(path, rows.indices, source)
         if logps is None:
+            on_training_device(trainer.model, args)  # --skip_eval_before: nothing has placed it yet
             logps = compute_pair_logps(trainer.model, train_rows, rows.indices, collator,
                                        training.per_device_train_batch_size, training.device,
                                        autocast=trainer.accelerator.autocast, disable_tqdm=training.disable_tqdm)

@@ -276,8 +276,7 @@ def evaluate(model: torch.nn.Module, processor: Processor, rows: Sequence[Any], 
     if not rows:
         print_once(f"Evaluation {when} training skipped: no evaluation rows")
         return None
-    if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
-        model.to(args.training.device)  # before training the Trainer hasn't placed it yet
+    on_training_device(model, args)
     with half_precision(args, model), full_weights(model):
         summary = evaluate_rows(
             model,
@@ -304,6 +303,13 @@ def evaluate(model: torch.nn.Module, processor: Processor, rows: Sequence[Any], 
         print_once(f"Evaluation {when} training: {summary['metric']} {100 * summary['score']:.2f} "
                    f"on {summary['num_examples']} examples{sharded}")
     return summary
+
+
+def on_training_device(model: torch.nn.Module, args: RecipeArguments) -> None:
+    """Puts a model still on the CPU onto the training device: before training the Trainer hasn't placed it yet
+    (under DeepSpeed it never does before `train`)."""
+    if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
+        model.to(args.training.device)
 
 
 def half_precision(args: RecipeArguments, model: torch.nn.Module):
