@@ -30,14 +30,17 @@ class DataCollator:
         """One row -> input_ids, labels (lists) and its images' model inputs (pixel values, sizes... as the
         processor names them; none for a text-only row)."""
         conversation, images = self.format_example(row)
-        image_inputs: dict[str, torch.Tensor] = {}
-        image_tokens: list[int] = []
-        if images:
-            processed = self.processor.image_processor.preprocess(images, num_crops=self.num_crops, return_tensors="pt")
-            image_tokens = list(processed.pop("num_img_tokens"))
-            image_inputs = dict(processed)
+        image_inputs, image_tokens = self.encode_images(images)
         input_ids, labels = self.processor.encode_conversation(conversation, image_tokens)
         return {"input_ids": input_ids, "labels": labels, **image_inputs}
+
+    def encode_images(self, images: Sequence[Any]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """A row's images -> their model inputs (none for a text-only row) and each image's token count."""
+        if not images:
+            return {}, []
+        processed = self.processor.image_processor.preprocess(images, num_crops=self.num_crops, return_tensors="pt")
+        image_tokens = list(processed.pop("num_img_tokens"))
+        return dict(processed), image_tokens
 
     def __call__(self, rows: Sequence[Any]) -> dict[str, torch.Tensor]:
         return self.collate([self.encode(row) for row in rows])

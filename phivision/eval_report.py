@@ -32,6 +32,7 @@ from .training_curves import series
 THUMBNAIL = 160  # px, the longer side of an image shown alone or in a pair
 FRAME = 80  # px, the longer side of each image of three or more (video frames), shown as a strip
 JPEG_QUALITY = 75
+REJECTED_CELL = '<td><span class="empty">none</span></td>'  # a row without a rejected answer, in a preference report
 # What happened to an example between the two evaluations, in the order the page lists them.
 CHANGES = {"worse": "got worse", "wrong": "still wrong", "better": "got better", "right": "right",
            "unscored": "not scored"}
@@ -99,6 +100,18 @@ def _percent(score: float | None) -> str:
     return "-" if score is None else f"{100 * score:.1f}%"
 
 
+def _preference(before: dict | None, after: dict) -> str:
+    """A preference run's accuracy on the held-out pairs before and after training (nothing for other runs)."""
+    results = [(when, summary.get("preference")) for when, summary in (("before", before or {}), ("after", after))]
+    cells = [f"<tr><td>{when} training</td><td>{_percent(result['preference_accuracy'])}</td>"
+             f"<td>{result['num_pairs']}</td></tr>" for when, result in results if result]
+    if not cells:
+        return ""
+    return ("<h2>Preference accuracy on the held-out pairs</h2><p>The policy's log-prob ratio against the reference "
+            "favours the chosen answer (a tie counts half).</p><table><tr><th>evaluated</th><th>accuracy</th>"
+            f"<th>pairs</th></tr>{''.join(cells)}</table>")
+
+
 def _summary(metric: str, before: dict | None, after: dict, log_history: Sequence[dict]) -> str:
     """The metric before, during and after training, as a table."""
     rows = [("before training", _percent(before["score"] if before else None), "")]
@@ -131,26 +144,34 @@ def eval_report_html(rows: Sequence[Any], format_example: FormatExample, after: 
         labels = {"unscored": CHANGES["unscored"]}
     else:  # without an evaluation before training there is nothing to compare with
         labels = {k: v for k, v in CHANGES.items() if k != "unscored"} if before else {"wrong": "wrong", "right": "right"}
-    table = []
+    table, any_rejected = [], False
     for i in order:
-        _, images = format_example(rows[examples[i].get("row", i)])  # unreadable rows have no example
+        conversation, images = format_example(rows[examples[i].get("row", i)])  # unreadable rows have no example
         answers = "".join(f"<li>{escape(answer)}</li>" for answer in examples[i]["answers"])
+        rejected = conversation[-1].get("rejected")  # a preference pair's rejected answer
+        any_rejected = any_rejected or rejected is not None
         table.append(
             f'<tr class="example {changes[i]}" id="example-{i}">'
             f"<td>{_row_and_id(examples[i].get('row', i), examples[i]['id'])}</td>"
             f"<td>{_images(list(images))}</td><td>{_text(examples[i]['question'])}</td><td><ul>{answers}</ul></td>"
+            + (REJECTED_CELL if rejected is None else f"<td>{_text(rejected)}</td>") +
             f"<td>{_prediction(earlier[i])}</td><td>{_prediction(examples[i])}</td>"
             f'<td class="change">{labels[changes[i]]}</td></tr>'
         )
     buttons = [f'<input type="radio" name="show" id="show-all" checked><label for="show-all">all ({len(changes)})</label>']
     buttons += [f'<input type="radio" name="show" id="show-{key}"><label for="show-{key}">{label} '
                 f'({changes.count(key)})</label>' for key, label in labels.items()]
-    header = ("<tr><th>row / id</th><th>image(s)</th><th>question</th><th>reference answer(s)</th>"
-              "<th>before training</th><th>after training</th><th>change</th></tr>")
+    if any_rejected:
+        header = ("<tr><th>row / id</th><th>image(s)</th><th>question</th><th>chosen answer</th>"
+                  "<th>rejected answer</th><th>before training</th><th>after training</th><th>change</th></tr>")
+    else:
+        table = [row.replace(REJECTED_CELL, "") for row in table]
+        header = ("<tr><th>row / id</th><th>image(s)</th><th>question</th><th>reference answer(s)</th>"
+                  "<th>before training</th><th>after training</th><th>change</th></tr>")
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
         f"<style>{STYLE}</style></head><body>\n<h1>{escape(title)}</h1>\n"
-        f"{_summary(metric, before, after, log_history)}\n"
+        f"{_summary(metric, before, after, log_history)}\n{_preference(before, after)}\n"
         f"<h2>{len(changes)} examples, wrong answers first</h2>\n<main>Show: {''.join(buttons)}\n"
         f"<table>{header}\n" + "\n".join(table) + "\n</table></main></body></html>\n"
     )

@@ -109,6 +109,10 @@ class ModelFamily:
         """The loss of a training batch when the family computes it itself (None: the model's own `loss`)."""
         return None
 
+    def answer_logps(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs of a batch's answer tokens, for preference tuning: see `answer_token_logps`."""
+        return answer_token_logps(model, inputs)
+
     # ----- meta-device sizing (phivision.training.sizing; only families with supports_step_sizing) -----
 
     def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -150,6 +154,24 @@ class ModelFamily:
     def finish_saved_model(self, folder: str | Path) -> None:
         """Rewrites what `save_pretrained` just wrote to `folder` (a full model) where readers other than this
         package's transformers (vLLM, transformers 4.x) would read it otherwise. Default: nothing to rewrite."""
+
+
+def answer_token_logps(model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The log-prob the model gives each answer token of a batch (labels != -100), from the logits at the answer
+    positions only (`logits_to_keep`: never the whole [rows, sequence, vocabulary] logits).
+
+    Returns (log-probs [rows, P], answer mask [rows, P], positions [P]): the P positions are the union over the rows
+    of the positions whose next label is an answer token; a row's other positions have mask False and log-prob 0.
+    Position p predicts the token at p + 1. The model runs without a KV cache (packed samples stay apart).
+    """
+    targets = inputs["labels"][:, 1:]
+    positions = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    rest = {key: value for key, value in inputs.items() if key != "labels"}
+    logits = model(**rest, use_cache=False, logits_to_keep=positions).logits
+    kept = targets[:, positions].to(logits.device)
+    mask = kept != -100
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, kept.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logps * mask, mask, positions.to(logits.device)
 
 
 # Checkpoints of a family in its remote-code layout, which transformers' own classes do not read.

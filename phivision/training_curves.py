@@ -57,9 +57,11 @@ def training_curves_figure(log_history: Sequence[dict], metric: str | None = Non
     like `before` and `after`, the scores of the evaluations before and after training); it is drawn
     in %. A panel with nothing logged says so.
     """
-    figure = Figure(figsize=(WIDTH, HEIGHT), dpi=DPI, layout="constrained")
+    preference = bool(series(log_history, "rewards/margins")[0])  # a preference (DPO) run: its rewards too
+    figure = Figure(figsize=(WIDTH, HEIGHT * (1.5 if preference else 1)), dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
-    (loss_ax, metric_ax), (lr_ax, grad_ax) = figure.subplots(2, 2)
+    axes = figure.subplots(3 if preference else 2, 2)
+    (loss_ax, metric_ax), (lr_ax, grad_ax) = axes[0], axes[1]
     last = _last_step(log_history)
     epochs = series(log_history, "epoch")[1]
     figure.suptitle(f"{title}: {last} optimizer steps" + (f", {epochs[-1]:.3g} epochs" if epochs else ""),
@@ -74,7 +76,7 @@ def training_curves_figure(log_history: Sequence[dict], metric: str | None = Non
         loss_ax.legend()
     else:
         _nothing(loss_ax, "no loss logged")
-    loss_ax.set_ylabel("cross-entropy (nats per token)")
+    loss_ax.set_ylabel("preference loss" if preference else "cross-entropy (nats per token)")
 
     metric_ax.set_title(f"Task metric: {metric}" if metric else "Task metric")
     steps, values = series(log_history, f"eval_{metric}") if metric else ([], [])
@@ -101,12 +103,30 @@ def training_curves_figure(log_history: Sequence[dict], metric: str | None = Non
         ax.set_ylabel(unit)
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
 
+    if preference:
+        _rewards(axes[2][0], axes[2][1], log_history)
     pad = 0.03 * max(last, 1)  # so that the markers at step 0 and at the last step show whole
-    for ax in (loss_ax, metric_ax, lr_ax, grad_ax):
+    for ax in axes.flat:
         ax.set_xlabel("optimizer step")
         ax.set_xlim(-pad, max(last, 1) + pad)
         ax.grid(True, alpha=0.3)
     return figure
+
+
+def _rewards(rewards_ax: Axes, accuracy_ax: Axes, log_history: Sequence[dict]) -> None:
+    """A preference run's implicit rewards (TRL's rewards/chosen, rejected, margins) and reward accuracy."""
+    rewards_ax.set_title("Rewards: beta x log-prob ratio to the reference")
+    for key, colour in (("rewards/chosen", "tab:green"), ("rewards/rejected", "tab:red"),
+                        ("rewards/margins", "tab:blue")):
+        _plot(rewards_ax, *series(log_history, key), color=colour, label=key.split("/")[1])
+    rewards_ax.axhline(0, color="grey", linewidth=0.8)
+    rewards_ax.legend()
+    rewards_ax.set_ylabel("reward (nats x beta)")
+    accuracy_ax.set_title("Reward accuracy: chosen rewarded above rejected")
+    steps, values = series(log_history, "rewards/accuracies")
+    _plot(accuracy_ax, steps, [100 * v for v in values], color="tab:green")
+    accuracy_ax.set_ylim(-3, 103)
+    accuracy_ax.set_ylabel("pairs (%)")
 
 
 def write_training_curves(path: str | Path, log_history: Sequence[dict], metric: str | None = None,

@@ -121,3 +121,23 @@ def test_a_photo_stored_sideways_is_shown_upright_as_the_model_sees_it(tmp_path)
     html = eval_report_html(rows, format_example, after)
     (thumbnail,) = Page(html).rows[0]["images"]
     assert decode(thumbnail).size == (40, 80) and 'title="image 1 of 1, 40x80"' in html
+
+
+def test_a_preference_report_shows_the_rejected_answer_and_the_preference_accuracy():
+    """Pairs: the chosen answer is the reference one, the rejected one beside it (text-only rows too); the
+    held-out preference accuracy before and after training is in its own table."""
+
+    def pair(row):
+        conversation, images = format_example(row)
+        return [{**conversation[0], "rejected": f"not {row['answer']}"}], images
+
+    before = {**BEFORE, "preference": {"preference_accuracy": 0.5, "mean_logratio_margin": 0.0, "num_pairs": 4}}
+    after = {**AFTER, "preference": {"preference_accuracy": 0.75, "mean_logratio_margin": 1.5, "num_pairs": 4}}
+    page = Page(eval_report_html(ROWS, pair, after, before))
+    text = "".join(page.text)
+    assert "rejected answer" in text and "Preference accuracy on the held-out pairs" in text
+    assert "50.0%" in text and "75.0%" in text
+    for row in page.rows:
+        index = int(row["id"].split("-")[1])
+        assert f"not {ROWS[index]['answer']}" in "".join(row["text"])
+    assert "rejected answer" not in "".join(Page(eval_report_html(ROWS, format_example, AFTER, BEFORE)).text)

@@ -42,23 +42,23 @@ def site(tmp_path_factory) -> Path:
     return folder
 
 
-def command(torchrun: bool, *argv) -> list[str]:
+def command(torchrun: bool, *argv, script: str = MEMES) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else [
         sys.executable]
-    return [*launcher, str(ROOT / MEMES), *COMMON, *map(str, argv)]
+    return [*launcher, str(ROOT / script), *COMMON, *map(str, argv)]
 
 
 def environment(**extra) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
-def launch(torchrun: bool, *argv, **env) -> subprocess.Popen:
+def launch(torchrun: bool, *argv, script: str = MEMES, **env) -> subprocess.Popen:
     """A run in its own session, as a job is.
 
     Its output goes to a file (a pipe nobody reads while the run goes on would fill and stall it).
     """
     log = tempfile.NamedTemporaryFile("w+", prefix="run-", suffix=".log", delete=False)
-    process = subprocess.Popen(command(torchrun, *argv), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    process = subprocess.Popen(command(torchrun, *argv, script=script), stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                env=environment(**env), start_new_session=True)
     process.log = Path(log.name)
     log.close()
@@ -112,12 +112,13 @@ def unmarked_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def run_with_kills(out: Path, torchrun: bool, argv: list, plan: list, site: Path, reference_seconds: float) -> list:
+def run_with_kills(out: Path, torchrun: bool, argv: list, plan: list, site: Path, reference_seconds: float,
+                   script: str = MEMES) -> list:
     """Runs the same command again and again, killing it as `plan` says, until one run ends by itself."""
     rng = random.Random(0)
     kills = []
     for moment in [*plan, None]:
-        process = launch(torchrun, *argv, "--output_dir", out, PYTHONPATH=f"{site}{os.pathsep}{ROOT}",
+        process = launch(torchrun, *argv, "--output_dir", out, script=script, PYTHONPATH=f"{site}{os.pathsep}{ROOT}",
                          SLOW_CHECKPOINT_SECONDS="1.0")
         deadline = time.time() + 300
         if moment == "while writing a checkpoint":

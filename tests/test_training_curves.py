@@ -54,3 +54,21 @@ def test_written_png_is_a_readable_1200_by_800_picture(tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (1200, 800)
     assert [p.name for p in tmp_path.iterdir()] == ["training_curves.png"]  # no temporary file left
+
+
+def test_a_preference_run_gets_its_rewards_and_reward_accuracy_drawn():
+    """A DPO run's log (TRL's rewards/* keys) adds a row: the rewards of chosen, rejected and their margin, and the
+    share of pairs whose chosen answer is rewarded above the rejected one (in %)."""
+    history = [{"loss": 0.69, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0,
+                "rewards/accuracies": 0.5, "step": 1},
+               {"loss": 0.3, "rewards/chosen": 0.5, "rewards/rejected": -0.75, "rewards/margins": 1.25,
+                "rewards/accuracies": 0.875, "step": 2}]
+    figure = training_curves_figure(history)
+    assert len(figure.axes) == 6
+    rewards, accuracy = figure.axes[4], figure.axes[5]
+    drawn = lines(rewards)
+    assert drawn["chosen"] == ([1, 2], [0.0, 0.5]) and drawn["rejected"] == ([1, 2], [0.0, -0.75])
+    assert drawn["margins"] == ([1, 2], [0.0, 1.25])
+    assert list(accuracy.lines[0].get_ydata()) == [50.0, 87.5]
+    assert figure.axes[0].get_ylabel() == "preference loss"
+    assert len(training_curves_figure(HISTORY).axes) == 4  # a supervised run: as before

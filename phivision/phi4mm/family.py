@@ -11,7 +11,7 @@ import torch
 
 from ..distributed import parameters_are_sharded
 from ..errors import SetupError
-from ..families import Layout, ModelFamily
+from ..families import Layout, ModelFamily, answer_token_logps
 from . import config_file, modes
 from .processing import Phi4MMProcessor
 
@@ -69,6 +69,10 @@ class Phi4MMFamily(ModelFamily):
     def training_loss(self, model: torch.nn.Module, inputs: Mapping[str, Any],
                       num_items_in_batch: Any = None) -> torch.Tensor:
         return modes.answer_loss(model, modes.with_vision_term(model, inputs), num_items_in_batch)
+
+    def answer_logps(self, model: torch.nn.Module, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # A text-only batch still runs the trainable image embedding, as in training_loss.
+        return answer_token_logps(model, modes.with_vision_term(model, inputs))
 
     def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return Phi4MMProcessor.batch_images(samples)

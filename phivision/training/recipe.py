@@ -43,7 +43,7 @@ from .output_lock import OutputDirBusy, OutputDirLock
 from .report import save_eval_examples, save_example_image, write_pictures
 from .sharding import full_weights
 from .stopping import RunInterrupted, StopAtStepEnd, StopSignals
-from .trainer import RecipeTrainer, TrainingSamples, filter_by_length
+from .trainer import RecipeTrainer, TrainingRows, TrainingSamples, filter_by_length
 from .vision_cache import VisionFeatureCache
 
 
@@ -56,12 +56,15 @@ def run(
     *,
     format_train: FormatExample | None = None,
     example_image: str | None = None,
+    objective: Objective | None = None,
 ) -> None:
     """Fine-tunes on `train_rows` and evaluates on `eval_rows` before and after; everything goes to --output_dir.
 
     `format_train` formats the training rows when they differ from the evaluation rows (DocVQA's
     --full_train); `example_image` goes into the closing "Try it with" command (default: the first
     evaluation image, saved to output_dir). The run ends with training_curves.png and eval_report.html.
+    `objective` says what training learns (default: the answers, `Objective`; preference tuning:
+    phivision.training.preference.PreferenceObjective).
     """
     resolve_metric(metric)  # an unknown metric name fails now, not after training
     lock = OutputDirLock(args.training.output_dir)
@@ -72,7 +75,7 @@ def run(
             if lock.taken_over:
                 print_once(f"Took over {lock.path}, left by a run that is gone (pid {lock.taken_over.get('pid')}).")
             steps(args, train_rows, eval_rows, format_example, metric, format_train or format_example, example_image,
-                  signals)
+                  signals, objective or Objective())
     except RunInterrupted as e:
         print_once(f"Stopped by {signal.Signals(e.signum).name} outside training: nothing new to save. Run the same "
                    "command again to continue.")
@@ -82,8 +85,37 @@ def run(
     finish()
 
 
+class Objective:
+    """What a run trains for, where the steps differ by it: here, supervised fine-tuning on the answers (preference
+    tuning overrides it: phivision.training.preference.PreferenceObjective)."""
+
+    def check(self, args: RecipeArguments) -> None:
+        """A FlagError for flags this objective cannot honour, before the model loads."""
+
+    def length_format(self, format_train: FormatExample, processor: Processor) -> FormatExample:
+        """The format whose token count is a training row's (for --max_seq_length and length grouping)."""
+        return format_train
+
+    def collator(self, processor: Processor, format_train: FormatExample, args: RecipeArguments) -> DataCollator:
+        """The training batches' collator."""
+        return DataCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
+
+    def trainer(self, **kwargs: Any) -> RecipeTrainer:
+        """The trainer, made from the Trainer's keyword arguments."""
+        return RecipeTrainer(**kwargs)
+
+    def before_training(self, trainer: RecipeTrainer, train_rows: Sequence[Any], rows: TrainingRows,
+                        collator: DataCollator, eval_rows: Sequence[Any], args: RecipeArguments) -> None:
+        """What must be computed on the starting model before its first step (called only when training runs)."""
+
+    def evaluate(self, model: torch.nn.Module, processor: Processor, eval_rows: Sequence[Any],
+                 format_example: FormatExample, args: RecipeArguments, when: str, summary: dict) -> None:
+        """More evaluation beside the task metric's (`summary`: the evaluation's, to add to)."""
+
+
 def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[Any], format_example: FormatExample,
-          metric: str | Metric, format_train: FormatExample, example_image: str | None, signals: StopSignals) -> None:
+          metric: str | Metric, format_train: FormatExample, example_image: str | None, signals: StopSignals,
+          objective: Objective) -> None:
     """The run's steps, in order; each one checks what it can before the model loads."""
     training, output_dir = args.training, Path(args.training.output_dir)
     if run_is_complete(output_dir) and training.resume_from_checkpoint is None and not training.no_auto_resume:
@@ -99,8 +131,10 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
 
     processor = load_processor(args.model.model_name_or_path)
     check_family_flags(args)
-    rows = filter_by_length(train_rows, format_train, processor, args.model.num_crops, args.data.max_seq_length,
-                            training.disable_tqdm, limit=args.data.max_train_samples)
+    objective.check(args)
+    rows = filter_by_length(train_rows, objective.length_format(format_train, processor), processor,
+                            args.model.num_crops, args.data.max_seq_length, training.disable_tqdm,
+                            limit=args.data.max_train_samples)
     max_bad = args.data.max_bad_samples
     max_bad = math.ceil(0.01 * len(rows.indices)) if max_bad is None else max_bad
     if len(rows.unreadable) > max_bad:
@@ -119,11 +153,11 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
     # has loaded its checkpoint by then, so it evaluates the base model now).
     on_sharded_model = evaluate_before and bool(training.fsdp) and point.checkpoint is None
     if evaluate_before and not on_sharded_model:
-        evaluate(model, processor, eval_rows, format_example, metric, args, "before")
+        evaluate(model, processor, eval_rows, format_example, metric, args, "before", objective)
 
-    collator = DataCollator(processor, format_train, args.model.num_crops, packing=args.data.packing)
+    collator = objective.collator(processor, format_train, args)
     cache = VisionFeatureCache(output_dir / "vision_features") if args.model.cache_vision_features else None
-    trainer = RecipeTrainer(
+    trainer = objective.trainer(
         model=model,
         args=training,
         train_dataset=TrainingSamples(train_rows, rows.indices, rows.lengths, encode=collator.encode, features=cache),
@@ -139,7 +173,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
         trainer.add_callback(AutoCheckpointing(args, longest_layout(samples, trainer.model.config)))
     if on_sharded_model:
         trainer.add_callback(EvaluateBefore(lambda model: evaluate(model, processor, eval_rows, format_example, metric,
-                                                                   args, "before")))
+                                                                   args, "before", objective)))
     stopper = StopAtStepEnd(signals, trainer.bad_samples, max_bad - len(rows.unreadable))
     trainer.add_callback(stopper)
     finished = point.checkpoint is not None and trained_steps(point.checkpoint) >= planned_steps(trainer)
@@ -152,6 +186,7 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
                                   autocast=trainer.accelerator.autocast, device=training.device,
                                   num_workers=training.dataloader_num_workers, disable_tqdm=training.disable_tqdm)
             print_once(f"Image features of the training samples are in {cache.directory} ({computed} computed now)")
+        objective.before_training(trainer, train_rows, rows, collator, eval_rows, args)
         with signals.deferring():
             trainer.train(resume_from_checkpoint=str(point.checkpoint) if point.checkpoint else None)
     bad = rows.unreadable + sorted(set(gather_lists(trainer.bad_samples)))
@@ -163,7 +198,8 @@ def steps(args: RecipeArguments, train_rows: Sequence[Any], eval_rows: Sequence[
     save(trainer, processor, args, from_checkpoint=point.checkpoint if finished else None)
     if cache is not None and is_main_process():
         cache.remove()  # training is over: nothing reads them again
-    after = evaluate(model if finished else trainer.model, processor, eval_rows, format_example, metric, args, "after")
+    after = evaluate(model if finished else trainer.model, processor, eval_rows, format_example, metric, args, "after",
+                     objective)
     if bad:
         print_once(f"{len(bad)} unreadable sample(s) were skipped (listed above).")
     if is_main_process():
@@ -239,9 +275,9 @@ def stopped(stopper: StopAtStepEnd, trainer: Trainer, bad: list[str], max_bad: i
 
 
 def evaluate(model: torch.nn.Module, processor: Processor, rows: Sequence[Any], format_example: FormatExample,
-             metric: str | Metric, args: RecipeArguments, when: str) -> dict | None:
+             metric: str | Metric, args: RecipeArguments, when: str, objective: Objective | None = None) -> dict | None:
     """Batched, sharded evaluation written to `output_dir/eval_{when}.json`; returns the summary (None
-    without rows: nothing is evaluated)."""
+    without rows: nothing is evaluated). The `objective` may add its own results to the summary."""
     if not rows:
         print_once(f"Evaluation {when} training skipped: no evaluation rows")
         if when == "after" and is_main_process():
@@ -251,8 +287,7 @@ def evaluate(model: torch.nn.Module, processor: Processor, rows: Sequence[Any], 
                        {"metric": resolve_metric(metric)[0], "score": None, "num_examples": 0, "examples": [],
                         "note": "no evaluation rows"})
         return None
-    if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
-        model.to(args.training.device)  # before training the Trainer hasn't placed it yet
+    on_training_device(model, args)
     with half_precision(args, model), full_weights(model):
         summary = evaluate_rows(
             model,
@@ -267,6 +302,8 @@ def evaluate(model: torch.nn.Module, processor: Processor, rows: Sequence[Any], 
             disable_tqdm=args.training.disable_tqdm,
             limit=args.data.max_eval_samples,
         )
+        if objective is not None:
+            objective.evaluate(model, processor, rows, format_example, args, when, summary)
     for item in summary.get("skipped", []):
         print_once(f"  unreadable, not evaluated: {item['where']}: {item['reason']}")
     sharded = " (weights sharded: the processes generate in step)" if parameters_are_sharded(model) else ""
@@ -277,6 +314,13 @@ def evaluate(model: torch.nn.Module, processor: Processor, rows: Sequence[Any], 
         print_once(f"Evaluation {when} training: {summary['metric']} {100 * summary['score']:.2f} "
                    f"on {summary['num_examples']} examples{sharded}")
     return summary
+
+
+def on_training_device(model: torch.nn.Module, args: RecipeArguments) -> None:
+    """Puts a model still on the CPU onto the training device: before training the Trainer hasn't placed it yet
+    (under DeepSpeed it never does before `train`)."""
+    if next(model.parameters()).device.type == "cpu" and args.training.device.type != "cpu":
+        model.to(args.training.device)
 
 
 def half_precision(args: RecipeArguments, model: torch.nn.Module):

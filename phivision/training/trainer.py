@@ -89,7 +89,8 @@ class TrainingSamples(torch.utils.data.Dataset):
     """The samples the Trainer iterates over: a subset of the task's rows, with their token counts.
 
     With `encode` (the collator's), an item is the encoded sample, with its image features from
-    `features` when given (a VisionFeatureCache, --cache_vision_features). A row that fails to decode (a
+    `features` when given (a VisionFeatureCache, --cache_vision_features, or anything whose `attach(index, sample)` adds
+    a row's stored inputs: preference tuning's reference log-probs). A row that fails to decode (a
     truncated image, a broken Hub row) is named in the next good sample's "bad_samples", which
     replaces it: batches keep their size, so every process keeps running the same steps.
     """
@@ -227,10 +228,14 @@ class RecipeTrainer(Trainer):
                 output.metrics[f"{metric_key_prefix}_{summary['metric']}"] = summary["score"]
         return output
 
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+    def collect_bad_samples(self, inputs: dict[str, Any]) -> None:
+        """Takes the unreadable rows a batch reports ("bad_samples") out of it, into `bad_samples` (each once)."""
         for where in inputs.pop("bad_samples", []):
             if where not in self.bad_samples:
                 self.bad_samples.append(where)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        self.collect_bad_samples(inputs)
         loss = None if return_outputs else self.family.training_loss(model, inputs, num_items_in_batch)
         if loss is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
