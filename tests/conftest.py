@@ -35,7 +35,6 @@ SLOW_FIRST = [
     "test_long_runs.py::test_two_seeded_runs_are_bit_identical",
     "test_long_runs.py::test_unreadable_images_met_mid_run",
     "test_long_runs.py::test_a_second_run_into_the_same_output_dir",
-    "test_training_sizing.py::test_bench_on_the_meta_device",
     "test_recipes.py::test_hateful_memes_full_finetuning_zero2",
 ]
 
