@@ -50,6 +50,13 @@ def test_phi3vs_plan_refuses_nothing(tmp_path):
     assert "continue-vision-lora" not in names and {"frozen-cached", "zero3", "fsdp2"} <= set(names)
 
 
+def test_flash_attention_where_installed_as_in_phi3vs_plan(tmp_path):
+    setup = gpu_check.Setup("cuda", "tiny", tmp_path, 1, flash=True, family="phi4mm")
+    checks = {check.name: check.command for check in gpu_check.plan(setup)}
+    assert all("--use_flash_attention" in command for name, command in checks.items() if name != "bench")
+    assert checks["bench"][checks["bench"].index("--attn") + 1] == "flash_attention_2"
+
+
 def test_the_full_size_checkpoint_is_the_hub_configs_with_both_loras_at_their_real_ranks():
     """What `phivision.tiny --family phi4mm --full_size` builds, counted on the meta device: 5.57B parameters."""
     tokenizer = phi4mm_tiny.build_tiny_tokenizer()
