@@ -1,7 +1,6 @@
 """A tiny random Phi-4-multimodal for tests and the CPU demo, built offline, in the transformers-native layout.
 
     python -m phivision.tiny OUT_DIR --family phi4mm
-
     python -m phivision.tiny OUT_DIR --family phi4mm --full_size   # the Hub's sizes (5.57B parameters, 11 GB)
 
 Writes what microsoft/Phi-4-multimodal-instruct's native files hold: config.json (Phi4MultimodalConfig with
