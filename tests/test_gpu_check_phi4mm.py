@@ -89,6 +89,21 @@ def test_the_adapters_are_written_in_the_models_dtype(tmp_path):
         assert {w.dtype for w in weights.values()} == {torch.bfloat16}
 
 
+def test_the_full_size_build_writes_bf16_weights_and_adapters(tmp_path, monkeypatch):
+    """build_tiny_checkpoint(full_size=True) with the full-size config swapped for a one-layer stand-in (no
+    GPU here: built on CPU): the weights and both adapters are saved in bf16, as on the Hub."""
+    import json
+
+    monkeypatch.setattr(phi4mm_tiny, "full_size_config",
+                        lambda tokenizer: phi4mm_tiny.tiny_config(tokenizer, num_hidden_layers=1))
+    out = phi4mm_tiny.build_tiny_checkpoint(tmp_path / "full", dynamic_hd=4, full_size=True)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1  # the full-size config's
+    assert {w.dtype for w in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    for folder in phi4mm_tiny.ADAPTERS:
+        weights = load_file(out / folder / "adapter_model.safetensors")
+        assert len(weights) == 2 * 4 and {w.dtype for w in weights.values()} == {torch.bfloat16}  # 4 targets, A and B
+
+
 def test_prepare_builds_the_full_size_phi4mm_checkpoint_through_phivision_tiny(tmp_path, monkeypatch):
     """prepare()'s command reaches the Phi-4-MM builder with full_size (run here with the build recorded only)."""
     setup = gpu_check.Setup("cuda", "full", tmp_path, 1, family="phi4mm")
