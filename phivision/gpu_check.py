@@ -587,29 +587,46 @@ def run_check(check: Check, setup: Setup, out: Path, deadline: float, results: d
 
 
 def prepare(setup: Setup, log: Path, deadline: float) -> Result:
-    """The generated dataset and the random checkpoint, each written by a subprocess (so no GPU memory stays held
-    here) and kept in the workdir for the next run; a folder appears only once complete."""
+    """The generated dataset (written here) and the random checkpoint (written by a subprocess, so that no GPU memory
+    stays held here), kept in the workdir for the next run; a folder appears only once complete."""
     start = time.monotonic()
-    steps = []
-    if not setup.data.is_dir():
-        steps.append((setup.data, [PYTHON, "-m", "phivision.synthetic", "--num_train", str(NUM_TRAIN),
-                                   "--num_eval", "500", "--text_only_every", "4"]))
-    if not setup.checkpoint.is_dir():
-        size = ["--full_size"] if setup.size == "full" else []
-        steps.append((setup.checkpoint, [PYTHON, "-m", "phivision.tiny", "--family", setup.family,
-                                         "--num_crops", str(setup.num_crops), *size]))
-    if steps and (free := free_disk(setup.workdir)) < base_disk(setup) + DISK_MARGIN:
+    missing = [folder for folder in (setup.data, setup.checkpoint) if not folder.is_dir()]
+    if missing and (free := free_disk(setup.workdir)) < base_disk(setup) + DISK_MARGIN:
         return Result("fail", error=f"not enough disk for the checkpoint and data: needs "
                                     f"{(base_disk(setup) + DISK_MARGIN) / GB:.1f} GB, {free / GB:.1f} GB free")
-    for folder, command in steps:
-        partial = folder.with_name(folder.name + ".partial")
+    if setup.data in missing:
+        # In this process, which has the libraries it needs loaded already (planning did): about a second, where a
+        # subprocess spends several importing them.
+        import datasets
+
+        from .synthetic import make_shapes_dataset
+
+        datasets.disable_progress_bars()  # the log says what was written
+        partial = setup.data.with_name(setup.data.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        run = run_command([*command, str(partial)], log, max(deadline - time.monotonic(), 1), setup.env)
+        with log.open("a") as f:
+            f.write(f"\n$ make_shapes_dataset({str(partial)!r}, num_train={NUM_TRAIN}, num_eval=500, "
+                    "text_only_every=4)\n")
+            try:
+                make_shapes_dataset(partial, num_train=NUM_TRAIN, num_eval=500, text_only_every=4)
+            except Exception as e:  # noqa: BLE001 - whatever failed is the error line in results.json
+                shutil.rmtree(partial, ignore_errors=True)
+                f.write(f"{type(e).__name__}: {e}\n")
+                return Result("fail", seconds=round(time.monotonic() - start, 1), error=f"{type(e).__name__}: {e}")
+            f.write(f"Wrote 500 eval + {NUM_TRAIN} train rows to {partial}\n")
+        partial.rename(setup.data)
+    if setup.checkpoint in missing:
+        size = ["--full_size"] if setup.size == "full" else []
+        partial = setup.checkpoint.with_name(setup.checkpoint.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        command = [PYTHON, "-m", "phivision.tiny", "--family", setup.family, "--num_crops", str(setup.num_crops),
+                   *size, str(partial)]
+        run = run_command(command, log, max(deadline - time.monotonic(), 1), setup.env)
         if run.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
             error = error_line(run.output) if run.returncode is not None else "over the budget"
             return Result("fail", seconds=round(time.monotonic() - start, 1), error=error)
-        partial.rename(folder)
+        partial.rename(setup.checkpoint)
     return Result("pass", seconds=round(time.monotonic() - start, 1))
 
 

@@ -35,7 +35,6 @@ SLOW_FIRST = [
     "test_long_runs.py::test_two_seeded_runs_are_bit_identical",
     "test_long_runs.py::test_unreadable_images_met_mid_run",
     "test_long_runs.py::test_a_second_run_into_the_same_output_dir",
-    "test_training_sizing.py::test_bench_on_the_meta_device",
     "test_recipes.py::test_hateful_memes_full_finetuning_zero2",
 ]
 
@@ -117,30 +116,46 @@ def shapes(tmp_path_factory) -> Iterator[Path]:
                                  lambda path: make_shapes_dataset(path, num_train=32, text_only_every=4)))
 
 
-class Zero2Reference(NamedTuple):
-    """An uninterrupted run that the kill, preemption and resume tests compare with."""
+class ReferenceRun(NamedTuple):
+    """An uninterrupted run that the kill, preemption and resume tests compare with (ZeRO-2's, or LoRA's)."""
 
     flags: list[str]  # the memes recipe's flags, less --output_dir
     out: Path  # its --output_dir (read only)
     seconds: float  # how long the whole torchrun launch took
 
 
-@pytest.fixture(scope="session")
-def zero2_reference(tiny, shapes, tmp_path_factory) -> Iterator[Zero2Reference]:
-    """Full fine-tuning under ZeRO-2 and torchrun (2 processes), 6 steps with a checkpoint at each, all kept (any step
-    can be a resume point), evaluated before and after on 2 rows. One run per test run: a launch takes 30-60 s."""
+def reference_run(tmp_path_factory, name: str, flags: list[str], nproc: int | None) -> Iterator[ReferenceRun]:
+    """The memes recipe run once per test run with `flags` (under torchrun with `nproc` processes, or as one plain
+    process: nproc None), every checkpoint kept (any step can be a resume point); yields it read only."""
     from test_recipes import torchrun_recipe
-
-    flags = ["--model_name_or_path", str(tiny), "--dataset_name_or_path", str(shapes), "--batch_size", "4",
-             "--batch_size_per_gpu", "1", "--max_steps", "6", "--save_steps", "1", "--max_eval_samples", "2",
-             "--learning_rate", "1e-3", "--seed", "1"]
 
     def run(folder: Path) -> None:
         start = time.time()
         torchrun_recipe("finetune_hf_trainer_hateful_memes.py", *flags, "--save_total_limit", "6",
-                        "--output_dir", str(folder / "out"))
+                        "--output_dir", str(folder / "out"), nproc=nproc)
         (folder / "seconds").write_text(str(time.time() - start))
 
-    folder = built_once(tmp_path_factory, "zero2-reference", run)
+    folder = built_once(tmp_path_factory, name, run)
     for _ in shared(folder):
-        yield Zero2Reference(flags, folder / "out", float((folder / "seconds").read_text()))
+        yield ReferenceRun(flags, folder / "out", float((folder / "seconds").read_text()))
+
+
+@pytest.fixture(scope="session")
+def zero2_reference(tiny, shapes, tmp_path_factory) -> Iterator[ReferenceRun]:
+    """Full fine-tuning under ZeRO-2 and torchrun (2 processes), 6 steps with a checkpoint at each, evaluated before
+    and after on 2 rows. One run per test run: a launch takes 30-60 s."""
+    flags = ["--model_name_or_path", str(tiny), "--dataset_name_or_path", str(shapes), "--batch_size", "4",
+             "--batch_size_per_gpu", "1", "--max_steps", "6", "--save_steps", "1", "--max_eval_samples", "2",
+             "--learning_rate", "1e-3", "--seed", "1"]
+    yield from reference_run(tmp_path_factory, "zero2-reference", flags, nproc=2)
+
+
+@pytest.fixture(scope="session")
+def lora_reference(tiny, shapes, tmp_path_factory) -> Iterator[ReferenceRun]:
+    """LoRA as one plain process (no torchrun), as the LoRA kill test's killed runs are (its time sets when they are
+    killed), 6 steps with a checkpoint at each, evaluated before and after on 2 rows: what the LoRA kill and resume
+    tests compare with."""
+    flags = ["--model_name_or_path", str(tiny), "--dataset_name_or_path", str(shapes), "--batch_size", "4",
+             "--max_steps", "6", "--save_steps", "1", "--max_eval_samples", "2", "--learning_rate", "1e-3", "--seed",
+             "1", "--batch_size_per_gpu", "2", "--use_lora", "--lora_rank", "4"]
+    yield from reference_run(tmp_path_factory, "lora-reference", flags, nproc=None)

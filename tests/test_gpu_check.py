@@ -286,6 +286,9 @@ def test_the_whole_plan_runs_on_cpu_on_the_tiny_checkpoint(tmp_path):
     assert "Resuming from" in (out / "lora.log").read_text()
     assert not (workdir / "runs").exists()  # every run folder removed
     assert (workdir / "tiny-random" / "config.json").is_file()  # kept for the next run
-    assert "-m phivision.tiny" in (out / "prepare.log").read_text()  # built in a subprocess
+    prepared = (out / "prepare.log").read_text()
+    assert "-m phivision.tiny" in prepared  # built in a subprocess
+    assert "make_shapes_dataset(" in prepared and "-m phivision.synthetic" not in prepared  # the data in gpu_check
+    assert (workdir / "shapes" / "dataset_dict.json").is_file()
     assert results["gpu"] is None and results["prepare"]["status"] == "pass"
     assert results["packages"]["torch"] == torch.__version__ and results["packages"]["deepspeed"]

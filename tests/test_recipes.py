@@ -32,10 +32,11 @@ def run_recipe(script: str, *argv: str) -> None:
     module.main([*COMMON, *argv])
 
 
-def torchrun_recipe(script: str, *argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    """Runs a recipe under torchrun (gloo on CPU) and fails the test with its output if it fails."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / script), *COMMON, *argv]
+def torchrun_recipe(script: str, *argv: str, nproc: int | None = 2) -> subprocess.CompletedProcess:
+    """Runs a recipe under torchrun (gloo on CPU; nproc None: one plain process, no torchrun) and fails the test
+    with its output if it fails."""
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = [sys.executable, *launcher, str(ROOT / script), *COMMON, *argv]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -192,10 +193,29 @@ def resume_pair(tmp_path: Path, run, extra: list[str]) -> tuple[Path, Path]:
     return straight, resumed
 
 
-@pytest.mark.parametrize("checkpoint, mode", [("tiny", "LoRA"), ("tiny_phi4mm", "LoRA"), ("tiny_phi4mm", "full")],
-                         ids=["Phi-3-V LoRA", "Phi-4-MM LoRA", "Phi-4-MM full"])
+def test_lora_resume_in_one_process_gives_the_same_weights_and_losses(lora_reference, tmp_path, capsys):
+    """Phi-3-V LoRA: a run stopped at step 2 resumes to the uninterrupted run's step 6."""
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("checkpoint-2", "eval_before.json"):  # what a run stopped at step 2 leaves
+        copy = shutil.copytree if name.startswith("checkpoint-") else shutil.copy
+        copy(lora_reference.out / name, resumed / name)
+    run_recipe("finetune_hf_trainer_hateful_memes.py", *lora_reference.flags, "--output_dir", str(resumed))
+    assert f"Resuming from {resumed / 'checkpoint-2'}" in capsys.readouterr().out
+    straight = lora_reference.out
+    assert len(log_losses(straight / "checkpoint-6")) == 6
+    assert log_losses(straight / "checkpoint-6") == pytest.approx(log_losses(resumed / "checkpoint-6"), rel=1e-5)
+    a, b = weights(straight / "adapter_model.safetensors"), weights(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpoint, mode", [("tiny_phi4mm", "LoRA"), ("tiny_phi4mm", "full")],
+                         ids=["Phi-4-MM LoRA", "Phi-4-MM full"])
 def test_resume_in_one_process_gives_the_same_weights_and_losses(checkpoint, mode, shapes, tmp_path, request):
-    """(Phi-4-MM's full checkpoints hold the speech encoder, which the model in training lacks.)"""
+    """(Phi-4-MM's full checkpoints hold the speech encoder, which the model in training lacks. Phi-3-V's LoRA
+    resume: test_lora_resume_in_one_process_gives_the_same_weights_and_losses.)"""
     flags = ["--use_lora", "--lora_rank", "4"] if mode == "LoRA" else ["--deepspeed", "none"]
     common = ["--model_name_or_path", str(request.getfixturevalue(checkpoint)), "--dataset_name_or_path", str(shapes),
               *flags, "--batch_size", "4", "--batch_size_per_gpu", "2", "--max_steps", "4",

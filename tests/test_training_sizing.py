@@ -87,7 +87,8 @@ def test_bytes_per_gpu_of_each_mode():
     assert state_bytes(lora, qlora_args, 1).weights == round(NF4_BYTES * linear) + 2 * (params - linear) + adapters
 
 
-def test_bench_on_the_meta_device_reports_flops_and_bytes_per_gpu(tmp_path, capsys):
+def test_bench_on_the_meta_device_reports_flops_and_bytes_per_gpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "META_SAMPLES", 2)  # the mean of two samples' steps: each mode's rows at half the cost
     out = tmp_path / "rows.json"
     bench.main(["--size", "tiny", "--device", "meta", "--distribution", "nlvr2", "--modes", "full", "frozen", "lora",
                 "qlora", "--json", str(out)])
