@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo demo-phi4mm test venv clean gpu-check gpu-kit
+.PHONY: demo demo-phi4mm test venv clean gpu-check gpu-check-phi4mm gpu-kit
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ demo-phi4mm: venv
 # (see phivision/gpu_check.py and README "On an offline GPU machine").
 gpu-check: venv
 	$(PY) -m phivision.gpu_check --budget 540 --out gpu_check_results
+
+# The same for Phi-4-multimodal, a second device run of its own: its 11 GB checkpoint, Microsoft's recipe
+# (--continue_vision_lora) second; no frozen-cached, zero3 or fsdp2 (the recipes refuse them for Phi-4-MM).
+gpu-check-phi4mm: venv
+	$(PY) -m phivision.gpu_check --family phi4mm --budget 540 --out gpu_check_results_phi4mm
 
 # The wheels an offline GPU machine lacks, for CPython 3.12 manylinux x86_64: one with Python 3.12, a CUDA torch,
 # transformers 5.17, accelerate, peft, tensorboard, matplotlib, pandas and pyarrow (no deepspeed, bitsandbytes,

@@ -3,6 +3,7 @@
     python -m phivision.gpu_check --budget 540 --out DIR    # or: make gpu-check
     python -m phivision.gpu_check --dry-run                 # the checks, their commands and disk (any machine)
     python -m phivision.gpu_check --device cpu --size tiny  # the same plan on a tiny checkpoint on CPU (the suite runs it)
+    python -m phivision.gpu_check --family phi4mm --budget 540 --out DIR   # Phi-4-multimodal's plan: a second run
 
 It writes a random checkpoint (full size: Phi-3.5-vision's config, bf16, built in a subprocess) and a small
 generated dataset into --workdir, then runs the checks in this order, most telling first, until --budget
@@ -20,8 +21,14 @@ Each recipe check trains 3 steps under torchrun and saves nothing but its final 
 after it. Before a check the free disk is checked; a check past its timeout is killed with all its processes
 (torchrun's workers, in their own sessions, included). --out gets at most 8 files: prepare.log, one log per
 check (lora-* share lora.log, zero3/fsdp2 share sharded.log) and results.json: per check pass/fail, seconds,
-samples/s, peak GPU memory (allocated and reserved), MFU and HFU (bench), the loss at the first and last step
+samples/s, peak GPU memory (allocated and reserved) beside what the meta-device sizing expected of the step
+(--gradient_checkpointing auto's plan, on a GPU), MFU and HFU (bench), the loss at the first and last step
 and, for a failure, the failing worker's error line. Exit status 1 when a check failed.
+
+--family phi4mm: the same for Phi-4-multimodal (its full-size checkpoint: 4.74B parameters from
+phivision/configs/ plus its vision-lora/ and speech-lora/ adapters at their real ranks, 11 GB in bf16), with
+Microsoft's recipe (--continue_vision_lora) as the second check: continue-vision-lora. The recipes refuse
+frozen-cached, zero3 and fsdp2 for Phi-4-MM, so its plan leaves them out (--dry-run says why).
 """
 
 from __future__ import annotations
@@ -93,6 +100,10 @@ class Result:
     loss_last: float | None = None
     error: str | None = None  # a failure's error line
     rows: list[dict] | None = None  # the bench's rows
+    # What --gradient_checkpointing auto's meta-device plan (phivision.training.sizing) expected the step to hold
+    # per GPU (weights, gradients, optimizer states, activations: GB), and the allocated peak over it.
+    sizing_gb: float | None = None
+    peak_over_sizing: float | None = None
 
     def summary(self) -> str:
         """One line: the status, the seconds and the error or reason."""
@@ -113,6 +124,7 @@ class Setup:
     gpus: int
     flash: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    family: str = "phi3v"  # phi3v | phi4mm (as phivision.bench's and phivision.tiny's --family)
 
     @property
     def nproc(self) -> int:
@@ -120,6 +132,8 @@ class Setup:
 
     @property
     def checkpoint(self) -> Path:
+        if self.family == "phi4mm":
+            return self.workdir / ("phi4mm-random" if self.size == "full" else "tiny-phi4mm-random")
         return self.workdir / ("phi35v-random" if self.size == "full" else "tiny-random")
 
     @property
@@ -138,25 +152,51 @@ class Setup:
 class ModelSizes:
     """What the disk estimates are made of, counted on the meta device (nothing allocated)."""
 
-    parameters: int  # of the whole model
+    parameters: int  # of the whole model as a full run saves it (Phi-4-MM: its speech encoder put back)
     lora_parameters: int  # trainable under --use_lora (the recipes' defaults)
     hidden_size: int
+    adapter_parameters: int = 0  # the adapters the checkpoint ships (Phi-4-MM: vision-lora/ and speech-lora/)
 
 
 @functools.cache
-def model_sizes(size: str) -> ModelSizes:
+def model_sizes(size: str, family: str = "phi3v") -> ModelSizes:
+    """The sizes of `family`'s random checkpoint of `size` (the bench's config of that size)."""
+    import torch
+
     from .bench import make_config
+    from .families import family_for_type
     from .training.sizing import meta_model, mode_arguments, parameter_counts
 
-    config = make_config(size)
-    total = parameter_counts(meta_model(config, *mode_arguments("full"), checkpointing=False))[0]
+    config = make_config(size, family)
+    with torch.device("meta"):
+        model = family_for_type(config.model_type, "--family").model_class()(config)
     lora = parameter_counts(meta_model(config, *mode_arguments("lora"), checkpointing=False))[1]
-    return ModelSizes(total, lora, config.hidden_size)
+    adapters = 0
+    if family == "phi4mm":
+        from .phi4mm.tiny import adapter_shapes
+
+        adapters = sum(a * b for shapes in adapter_shapes(model).values() for a, b in shapes.values())
+    return ModelSizes(sum(p.numel() for p in model.parameters()), lora, config.hidden_size, adapters)
+
+
+def refused_checks(family: str) -> dict[str, str]:
+    """The checks the recipes refuse for `family` (each with why, as the recipes say it), left out of its plan."""
+    from .bench import FAMILIES
+    from .families import known_families
+
+    model = known_families()[FAMILIES[family]]
+    refused = {}
+    if not model.supports_vision_cache:
+        refused["frozen-cached"] = f"{model.name} has no --cache_vision_features"
+    if not model.supports_sharded_weights:
+        refused["zero3"] = refused["fsdp2"] = f"{model.name} cannot train with partitioned weights"
+    return refused
 
 
 def plan(setup: Setup) -> list[Check]:
-    """The checks, in order; each recipe run writes its own folder under workdir/runs."""
-    sizes = model_sizes(setup.size)
+    """The checks, in order; each recipe run writes its own folder under workdir/runs. Those the recipes refuse
+    for the family (`refused_checks`) are left out."""
+    sizes = model_sizes(setup.size, setup.family)
     bf16_model, fp32_model, lora = 2 * sizes.parameters, 4 * sizes.parameters, sizes.lora_parameters
     # LoRA's checkpoint: the fp32 adapters, Adam's two moments; then the final adapters beside it.
     lora_run = 4 * lora + 8 * lora + 4 * lora
@@ -182,8 +222,11 @@ def plan(setup: Setup) -> list[Check]:
         return Check(name, [*torchrun, *common, "--output_dir", str(run_dir), *flags], log or name, disk=disk,
                      run_dir=run_dir, **options)
 
-    return [
+    # Phi-4-MM: Microsoft's recipe trains the shipped vision LoRA under ZeRO-2 and saves a full model, merged.
+    vision_lora = [recipe("continue-vision-lora", "--continue_vision_lora", *no_checkpoint, needs=("deepspeed",))]
+    checks = [
         recipe("full-zero2", "--max_steps", "3", "--save_strategy", "no", needs=("deepspeed",)),
+        *(vision_lora if setup.family == "phi4mm" else []),
         recipe("lora-packed", "--use_lora", "--packing", "--max_steps", "2", "--save_steps", "2", "--skip_eval_before",
                log="lora", disk=lora_run, keep_run_dir=True),
         recipe("lora-resumed", "--use_lora", "--packing", *no_checkpoint, "--resume_from_checkpoint",
@@ -199,11 +242,13 @@ def plan(setup: Setup) -> list[Check]:
         recipe("fsdp2", "--fsdp", "--fsdp_config", str(ROOT / "fsdp_config.json"), *no_checkpoint, log="sharded",
                disk=fp32_model, min_gpus=2),
     ]
+    refused = refused_checks(setup.family)
+    return [check for check in checks if check.name not in refused]
 
 
 def bench_check(setup: Setup, run_dir: Path) -> Check:
     """The bench's rows with MFU/HFU; at full size on the GPU, a few tiny rows on CPU."""
-    json_file = ["--json", str(run_dir / "bench.json")]
+    json_file = ["--family", setup.family, "--json", str(run_dir / "bench.json")]
     if setup.device == "cpu":
         # An assumed 1 TFLOP/s peak so that the CPU run reports (meaningless) MFU through the same path.
         flags = ["--size", "tiny", "--device", "cpu", "--distribution", "nlvr2", "--modes", "lora", "--batch_size", "1",
@@ -235,8 +280,9 @@ def check_flags(check: Check) -> str | None:
 
 
 def base_disk(setup: Setup) -> float:
-    """Bytes of what prepare() writes: the random checkpoint (16-bit) and the generated dataset."""
-    return 2 * model_sizes(setup.size).parameters + 0.1 * GB
+    """Bytes of what prepare() writes: the random checkpoint (16-bit, with its adapters) and the generated dataset."""
+    sizes = model_sizes(setup.size, setup.family)
+    return 2 * (sizes.parameters + sizes.adapter_parameters) + 0.1 * GB
 
 
 def peak_disk(setup: Setup, checks: list[Check]) -> float:
@@ -415,6 +461,18 @@ def peak_memory(output: str) -> tuple[float | None, float | None]:
     return max(p["allocated_gb"] for p in peaks), max(p["reserved_gb"] for p in peaks)
 
 
+# What --gradient_checkpointing auto prints of its plan (phivision.training.checkpointing.CheckpointingPlan.describe):
+# the GB per GPU the meta-device sizing expects the step to need.
+SIZING_LINE = re.compile(r"Gradient checkpointing auto: checkpointing .*: ([\d.e+]+) GB of ")
+
+
+def sizing_gb(output: str) -> float | None:
+    """The GB per GPU the run's meta-device sizing expected (its last plan), None when it printed none (on CPU
+    without a budget, or with checkpointing not auto)."""
+    found = SIZING_LINE.findall(output)
+    return float(found[-1]) if found else None
+
+
 BENCH_KEYS = ("config", "distribution", "samples_per_s", "peak_allocated_gb", "peak_reserved_gb", "mfu", "hfu",
               "vs baseline", "error")
 
@@ -436,6 +494,9 @@ def measure(check: Check, run: Run) -> Result:
     speeds = [number(entry["train_samples_per_second"]) for entry in logs if "train_samples_per_second" in entry]
     result.samples_per_second = speeds[-1] if speeds else None
     result.peak_gpu_allocated_gb, result.peak_gpu_reserved_gb = peak_memory(run.output)
+    result.sizing_gb = sizing_gb(run.output)
+    if result.sizing_gb and result.peak_gpu_allocated_gb is not None:
+        result.peak_over_sizing = round(result.peak_gpu_allocated_gb / result.sizing_gb, 2)
     if check.name == "bench" and check.run_dir is not None:
         result.rows = bench_rows(check.run_dir / "bench.json")
         best = max((r for r in result.rows if r.get("mfu") is not None), key=lambda r: r["mfu"], default=None)
@@ -558,7 +619,8 @@ def prepare(setup: Setup, log: Path, deadline: float) -> Result:
         size = ["--full_size"] if setup.size == "full" else []
         partial = setup.checkpoint.with_name(setup.checkpoint.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        command = [PYTHON, "-m", "phivision.tiny", "--num_crops", str(setup.num_crops), *size, str(partial)]
+        command = [PYTHON, "-m", "phivision.tiny", "--family", setup.family, "--num_crops", str(setup.num_crops),
+                   *size, str(partial)]
         run = run_command(command, log, max(deadline - time.monotonic(), 1), setup.env)
         if run.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
@@ -608,6 +670,11 @@ def print_plan(setup: Setup, checks: list[Check]) -> int:
         where = f"; needs {check.min_gpus}+ GPUs" if check.min_gpus else ""
         print(f"{check.name}: {problem or 'flags parse'}; disk {check.disk / GB:.1f} GB{where}\n"
               f"  {shlex.join(check.command)}")
+    if refused := refused_checks(setup.family):
+        reasons = {}
+        for name, reason in refused.items():
+            reasons.setdefault(reason, []).append(name)
+        print("not in the plan, refused by the recipes: " + "; ".join(f"{', '.join(names)} ({reason})" for reason, names in reasons.items()))
     print(f"checkpoint and data: {base_disk(setup) / GB:.1f} GB")
     print(f"peak disk: {peak_disk(setup, checks) / GB:.0f} GB")
     return 1 if problems else 0
@@ -623,8 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="gpu_check", help="Where the checkpoint, data and run folders go.")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cuda (default) or cpu (one process, for testing the plan).")
+    parser.add_argument("--family", choices=["phi3v", "phi4mm"], default="phi3v",
+                        help="The model family: phi3v (Phi-3.5-vision, default) or phi4mm (Phi-4-multimodal: its own "
+                             "plan and checkpoint, a second run).")
     parser.add_argument("--size", choices=["full", "tiny"], default=None,
-                        help="The random checkpoint: full (Phi-3.5-vision's config; default on cuda) or tiny.")
+                        help="The random checkpoint: full (the family's Hub config; default on cuda) or tiny.")
     parser.add_argument("--checks", nargs="+", default=None,
                         help="Run only these checks (names as in --dry-run), e.g. --checks qlora.")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
@@ -648,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(device, size, Path(args.workdir).resolve(), gpus if device == "cuda" else 0,
                   flash=device == "cuda" and available("flash_attn"),
                   env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "TMPDIR": str(Path(args.workdir).resolve() / "tmp")})
+                       "TMPDIR": str(Path(args.workdir).resolve() / "tmp")}, family=args.family)
     if device == "cuda" and not gpus and not args.dry_run:
         parser.exit(1, "error: no CUDA GPU here (--device cpu --size tiny runs the plan on CPU; --dry-run prints it)\n")
     checks = plan(setup)
@@ -658,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         checks = [c for c in checks if c.name in args.checks]
     assert len(log_names(checks)) <= MAX_FILES
     name = gpu_name() if gpus else None
-    print(f"GPUs: {gpus} ({name or 'none'}); torch {torch.__version__}; device {device}, size {size}")
+    print(f"GPUs: {gpus} ({name or 'none'}); torch {torch.__version__}; device {device}, size {size}, "
+          f"family {args.family}")
     versions = package_versions()
     print("packages: " + ", ".join(f"{p} {v or 'missing'}" for p, v in versions.items()), flush=True)
     if args.dry_run:
@@ -666,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     (setup.workdir / "tmp").mkdir(parents=True, exist_ok=True)
     become_subreaper()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # the running check is killed too
-    header = {"device": device, "size": size, "gpus": gpus, "gpu": name, "packages": versions,
+    header = {"family": args.family, "device": device, "size": size, "gpus": gpus, "gpu": name, "packages": versions,
               "budget_s": args.budget}
     results = run_plan(setup, checks, Path(args.out).resolve(), started + args.budget, header)
     width = max(len(check) for check in results)

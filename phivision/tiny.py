@@ -208,15 +208,14 @@ def main(argv: list[str] | None = None) -> None:
                              "dynamic_hd, default 36).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random weights.")
     parser.add_argument("--full_size", action="store_true",
-                        help="Phi-3.5-vision's real sizes (4.15B parameters, 8.3 GB in bf16), for GPU checks "
-                             "(phi3v only).")
+                        help="The real sizes, for GPU checks: Phi-3.5-vision's (4.15B parameters, 8.3 GB in bf16) or "
+                             "Phi-4-multimodal's (5.57B with its two LoRAs, 11 GB in bf16); built on the GPU if any.")
     args = parser.parse_args(argv)
     if args.family == "phi4mm":
-        if args.full_size:
-            parser.error("--full_size is for --family phi3v only")
         from .phi4mm.tiny import build_tiny_checkpoint as build_phi4mm
 
-        path = build_phi4mm(args.out_dir, 36 if args.num_crops is None else args.num_crops, args.seed)
+        path = build_phi4mm(args.out_dir, 36 if args.num_crops is None else args.num_crops, args.seed,
+                            args.full_size)
         name = "Phi-4-MM"
     else:
         path = build_tiny_checkpoint(args.out_dir, 4 if args.num_crops is None else args.num_crops, args.seed,

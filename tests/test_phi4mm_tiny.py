@@ -118,5 +118,3 @@ def test_vision_lora_loads_in_transformers_and_changes_logits(tiny_dir):
 def test_default_family_is_still_phi3v(tmp_path):
     tiny.main([str(tmp_path)])
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "phi3_v"
-    with pytest.raises(SystemExit):
-        tiny.main([str(tmp_path / "x"), "--family", "phi4mm", "--full_size"])

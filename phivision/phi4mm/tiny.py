@@ -1,6 +1,7 @@
 """A tiny random Phi-4-multimodal for tests and the CPU demo, built offline, in the transformers-native layout.
 
     python -m phivision.tiny OUT_DIR --family phi4mm
+    python -m phivision.tiny OUT_DIR --family phi4mm --full_size   # the Hub's sizes (5.57B parameters, 11 GB)
 
 Writes what microsoft/Phi-4-multimodal-instruct's native files hold: config.json (Phi4MultimodalConfig with
 vision_config and audio_config), model.safetensors, generation_config.json, the tokenizer and processor files,
@@ -146,34 +147,64 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides):
     return Phi4MultimodalConfig(**settings)
 
 
-def write_adapters(model: torch.nn.Module, out_dir: Path, seed: int) -> None:
-    """`vision-lora/` and `speech-lora/` as the Hub ships them: a PEFT adapter_config.json and random
-    (non-zero, so that applying them changes the logits) weights under the Hub's key names."""
-    from peft import LoraConfig
+def full_size_config(tokenizer: PreTrainedTokenizerFast):
+    """The Hub checkpoint's config (phivision/configs/, its 200,064-row vocabulary kept) with `tokenizer`'s token
+    ids: a full-size model that the tiny tokenizer drives, for GPU checks of memory and speed."""
+    from ..families import known_families
 
+    config = known_families()["phi4_multimodal"].full_size_config()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<|endoftext|>", "<|end|>")}
+    config.bos_token_id = config.pad_token_id = ids["<|endoftext|>"]
+    config.eos_token_id = [ids["<|endoftext|>"], ids["<|end|>"]]
+    config.vision_config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config.audio_config.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    return config
+
+
+def adapter_shapes(model: torch.nn.Module) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per adapter folder (`ADAPTERS`), the shape of each weight under the Hub's key names: what
+    `write_adapters` writes (a meta-device model gives them without allocating anything)."""
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and re.fullmatch(LORA_TARGETS, name)]
-    generator = torch.Generator().manual_seed(seed + 1)
-    for folder, settings in ADAPTERS.items():
-        config = LoraConfig(target_modules=LORA_TARGETS, task_type="CAUSAL_LM", **settings)
+    return {folder: {key: shape for name, module in targets
+                     for key, shape in ((f"{name}.lora_A.weight", (settings["r"], module.in_features)),
+                                        (f"{name}.lora_B.weight", (module.out_features, settings["r"])))}
+            for folder, settings in ADAPTERS.items()}
+
+
+def write_adapters(model: torch.nn.Module, out_dir: Path, seed: int) -> None:
+    """`vision-lora/` and `speech-lora/` as the Hub ships them: a PEFT adapter_config.json and random
+    (non-zero, so that applying them changes the logits) weights under the Hub's key names, in the model's dtype,
+    drawn on its device (full size: 0.83B weights)."""
+    from peft import LoraConfig
+
+    weight = model.get_input_embeddings().weight
+    generator = torch.Generator(weight.device).manual_seed(seed + 1)
+    for folder, shapes in adapter_shapes(model).items():
+        config = LoraConfig(target_modules=LORA_TARGETS, task_type="CAUSAL_LM", **ADAPTERS[folder])
         config.save_pretrained(out_dir / folder)
-        weights = {}
-        for name, module in targets:
-            rank = settings["r"]
-            weights[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.02
-            weights[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.02
+        weights = {key: (torch.randn(shape, generator=generator, device=weight.device) * 0.02).to(weight.dtype).cpu()
+                   for key, shape in shapes.items()}
         save_file(weights, out_dir / folder / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
-def build_tiny_checkpoint(out_dir: str | Path, dynamic_hd: int = 36, seed: int = 0) -> Path:
-    """Writes a random tiny Phi-4-MM (see the module docstring) to `out_dir`."""
+def build_tiny_checkpoint(out_dir: str | Path, dynamic_hd: int = 36, seed: int = 0, full_size: bool = False) -> Path:
+    """Writes a random tiny Phi-4-MM (see the module docstring) to `out_dir`.
+
+    `full_size`: the Hub checkpoint's config instead (`full_size_config`: 4.74B parameters and 0.83B in the
+    adapters at their real ranks, bf16 as on the Hub, built on the GPU when there is one), with the tiny tokenizer.
+    """
     from transformers import Phi4MultimodalForCausalLM
 
     out_dir = Path(out_dir)
     processor = build_tiny_processor(dynamic_hd)
-    config = tiny_config(processor.tokenizer)
+    config = (full_size_config if full_size else tiny_config)(processor.tokenizer)
     torch.manual_seed(seed)
-    model = Phi4MultimodalForCausalLM(config)
+    if full_size:
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = Phi4MultimodalForCausalLM(config).to(torch.bfloat16)
+    else:
+        model = Phi4MultimodalForCausalLM(config)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, pad_token_id=config.pad_token_id, eos_token_id=processor.stop_token_ids
     )
