@@ -349,6 +349,10 @@ def save(trainer: Trainer, processor: Processor, args: RecipeArguments, from_che
         trainer.save_model(output_dir)
     elif is_main_process():
         copy_model_files(from_checkpoint, output_dir)
+    if trainer.is_world_process_zero() and not args.lora.use_lora and not args.lora.continue_vision_lora:
+        # The final model only (save_merged does its own): checkpoints keep the config.json transformers wrote, which
+        # the Trainer reads back on resume (Phi-4-MM's Hub form fails there: PreTrainedConfig lacks its fields).
+        trainer.family.finish_saved_model(output_dir)
     if trainer.is_world_process_zero():
         processor.image_processor.num_crops = args.model.num_crops  # what the model was trained with
         processor.save_pretrained(output_dir)

@@ -259,8 +259,6 @@ class RecipeTrainer(Trainer):
             state_dict = {name: tensor for name, tensor in state_dict.items()
                           if not (name in tied and tied[name] in state_dict)}
         super()._save(output_dir, state_dict)
-        if not hasattr(model, "peft_config") and self.args.should_save:
-            self.family.finish_saved_model(output_dir or self.args.output_dir)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Under ZeRO-1/2 every rank holds the whole 16-bit model, and transformers would copy its state dict to
