@@ -245,21 +245,14 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_finishes(tiny, 
     """LoRA in one process, DataLoader workers on: SIGTERM stops training at a step boundary with a checkpoint."""
     import signal
 
-    from test_long_runs import finish, launch, output_of
+    from test_long_runs import finish, launch, stopped_by_sigterm
 
     argv = ["--model_name_or_path", tiny, "--data_dir", pairs, "--use_lora", "--lora_rank", 4, "--batch_size", 2,
             "--batch_size_per_gpu", 2, "--max_steps", 40, "--save_steps", 100, "--max_train_samples", 80,
             "--max_eval_samples", 2, "--max_new_tokens", 2, "--dataloader_num_workers", 2, "--seed", 1]
     out = tmp_path / "out"
-    process = launch(False, *argv, "--output_dir", out, script=SCRIPT)
-    deadline = time.time() + 300
-    while "'loss'" not in output_of(process) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)  # until training has begun
-    process.send_signal(signal.SIGTERM)
-    code, output = finish(process)
-    stopped = [line for line in output.splitlines() if line.startswith("Stopped by SIGTERM at step")]
-    assert code == 128 + signal.SIGTERM and len(stopped) == 1, output[-4000:]
-    step = int(stopped[0].split("at step ")[1].split(":")[0])
+    code, output, step = stopped_by_sigterm(launch(False, *argv, "--output_dir", out, script=SCRIPT))
+    assert code == 128 + signal.SIGTERM, output[-4000:]
     assert 1 <= step < 40 and (out / f"checkpoint-{step}" / "checkpoint_complete").is_file()
     assert "Traceback" not in output
     code, output = finish(launch(False, *argv, "--output_dir", out, script=SCRIPT))

@@ -163,6 +163,18 @@ def files_of(folder: Path) -> dict[str, tuple[float, str]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def stopped_by_sigterm(process: subprocess.Popen) -> tuple[int, str, int]:
+    """SIGTERM once training has begun: (exit status, output, the step the run says it stopped at, said once)."""
+    deadline = time.time() + 300
+    while "'loss'" not in output_of(process) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # until training has begun
+    process.send_signal(signal.SIGTERM)
+    code, output = finish(process)
+    stopped = [line for line in output.splitlines() if line.startswith("Stopped by SIGTERM at step")]
+    assert len(stopped) == 1, output[-4000:]  # said once
+    return code, output, int(stopped[0].split("at step ")[1].split(":")[0])
+
+
 def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_loses_no_step(zero2_reference, tmp_path):
     """Preemption under torchrun: the scheduler signals the launcher, which passes it on to the process group of
     every worker, DataLoader workers included (the default count of them: they must not die before the step)."""
@@ -175,15 +187,7 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_loses_no_step(z
     straight = zero2_reference.out
 
     out = tmp_path / "preempted"
-    process = launch(True, *argv, "--output_dir", out)
-    deadline = time.time() + 300
-    while "'loss'" not in output_of(process) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)  # until training has begun
-    process.send_signal(signal.SIGTERM)
-    code, output = finish(process)
-    stopped = [line for line in output.splitlines() if line.startswith("Stopped by SIGTERM at step")]
-    assert len(stopped) == 1, output[-4000:]  # said once
-    step = int(stopped[0].split("at step ")[1].split(":")[0])
+    code, output, step = stopped_by_sigterm(launch(True, *argv, "--output_dir", out))
     assert 1 <= step < 6 and (out / f"checkpoint-{step}" / "checkpoint_complete").is_file()
     assert [path.name for path in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]  # saved for the signal only
     assert "Traceback" not in output.split("Stopped by SIGTERM")[0] and "DataLoader worker" not in output
