@@ -49,18 +49,16 @@ dist.destroy_process_group()
 
 def test_one_process_per_node_loads_a_dataset_first_the_others_after(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
     import datasets
+    from forked import forked_run
 
     datasets.Dataset.from_dict({"x": [1, 2, 3, 4]}).save_to_disk(str(tmp_path / "data"))
     (tmp_path / "loads.py").write_text(LOADS)
     log = tmp_path / "log.jsonl"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(tmp_path / "loads.py"), str(tmp_path / "data"), str(log)], check=True, env=env, timeout=300)
+    # Two ranks with torchrun's environment, forked from a process that has imported the libraries (tests/forked.py).
+    result = forked_run(tmp_path / "loads.py", [tmp_path / "data", log], nproc=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(rank, what) for rank, what, _ in sorted(events, key=lambda e: e[2])] == [
         (0, "start"), (0, "end"), (1, "start"), (1, "end")]  # rank 1 waited for rank 0's load

@@ -1,20 +1,17 @@
 """phivision.evaluation: `evaluate` with a fake model (exact metric), the tiny model, LongRoPE, peft and torchrun."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from forked import forked_run
 from PIL import Image
 
 from phivision.chat import conversation_prompt
 from phivision.evaluation import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _image(width, height, seed):
@@ -235,7 +232,7 @@ dist.destroy_process_group()
 """
 
 
-def test_evaluate_under_torchrun_matches_the_single_process_run(processor, tmp_path):
+def test_evaluate_on_two_ranks_matches_the_single_process_run(processor, tmp_path):
     rows = make_rows()
     model = tiny_model(processor)
     expected = evaluate(model, processor, rows, format_example, "accuracy", batch_size=3, max_new_tokens=8,
@@ -245,12 +242,8 @@ def test_evaluate_under_torchrun_matches_the_single_process_run(processor, tmp_p
     script = tmp_path / "run_eval.py"
     script.write_text(textwrap.dedent(TORCHRUN_SCRIPT).format(
         tests_dir=str(Path(__file__).parent), weights=str(weights), output=str(output)))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-           "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
-    )
+    # Two ranks with torchrun's environment, forked from a process that has imported the libraries (tests/forked.py).
+    result = forked_run(script, [], nproc=2, cwd=tmp_path, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     written = json.loads(output.read_text())
     assert written == expected

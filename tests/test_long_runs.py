@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import random_image
-from test_recipes import COMMON, ROOT, log_losses, run_recipe, weights
+from test_recipes import COMMON, ROOT, forked_recipe, log_losses, run_recipe, weights
 
 from phivision.synthetic import make_shapes_dataset
 
@@ -248,7 +248,7 @@ def truncated_jpeg(path: Path, seed: int = 0) -> None:
     path.write_bytes(data[: len(data) * 2 // 3])  # the header reads; the pixels do not
 
 
-def test_unreadable_images_met_mid_run_are_named_skipped_and_listed_under_torchrun(tiny, tmp_path):
+def test_unreadable_images_met_mid_run_are_named_skipped_and_listed_on_two_ranks(tiny, tmp_path):
     """A Hub row whose image is truncated: the header check at start passes, decoding fails in training."""
     import datasets
 
@@ -265,11 +265,11 @@ def test_unreadable_images_met_mid_run_are_named_skipped_and_listed_under_torchr
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(table, features=features)}).save_to_disk(
         str(tmp_path / "data"))
     out = tmp_path / "out"
-    code, output = finish(launch(True, "--model_name_or_path", tiny, "--dataset_name_or_path", tmp_path / "data",
-                                 "--output_dir", out, "--use_lora", "--lora_rank", 4, "--batch_size", 4,
-                                 "--batch_size_per_gpu", 2, "--num_train_epochs", 1, "--max_eval_samples", 8,
-                                 "--max_bad_samples", 1))
-    assert code == 0, output[-4000:]
+    result = forked_recipe(MEMES, "--model_name_or_path", str(tiny), "--dataset_name_or_path", str(tmp_path / "data"),
+                           "--output_dir", str(out), "--use_lora", "--lora_rank", "4", "--batch_size", "4",
+                           "--batch_size_per_gpu", "2", "--num_train_epochs", "1", "--max_eval_samples", "8",
+                           "--max_bad_samples", "1")
+    output = result.stdout + result.stderr
     assert output.count("unreadable, skipped during training: ") == 1
     assert f"{tmp_path / 'data'} [train] row 507: OSError" in output.split(
         "unreadable, skipped during training: ")[1].splitlines()[0]

@@ -3,19 +3,17 @@
 The tiny model keeps the real image geometry (448-pixel crops of 14-pixel patches: a 1x1-crop image is 545
 image tokens) with small hidden sizes. Its checkpoint is written as the Hub's is: weights in bf16, and the vision
 LoRA as a `vision-lora/` PEFT folder whose keys have no `base_model.model.` prefix (transformers' conversion script).
-Run as a script under torchrun, this file is the DDP worker of test_text_only_batches_train_under_ddp.
+Run as a script on two ranks (tests/forked.py), this file is the DDP worker of test_text_only_batches_train_under_ddp.
 """
 
-import os
 import re
-import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from forked import forked_run
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -36,7 +34,6 @@ from phivision.phi4mm.modes import (
     with_vision_term,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGE_TOKEN, AUDIO_TOKEN = 500, 501
 TOKENS_PER_IMAGE = 545  # a 1x1-crop image at crop 448: 256 global + 256 sub-crop + 16 + 16 row ends + 1 separator
 # The shipped vision-lora's target_modules (transformers' convert_phi4_multimodal_weights_to_hf.py writes it).
@@ -286,19 +283,11 @@ def test_the_vision_term_changes_nothing_with_images_in_evaluation_or_with_visio
 
 
 def test_text_only_batches_train_under_ddp():
-    """torchrun x2 (gloo), DDP with find_unused_parameters=False: rank 0 gets text only, rank 1 images, 2 steps."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, "ddp"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # Its own session, so that a run past the timeout goes with its workers (torchrun alone would leave them).
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                          start_new_session=True) as run:
-        try:
-            stdout, stderr = run.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
-            raise
-    assert run.returncode == 0, stdout[-3000:] + stderr[-6000:]
-    assert stdout.count("ddp ok") == 2
+    """2 ranks (gloo; forked with torchrun's environment, tests/forked.py), DDP with find_unused_parameters=False:
+    rank 0 gets text only, rank 1 images, 2 steps."""
+    run = forked_run(Path(__file__), ["ddp"], nproc=2, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert run.stdout.count("ddp ok") == 2
 
 
 def ddp_worker() -> None:

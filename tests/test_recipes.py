@@ -1,7 +1,8 @@
 """The four recipes end to end on CPU: tiny checkpoint, generated data, every training mode.
 
-Full fine-tuning runs under DeepSpeed ZeRO-2 and torchrun with 2 processes (gloo), as users run it;
-the other modes run in-process where that is enough to show the behaviour.
+Full fine-tuning runs under DeepSpeed ZeRO-2 on 2 ranks (gloo), as users run it with torchrun (the ranks forked as
+tests/forked.py does; real torchrun launches are conftest's reference runs and test_long_runs'); the other modes
+run in-process where that is enough to show the behaviour.
 """
 
 import importlib.util
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import forked_run
 from safetensors.torch import load_file
 
 from phivision import Phi3VForCausalLM
@@ -43,6 +45,15 @@ def torchrun_recipe(script: str, *argv: str, nproc: int | None = 2) -> subproces
     return result
 
 
+def forked_recipe(script: str, *argv: str, nproc: int | None = 2) -> subprocess.CompletedProcess:
+    """torchrun_recipe's run with its ranks forked from a process that has imported the libraries once
+    (tests/forked.py): the same recipe code on the same ranks and environment, without ~17 s of imports per run.
+    Fails the test with its output if it fails."""
+    result = forked_run(ROOT / script, [*COMMON, *argv], nproc=nproc)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
 def log_losses(checkpoint: Path) -> list[float]:
     history = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
     return [entry["loss"] for entry in history if "loss" in entry]
@@ -61,9 +72,9 @@ def check_eval_file(path: Path, metric: str, num_examples: int) -> dict:
     return summary
 
 
-def test_hateful_memes_full_finetuning_zero2_bf16_torchrun(tiny, shapes, tmp_path):
+def test_hateful_memes_full_finetuning_zero2_bf16_on_two_ranks(tiny, shapes, tmp_path):
     out = tmp_path / "out"
-    result = torchrun_recipe(
+    result = forked_recipe(
         "finetune_hf_trainer_hateful_memes.py", "--model_name_or_path", str(tiny), "--dataset_name_or_path",
         str(shapes), "--output_dir", str(out), "--bf16", "--batch_size", "8", "--batch_size_per_gpu", "2",
         "--max_steps", "2", "--save_steps", "1", "--max_eval_samples", "6",
@@ -84,10 +95,10 @@ def test_hateful_memes_full_finetuning_zero2_bf16_torchrun(tiny, shapes, tmp_pat
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_nlvr2_lora_packed_two_images_torchrun(tiny, tmp_path):
+def test_nlvr2_lora_packed_two_images_on_two_ranks(tiny, tmp_path):
     data = make_shapes_dataset(tmp_path / "pairs", num_train=16, images_per_row=2)
     out = tmp_path / "out"
-    torchrun_recipe(
+    forked_recipe(
         "finetune_hf_trainer_nlvr2.py", "--model_name_or_path", str(tiny), "--dataset_name_or_path", str(data),
         "--output_dir", str(out), "--use_lora", "--lora_rank", "4", "--batch_size", "4", "--batch_size_per_gpu", "2",
         "--max_steps", "2", "--max_eval_samples", "4", "--skip_eval_before", "--packing",
@@ -235,7 +246,7 @@ def test_full_zero2_resume_gives_the_same_weights_and_losses(zero2_reference, tm
     for name in ("checkpoint-4", "eval_before.json"):  # what a run stopped at step 4 leaves
         copy = shutil.copytree if name.startswith("checkpoint-") else shutil.copy
         copy(zero2_reference.out / name, resumed / name)
-    result = torchrun_recipe("finetune_hf_trainer_hateful_memes.py", *zero2_reference.flags, "--output_dir", str(resumed))
+    result = forked_recipe("finetune_hf_trainer_hateful_memes.py", *zero2_reference.flags, "--output_dir", str(resumed))
     assert f"Resuming from {resumed / 'checkpoint-4'}" in result.stdout  # from output_dir's newest checkpoint by itself
     assert (resumed / "checkpoint-6" / "global_step6").is_dir()  # DeepSpeed's optimizer state was saved and reloaded
     straight = zero2_reference.out

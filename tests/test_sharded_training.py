@@ -1,4 +1,4 @@
-"""Full fine-tuning with sharded weights (DeepSpeed ZeRO-3, FSDP2) under torchrun with 2 processes (gloo).
+"""Full fine-tuning with sharded weights (DeepSpeed ZeRO-3, FSDP2) on 2 ranks (gloo), forked as tests/forked.py does.
 
 The data makes one rank see only text-only samples (in training and in evaluation) while the other
 sees only images: every forward pass gathers weights with collectives, so the vision tower must run
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import built_once
-from test_recipes import ROOT, check_eval_file, log_losses, run_recipe, torchrun_recipe, weights
+from test_recipes import ROOT, check_eval_file, forked_recipe, log_losses, run_recipe, weights
 
 from phivision import Phi3VForCausalLM
 from phivision.synthetic import make_shapes_dataset
@@ -53,7 +53,7 @@ def sharded_run(tiny, mixed, tmp_path_factory):
     per test run: the ZeRO-3 one also serves the test of a run stopped after its last step)."""
     def run(strategy: str) -> tuple[Path, str]:
         def build(folder: Path) -> None:
-            result = torchrun_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--output_dir", str(folder / "out"))
+            result = forked_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--output_dir", str(folder / "out"))
             (folder / "stdout").write_text(result.stdout)
 
         folder = built_once(tmp_path_factory, f"sharded-{strategy}", build)
@@ -90,7 +90,7 @@ def test_sharded_full_finetuning_on_mixed_batches_matches_one_process_and_resume
     # Stopped after step 2, then run again: the same steps, losses and weights as the uninterrupted run.
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
-    torchrun_recipe(MEMES, *flags, "--skip_eval_before", "--output_dir", str(resumed))
+    forked_recipe(MEMES, *flags, "--skip_eval_before", "--output_dir", str(resumed))
     assert log_losses(resumed / "checkpoint-4") == pytest.approx(log_losses(straight / "checkpoint-4"), rel=1e-5)
     again = weights(resumed / "model.safetensors")
     for name in saved:
@@ -106,7 +106,7 @@ def test_zero3_run_stopped_after_its_last_step_finishes_from_the_checkpoint(tiny
     for name in ("checkpoint-4", "eval_before.json"):  # what the run leaves when stopped after its last step
         copy = shutil.copytree if name.startswith("checkpoint-") else shutil.copy
         copy(first / name, finished / name)
-    result = torchrun_recipe(MEMES, *common(tiny, mixed), *STRATEGIES["zero3"], "--output_dir", str(finished))
+    result = forked_recipe(MEMES, *common(tiny, mixed), *STRATEGIES["zero3"], "--output_dir", str(finished))
     assert "is the last step of training: finishing from it" in result.stdout
     assert json.loads((finished / "eval_after.json").read_text()) == json.loads((first / "eval_after.json").read_text())
     assert weights(finished / "model.safetensors").keys() == weights(first / "model.safetensors").keys()
@@ -115,7 +115,7 @@ def test_zero3_run_stopped_after_its_last_step_finishes_from_the_checkpoint(tiny
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_sharded_frozen_vision_trains_the_language_model_only(strategy, tiny, mixed, tmp_path):
     out = tmp_path / "out"
-    result = torchrun_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--freeze_vision_model",
+    result = forked_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--freeze_vision_model",
                              "--max_steps", "2", "--skip_eval_before", "--max_eval_samples", "2", "--output_dir", str(out))
     assert "full fine-tuning (vision frozen), trainable 134,976 of 331,392 parameters" in result.stdout
     before, after = weights(tiny / "model.safetensors"), weights(out / "model.safetensors")
@@ -126,7 +126,7 @@ def test_sharded_frozen_vision_trains_the_language_model_only(strategy, tiny, mi
         # The feature pre-pass runs before the DeepSpeed engine: it gathers the partitioned tower itself (its
         # convolution got empty weight slices), and trains as the uncached run does.
         cached = tmp_path / "cached"
-        result = torchrun_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--freeze_vision_model",
+        result = forked_recipe(MEMES, *common(tiny, mixed), *STRATEGIES[strategy], "--freeze_vision_model",
                                  "--cache_vision_features", "--max_steps", "2", "--skip_eval_before",
                                  "--max_eval_samples", "2", "--output_dir", str(cached))
         assert re.search(r"\(([1-9]\d*) computed now\)", result.stdout)  # rank 0's share of the image rows
@@ -141,7 +141,7 @@ def phi4mm_zero2_mixed(tiny_phi4mm, mixed, tmp_path_factory) -> Path:
     the same training in one process (one/)."""
     def build(folder: Path) -> None:
         flags = [*common(tiny_phi4mm, mixed), "--max_steps", "2", "--skip_eval_before", "--max_eval_samples", "2"]
-        result = torchrun_recipe(MEMES, *flags, "--output_dir", str(folder / "zero2"))
+        result = forked_recipe(MEMES, *flags, "--output_dir", str(folder / "zero2"))
         assert "full fine-tuning" in result.stdout
         run_recipe(MEMES, *flags, "--deepspeed", "none", "--output_dir", str(folder / "one"))
 

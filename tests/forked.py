@@ -1,0 +1,192 @@
+"""Recipe runs on two ranks without paying for the imports again: each rank is forked from a process that has
+imported the libraries once.
+
+A fresh Python process spends about 7.5 s of CPU importing torch, transformers, peft (and with it bitsandbytes and
+torch's inductor) before a recipe does anything; a torchrun launch with 2 workers about 17 s. The suite launches
+dozens, so this module keeps one "zygote" process per pytest process, with those imports done, and forks each rank
+from it. A rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...; rank 0 hosts the
+rendezvous store, where torchrun's agent would), its own session,
+the given working folder and environment, and runs the script as `python script.py` would (`__main__`); when one
+rank fails the others are stopped, as torchrun does. The code that runs is the recipe's, unchanged.
+
+What this does not show is torchrun itself and a fresh interpreter's imports: the tests of the launcher (signals,
+exit status, kills, output printed once, library notices on the console) launch real torchrun (test_long_runs,
+test_recipe_report, the ZeRO-2 and LoRA reference runs of conftest).
+
+    python tests/forked.py   # the zygote: JSON requests on stdin, one JSON line of exit codes on stdout per request
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the recipes import, and DeepSpeed, which the Trainer imports when a run asks for it.
+PRELOAD = ("phivision.data", "phivision.training", "phivision.training_curves", "deepspeed", "matplotlib.pyplot")
+FIXED_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ----- the zygote (runs in its own process)
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables torchrun --standalone sets for a worker on one node."""
+    ranks = {"RANK": rank, "LOCAL_RANK": rank, "ROLE_RANK": rank, "WORLD_SIZE": world_size,
+             "LOCAL_WORLD_SIZE": world_size, "ROLE_WORLD_SIZE": world_size, "GROUP_RANK": 0, "GROUP_WORLD_SIZE": 1,
+             "MASTER_ADDR": "localhost", "MASTER_PORT": port, "TORCHELASTIC_RESTART_COUNT": 0,
+             "TORCHELASTIC_MAX_RESTARTS": 0, "TORCHELASTIC_RUN_ID": "forked", "ROLE_NAME": "default"}
+    return {key: str(value) for key, value in ranks.items()}
+
+
+def run_rank(request: dict, env: dict[str, str], protocol: int) -> None:
+    """In the forked child: become `python script argv...` with `env`, and exit with its status."""
+    code = 1
+    try:
+        os.close(protocol)
+        os.setsid()
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(env)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            opened = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.dup2(opened, fd)
+            os.close(opened)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the requests' pipe stays the zygote's
+        script = request["script"]
+        sys.argv = [script, *request["argv"]]
+        sys.path[0] = os.path.dirname(script)
+        import runpy
+        import traceback
+
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def stop(pids: dict[int, int], codes: dict[int, int]) -> None:
+    """SIGTERM to each rank's session (DataLoader workers included), SIGKILL 10 s later to what is left."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while pids and time.time() < deadline:
+            reap(pids, codes)
+            time.sleep(0.05)
+
+
+def reap(pids: dict[int, int], codes: dict[int, int]) -> None:
+    """Moves the ranks that have ended from `pids` (pid: rank) to `codes` (rank: exit status), in the order seen."""
+    for pid in list(pids):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            codes[pids.pop(pid)] = os.waitstatus_to_exitcode(status)
+
+
+def serve() -> None:
+    """Reads one request per line, forks its ranks, answers with their exit codes once all have ended."""
+    import importlib
+
+    # The answers go to the original stdout; whatever else is printed (import notices) to stderr.
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    print(json.dumps({"ready": os.getpid()}), file=protocol, flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        nproc, port = request["nproc"], free_port()
+        pids, codes = {}, {}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for rank in range(nproc or 1):
+            env = {**request["env"], **(torchrun_environment(rank, nproc, port) if nproc else {})}
+            pid = os.fork()
+            if pid == 0:
+                run_rank(request, env, protocol.fileno())
+            pids[pid] = rank
+        deadline = time.time() + request["timeout"]
+        while pids:
+            reap(pids, codes)
+            if pids and (any(codes.values()) or time.time() > deadline):
+                stop(pids, codes)
+            time.sleep(0.05)
+        # The status of the first rank to fail (codes keeps the order they ended in), as torchrun reports it.
+        first = next((code for code in codes.values() if code), 0)
+        print(json.dumps({"status": first, "codes": codes}), file=protocol, flush=True)
+
+
+# ----- the client (in the pytest process)
+
+_zygote: subprocess.Popen | None = None
+
+
+def zygote() -> subprocess.Popen:
+    """This pytest process's zygote, started on first use (about 8 s) and ended with the process."""
+    global _zygote
+    if _zygote is None or _zygote.poll() is not None:
+        _zygote = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env={**os.environ, **FIXED_ENV})
+        atexit.register(_zygote.stdin.close)  # its loop ends at end of input
+        answer(_zygote, timeout=300)
+    return _zygote
+
+
+def answer(process: subprocess.Popen, timeout: float) -> dict:
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    line = process.stdout.readline() if ready else ""
+    if not line:
+        process.kill()
+        raise RuntimeError(f"the zygote gave no answer within {timeout} s (exit status {process.poll()})")
+    return json.loads(line)
+
+
+def forked_run(script: Path, argv: list[str], nproc: int | None = 2, cwd: Path = ROOT,
+               env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs `script argv` on `nproc` ranks forked from the zygote (nproc None: one process, no torchrun
+    environment), and gives what subprocess.run gives: the ranks' exit status (the first to fail, else 0) and
+    their output, stdout and stderr apart, interleaved as the ranks wrote it. Past `timeout` the ranks are stopped and
+    the status is theirs (-15 or -9)."""
+    with tempfile.TemporaryDirectory(prefix="forked-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        request = {"script": str(script), "argv": [str(a) for a in argv], "nproc": nproc, "cwd": str(cwd),
+                   "env": {**os.environ, **FIXED_ENV, **(env or {})}, "stdout": str(out), "stderr": str(err),
+                   "timeout": timeout}
+        process = zygote()
+        process.stdin.write(json.dumps(request) + "\n")
+        process.stdin.flush()
+        status = answer(process, timeout + 60)["status"]
+        read = lambda path: path.read_text(errors="replace") if path.exists() else ""
+        return subprocess.CompletedProcess([str(script), *argv], status, read(out), read(err))
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,48 @@
+"""tests/forked.py, the launcher that forks the suite's two-rank runs: the environment torchrun gives, the output and
+exit status subprocess.run gives, and a failed rank ending the run, as torchrun does."""
+
+import json
+import subprocess
+import sys
+import time
+
+from forked import forked_run, torchrun_environment
+
+SHOW = """
+import json, os, sys
+print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}))
+print("to stderr", file=sys.stderr)
+"""
+
+
+def test_each_rank_gets_the_variables_torchrun_gives_its_workers(tmp_path):
+    script = tmp_path / "show.py"
+    script.write_text(SHOW)
+    real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=120, check=True)
+    forked = forked_run(script, ["a", 1], nproc=2, cwd=tmp_path, env={"EXTRA": "x"})
+    assert forked.returncode == 0 and forked.stderr.count("to stderr") == 2
+    seen = [json.loads(line) for line in forked.stdout.splitlines()]
+    assert all(rank["argv"] == ["a", "1"] and rank["cwd"] == str(tmp_path) and rank["env"]["EXTRA"] == "x"
+               for rank in seen)
+    workers = sorted((json.loads(line)["env"] for line in real.stdout.splitlines()), key=lambda env: env["RANK"])
+    ours = sorted((rank["env"] for rank in seen), key=lambda env: env["RANK"])
+    for worker, rank in zip(workers, ours, strict=True):
+        for key in torchrun_environment(0, 2, 0):
+            if key not in ("MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+                assert rank[key] == worker[key], key
+
+
+def test_a_failed_rank_stops_the_others_and_gives_its_exit_status(tmp_path):
+    script = tmp_path / "fail.py"
+    script.write_text("import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(300)\n")
+    start = time.time()
+    result = forked_run(script, [], nproc=2)
+    assert result.returncode == 3 and time.time() - start < 60
+
+
+def test_a_traceback_is_printed_and_the_run_fails(tmp_path):
+    script = tmp_path / "raise.py"
+    script.write_text("raise ValueError('bad input')\n")
+    result = forked_run(script, [], nproc=None)
+    assert result.returncode == 1 and "ValueError: bad input" in result.stderr
