@@ -70,9 +70,11 @@ def run_rank(request: dict, env: dict[str, str], protocol: int) -> None:
         script = request["script"]
         sys.argv = [script, *request["argv"]]
         sys.path[0] = os.path.dirname(script)
+        import atexit
         import runpy
-        import traceback
 
+        # What the interpreter does with the script: SystemExit's status, other exceptions through sys.excepthook
+        # (the package installs one for its one-line errors), then the exit handlers.
         try:
             runpy.run_path(script, run_name="__main__")
             code = 0
@@ -82,7 +84,8 @@ def run_rank(request: dict, env: dict[str, str], protocol: int) -> None:
             else:
                 print(e.code, file=sys.stderr)
         except BaseException:
-            traceback.print_exc()
+            sys.excepthook(*sys.exc_info())
+        atexit._run_exitfuncs()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -82,19 +82,18 @@ def test_a_saved_full_phi4mm_loads_back_into_the_model_held_for_training(tmp_pat
 def test_phi4mm_with_partitioned_weights_is_refused_in_one_line_before_the_model_loads(tiny_phi4mm, shapes, tmp_path):
     """FSDP2 and ZeRO-3: the shipped vision LoRA is merged as the weights load, and a text-only evaluation rank would
     run other collectives than an image rank (a gloo size mismatch under FSDP2 when it was allowed)."""
-    import subprocess
-    import sys
     from types import SimpleNamespace
+
+    from forked import ROOT, forked_run
 
     from phivision.training import modes
     from phivision.training.arguments import FlagError
 
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run(
-        [sys.executable, "finetune_hf_trainer_hateful_memes.py", "--model_name_or_path", str(tiny_phi4mm),
-         "--dataset_name_or_path", str(shapes), "--output_dir", str(tmp_path / "out"), "--fsdp",
-         "--fsdp_config", "fsdp_config.json"], capture_output=True, text=True, cwd=root, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    # The recipe as `python finetune_hf_trainer_hateful_memes.py ...` runs it (one process forked from one that has
+    # imported the libraries: tests/forked.py).
+    result = forked_run(ROOT / "finetune_hf_trainer_hateful_memes.py", [
+        "--model_name_or_path", tiny_phi4mm, "--dataset_name_or_path", shapes, "--output_dir", tmp_path / "out",
+        "--fsdp", "--fsdp_config", "fsdp_config.json"], nproc=None, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: --fsdp: Phi-4-multimodal cannot train with partitioned weights (ZeRO-3, FSDP2) yet; use ZeRO-2 "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked import forked_run
 from helpers import random_image
 from test_recipes import COMMON, ROOT, forked_recipe, log_losses, run_recipe, weights
 
@@ -405,6 +406,7 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tiny, shapes, tmp_path
     deadline = time.time() + 120
     while not (tmp_path / "out" / ".run.lock").exists() and time.time() < deadline:
         time.sleep(0.1)
-    code, output = finish(launch(False, *argv))
+    second = forked_run(ROOT / MEMES, [*COMMON, *argv], nproc=None)  # one process, as `launch(False)` starts
     kill_all(first)
-    assert code == 1 and f"is in use by another run (host {os.uname().nodename}, pid {first.pid}" in output, output
+    output = second.stdout + second.stderr
+    assert second.returncode == 1 and f"is in use by another run (host {os.uname().nodename}, pid {first.pid}" in output, output
