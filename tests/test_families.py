@@ -1,7 +1,6 @@
 """phivision.families: a checkpoint's family is read from its config.json, before anything loads."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
