@@ -124,18 +124,19 @@ class ReferenceRun(NamedTuple):
 
     flags: list[str]  # the memes recipe's flags, less --output_dir
     out: Path  # its --output_dir (read only)
-    seconds: float  # how long the whole torchrun launch took
+    seconds: float  # how long the whole run took (the kill tests kill their runs within it)
 
 
 def reference_run(tmp_path_factory, name: str, flags: list[str], nproc: int | None) -> Iterator[ReferenceRun]:
-    """The memes recipe run once per test run with `flags` (under torchrun with `nproc` processes, or as one plain
-    process: nproc None), every checkpoint kept (any step can be a resume point); yields it read only."""
-    from test_recipes import torchrun_recipe
+    """The memes recipe run once per test run with `flags` (on `nproc` ranks, or as one plain process: nproc None;
+    forked as the kill tests' runs are, tests/forked.py), every checkpoint kept (any step can be a resume point);
+    yields it read only."""
+    from test_recipes import forked_recipe
 
     def run(folder: Path) -> None:
         start = time.time()
-        torchrun_recipe("finetune_hf_trainer_hateful_memes.py", *flags, "--save_total_limit", "6",
-                        "--output_dir", str(folder / "out"), nproc=nproc)
+        forked_recipe("finetune_hf_trainer_hateful_memes.py", *flags, "--save_total_limit", "6",
+                      "--output_dir", str(folder / "out"), nproc=nproc)
         (folder / "seconds").write_text(str(time.time() - start))
 
     folder = built_once(tmp_path_factory, name, run)
@@ -145,8 +146,8 @@ def reference_run(tmp_path_factory, name: str, flags: list[str], nproc: int | No
 
 @pytest.fixture(scope="session")
 def zero2_reference(tiny, shapes, tmp_path_factory) -> Iterator[ReferenceRun]:
-    """Full fine-tuning under ZeRO-2 and torchrun (2 processes), 6 steps with a checkpoint at each, evaluated before
-    and after on 2 rows. One run per test run: a launch takes 30-60 s."""
+    """Full fine-tuning under ZeRO-2 on 2 ranks, 6 steps with a checkpoint at each, evaluated before and after on 2
+    rows. One run per test run."""
     flags = ["--model_name_or_path", str(tiny), "--dataset_name_or_path", str(shapes), "--batch_size", "4",
              "--batch_size_per_gpu", "1", "--max_steps", "6", "--save_steps", "1", "--max_eval_samples", "2",
              "--learning_rate", "1e-3", "--seed", "1"]

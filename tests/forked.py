@@ -69,9 +69,15 @@ def run_rank(request: dict, env: dict[str, str], protocol: int) -> None:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the requests' pipe stays the zygote's
         script = request["script"]
         sys.argv = [script, *request["argv"]]
-        sys.path[0] = os.path.dirname(script)
         import atexit
         import runpy
+
+        # What the interpreter does at start: the script's folder first, then PYTHONPATH, whose sitecustomize runs.
+        extra = [path for path in env.get("PYTHONPATH", "").split(os.pathsep) if path and path not in sys.path]
+        sys.path[0:1] = [os.path.dirname(script), *extra]
+        for path in extra:
+            if os.path.isfile(os.path.join(path, "sitecustomize.py")):
+                runpy.run_path(os.path.join(path, "sitecustomize.py"), run_name="sitecustomize")
 
         # What the interpreter does with the script: SystemExit's status, other exceptions through sys.excepthook
         # (the package installs one for its one-line errors), then the exit handlers.
@@ -115,7 +121,8 @@ def reap(pids: dict[int, int], codes: dict[int, int]) -> None:
 
 
 def serve() -> None:
-    """Reads one request per line, forks its ranks, answers with their exit codes once all have ended."""
+    """Reads one request per line and forks its ranks; answers with their pids, then with their exit status once all
+    have ended."""
     import importlib
 
     # The answers go to the original stdout; whatever else is printed (import notices) to stderr.
@@ -136,6 +143,7 @@ def serve() -> None:
             if pid == 0:
                 run_rank(request, env, protocol.fileno())
             pids[pid] = rank
+        print(json.dumps({"pids": list(pids)}), file=protocol, flush=True)
         deadline = time.time() + request["timeout"]
         while pids:
             reap(pids, codes)
@@ -149,44 +157,89 @@ def serve() -> None:
 
 # ----- the client (in the pytest process)
 
-_zygote: subprocess.Popen | None = None
+class Zygote:
+    """This pytest process's zygote, started on first use (about 8 s of imports) and ended with the process."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **FIXED_ENV})
+        atexit.register(self.process.stdin.close)  # its loop ends at end of input
+        self.buffer = b""
+        self.answer(timeout=300)
+
+    def ask(self, request: dict) -> dict:
+        self.process.stdin.write(json.dumps(request).encode() + b"\n")
+        self.process.stdin.flush()
+        return self.answer(timeout=60)
+
+    def answer(self, timeout: float | None) -> dict | None:
+        """The zygote's next answer; None when none came within `timeout` (0: do not wait)."""
+        fd = self.process.stdout.fileno()
+        deadline = None if timeout is None else time.time() + timeout
+        while b"\n" not in self.buffer:
+            left = None if deadline is None else max(0.0, deadline - time.time())
+            if not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the zygote ended (exit status {self.process.wait()})")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
 
 
-def zygote() -> subprocess.Popen:
-    """This pytest process's zygote, started on first use (about 8 s) and ended with the process."""
+_zygote: Zygote | None = None
+
+
+class ForkedRun:
+    """A run started by `forked_launch`, with what the tests use of subprocess.Popen: poll, wait, returncode, and
+    `pids` (each rank's, the leader of its own session) in place of pid. Its output (stdout and stderr together)
+    is in the file `log`."""
+
+    def __init__(self, zygote: Zygote, pids: list[int], log: Path):
+        self.zygote, self.pids, self.log, self.returncode = zygote, pids, log, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            ended = self.zygote.answer(timeout=0)
+            if ended is not None:
+                self.returncode = ended["status"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            ended = self.zygote.answer(timeout)
+            if ended is None:
+                raise subprocess.TimeoutExpired(self.pids, timeout)
+            self.returncode = ended["status"]
+        return self.returncode
+
+
+def forked_launch(script: Path, argv: list, nproc: int | None = 2, cwd: Path = ROOT, env: dict | None = None,
+                  stdout: Path | None = None, stderr: Path | None = None, timeout: float = 600) -> ForkedRun:
+    """Starts `script argv` on `nproc` ranks forked from the zygote (nproc None: one process, no torchrun
+    environment), writing to `stdout` and `stderr` (by default both to a new log file); past `timeout` the ranks
+    are stopped (SIGTERM, then SIGKILL)."""
     global _zygote
-    if _zygote is None or _zygote.poll() is not None:
-        _zygote = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, text=True, cwd=ROOT, env={**os.environ, **FIXED_ENV})
-        atexit.register(_zygote.stdin.close)  # its loop ends at end of input
-        answer(_zygote, timeout=300)
-    return _zygote
+    if _zygote is None or _zygote.process.poll() is not None:
+        _zygote = Zygote()
+    if stdout is None:
+        with tempfile.NamedTemporaryFile(prefix="run-", suffix=".log", delete=False) as log:
+            stdout = Path(log.name)
+    request = {"script": str(script), "argv": [str(a) for a in argv], "nproc": nproc, "cwd": str(cwd),
+               "env": {**os.environ, **FIXED_ENV, **(env or {})}, "stdout": str(stdout),
+               "stderr": str(stderr or stdout), "timeout": timeout}
+    return ForkedRun(_zygote, _zygote.ask(request)["pids"], stdout)
 
 
-def answer(process: subprocess.Popen, timeout: float) -> dict:
-    ready, _, _ = select.select([process.stdout], [], [], timeout)
-    line = process.stdout.readline() if ready else ""
-    if not line:
-        process.kill()
-        raise RuntimeError(f"the zygote gave no answer within {timeout} s (exit status {process.poll()})")
-    return json.loads(line)
-
-
-def forked_run(script: Path, argv: list[str], nproc: int | None = 2, cwd: Path = ROOT,
-               env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Runs `script argv` on `nproc` ranks forked from the zygote (nproc None: one process, no torchrun
-    environment), and gives what subprocess.run gives: the ranks' exit status (the first to fail, else 0) and
-    their output, stdout and stderr apart, interleaved as the ranks wrote it. Past `timeout` the ranks are stopped and
-    the status is theirs (-15 or -9)."""
+def forked_run(script: Path, argv: list, nproc: int | None = 2, cwd: Path = ROOT, env: dict | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`forked_launch`, waited for: what subprocess.run gives, the ranks' exit status (the first to fail's, else 0)
+    and their output, stdout and stderr apart, interleaved as the ranks wrote it."""
     with tempfile.TemporaryDirectory(prefix="forked-") as folder:
         out, err = Path(folder) / "stdout", Path(folder) / "stderr"
-        request = {"script": str(script), "argv": [str(a) for a in argv], "nproc": nproc, "cwd": str(cwd),
-                   "env": {**os.environ, **FIXED_ENV, **(env or {})}, "stdout": str(out), "stderr": str(err),
-                   "timeout": timeout}
-        process = zygote()
-        process.stdin.write(json.dumps(request) + "\n")
-        process.stdin.flush()
-        status = answer(process, timeout + 60)["status"]
+        run = forked_launch(script, argv, nproc, cwd, env, stdout=out, stderr=err, timeout=timeout)
+        status = run.wait(timeout + 60)
         read = lambda path: path.read_text(errors="replace") if path.exists() else ""
         return subprocess.CompletedProcess([str(script), *argv], status, read(out), read(err))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from forked import forked_run
+from forked import ForkedRun, forked_launch, forked_run
 from helpers import random_image
 from test_recipes import COMMON, ROOT, forked_recipe, log_losses, run_recipe, weights
 
@@ -66,6 +66,13 @@ def launch(torchrun: bool, *argv, script: str = MEMES, **env) -> subprocess.Pope
     return process
 
 
+def start(torchrun: bool, *argv, script: str = MEMES, **env) -> ForkedRun:
+    """`launch`'s run with its ranks forked from a process that has imported the libraries (tests/forked.py), each
+    rank in a session of its own; for the kill tests, whose claims are about what our code leaves on disk."""
+    return forked_launch(ROOT / script, [*COMMON, *map(str, argv)], nproc=2 if torchrun else None,
+                         env=environment(**env))
+
+
 def output_of(process: subprocess.Popen) -> str:
     return process.log.read_text(errors="replace")
 
@@ -96,9 +103,10 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def kill_all(process: subprocess.Popen) -> None:
+def kill_all(process: subprocess.Popen | ForkedRun) -> None:
     """SIGKILL to every process of the run at once: a node lost, an OOM killer, `kill -9`."""
-    for pid in [process.pid, *descendants(process.pid)]:
+    roots = process.pids if isinstance(process, ForkedRun) else [process.pid]
+    for pid in [*roots, *(child for root in roots for child in descendants(root))]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -121,8 +129,8 @@ def run_with_kills(out: Path, torchrun: bool, argv: list, plan: list, site: Path
     for moment in [*plan, None]:
         # Slow checkpoints where a kill is to come; the last run is left to end, so it saves at full speed.
         slow = {"SLOW_CHECKPOINT_SECONDS": "1.0"} if moment is not None else {}
-        process = launch(torchrun, *argv, "--output_dir", out, script=script, PYTHONPATH=f"{site}{os.pathsep}{ROOT}",
-                         **slow)
+        process = start(torchrun, *argv, "--output_dir", out, script=script, PYTHONPATH=f"{site}{os.pathsep}{ROOT}",
+                        **slow)
         deadline = time.time() + 300
         if moment == "while writing a checkpoint":
             while process.poll() is None and time.time() < deadline and unmarked_checkpoint(out) is None:
