@@ -46,3 +46,15 @@ def test_a_traceback_is_printed_and_the_run_fails(tmp_path):
     script.write_text("raise ValueError('bad input')\n")
     result = forked_run(script, [], nproc=None)
     assert result.returncode == 1 and "ValueError: bad input" in result.stderr
+
+
+def test_pythonpath_comes_first_and_its_sitecustomize_runs_as_at_interpreter_start(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import builtins\nbuiltins.CUSTOMIZED = True\n")
+    (site / "helper_module.py").write_text("WHERE = 'site'\n")
+    script = tmp_path / "show.py"
+    script.write_text("import sys, helper_module\nprint(CUSTOMIZED, helper_module.WHERE, sys.path[0])\n")
+    result = forked_run(script, [], nproc=None, env={"PYTHONPATH": str(site)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "site", str(tmp_path)]
