@@ -228,7 +228,7 @@ def test_killed_and_rerun_gives_the_uninterrupted_result(tiny, pairs, tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(SLOW_CHECKPOINTS)
     argv = ["--model_name_or_path", tiny, "--data_dir", pairs, "--deepspeed", "none", "--batch_size", 4,
-            "--batch_size_per_gpu", 4, "--max_steps", 6, "--save_steps", 1, "--max_train_samples", 24,
+            "--batch_size_per_gpu", 2, "--max_steps", 6, "--save_steps", 1, "--max_train_samples", 24,
             "--max_eval_samples", 2, "--max_new_tokens", 2, "--learning_rate", 1e-3, "--seed", 1]
     straight = tmp_path / "straight"
     start = time.time()
