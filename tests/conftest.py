@@ -23,7 +23,7 @@ REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "referen
 # the collection instead, one of them could leave a worker alone with it for minutes.
 SLOW_FIRST = [
     "test_gpu_check.py::test_the_whole_plan_runs_on_cpu",
-    "test_dpo_recipe.py::test_lora_learns_the_preference",  # DPO's two learning runs: 64 steps under torchrun x2
+    "test_dpo_recipe.py::test_lora_learns_the_preference",  # DPO's two learning runs on two ranks
     "test_dpo_recipe.py::test_full_fine_tuning_zero2_with_stored_reference",
     "test_long_runs.py::test_killed_at_any_moment",  # builds the ZeRO-2 reference that the next two read
     "test_long_runs.py::test_sigterm_stops",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import built_once
-from test_recipes import ROOT, log_losses, resume_pair, run_recipe, torchrun_recipe, weights
+from test_recipes import ROOT, forked_recipe, log_losses, resume_pair, run_recipe, weights
 
 from phivision.synthetic import make_shapes_preferences
 
@@ -63,37 +63,36 @@ def check_learned(out: Path) -> None:
     assert "rejected answer" in report and "Preference accuracy on the held-out pairs" in report
 
 
-def test_lora_learns_the_preference_under_torchrun_and_merges_and_generates(tiny, pairs, tmp_path):
+def test_lora_learns_the_preference_on_two_ranks_and_merges_and_generates(tiny, pairs, tmp_path):
+    from phivision import generate, merge_lora
+
     out = tmp_path / "out"
-    torchrun_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir", str(out),
-                    "--use_lora", "--lora_rank", "16", "--learning_rate", "5e-3", "--report_to", "tensorboard",
-                    "--max_steps", LORA_STEPS, *TRAIN)
+    forked_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir", str(out),
+                  "--use_lora", "--lora_rank", "16", "--learning_rate", "5e-3", "--report_to", "tensorboard",
+                  "--max_steps", LORA_STEPS, *TRAIN)
     check_learned(out)
     assert not (out / "reference_logps.json").exists()  # the reference is the base with the adapter disabled
     assert list(out.glob("runs/*/events.out.tfevents.*"))
     merged = tmp_path / "merged"
-    subprocess.run([sys.executable, "-m", "phivision.merge_lora", "--base", str(tiny), "--adapter", str(out),
-                    "--out", str(merged), "--dtype", "fp32"], check=True, capture_output=True, cwd=ROOT)
+    assert merge_lora.main(["--base", str(tiny), "--adapter", str(out), "--out", str(merged), "--dtype", "fp32"]) == 0
     image = pairs / "images" / "0.png"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "phivision.generate", "--model", str(merged), "--image", str(image),
-                    "--prompt", "What colour is the shape? Answer red, green or blue.", "--max_new_tokens", "2"],
-                   check=True, capture_output=True, text=True, cwd=ROOT, env=env)
+    assert generate.main(["--model", str(merged), "--image", str(image), "--prompt",
+                          "What colour is the shape? Answer red, green or blue.", "--max_new_tokens", "2"]) == 0
 
 
-def test_full_fine_tuning_zero2_with_stored_reference_under_torchrun(tiny, pairs, tmp_path):
+def test_full_fine_tuning_zero2_with_stored_reference_on_two_ranks(tiny, pairs, tmp_path):
     """The reference log-probs are computed once before training (each process its share) and stored; a finished
     run re-run changes nothing."""
     out = tmp_path / "out"
-    torchrun_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir", str(out),
-                    "--learning_rate", "2e-3", *FULL)
+    forked_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir", str(out),
+                  "--learning_rate", "2e-3", *FULL)
     check_learned(out)
     stored = json.loads((out / "reference_logps.json").read_text())
     assert len(stored["logps"]) == 512 and stored["source"]["model"] == str(tiny)
     assert (out / "model.safetensors").exists()
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    result = torchrun_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir",
-                             str(out), "--learning_rate", "2e-3", *FULL)
+    result = forked_recipe(SCRIPT, "--model_name_or_path", str(tiny), "--data_dir", str(pairs), "--output_dir",
+                           str(out), "--learning_rate", "2e-3", *FULL)
     assert "is complete" in result.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
@@ -222,7 +221,7 @@ def test_two_seeded_runs_are_identical(tiny, pairs, tmp_path):
 def test_killed_and_rerun_gives_the_uninterrupted_result(tiny, pairs, tmp_path):
     """Full fine-tuning with stored reference log-probs, killed while writing a checkpoint and at a random moment
     (perhaps while computing the reference), then run again to its end: as the uninterrupted run."""
-    from test_long_runs import SLOW_CHECKPOINTS, finish, launch, run_with_kills
+    from test_long_runs import SLOW_CHECKPOINTS, finish, run_with_kills, start
 
     site = tmp_path / "site"
     site.mkdir()
@@ -231,12 +230,12 @@ def test_killed_and_rerun_gives_the_uninterrupted_result(tiny, pairs, tmp_path):
             "--batch_size_per_gpu", 2, "--max_steps", 6, "--save_steps", 1, "--max_train_samples", 24,
             "--max_eval_samples", 2, "--max_new_tokens", 2, "--learning_rate", 1e-3, "--seed", 1]
     straight = tmp_path / "straight"
-    start = time.time()
-    code, output = finish(launch(False, *argv, "--output_dir", straight, script=SCRIPT))
+    began = time.time()
+    code, output = finish(start(False, *argv, "--output_dir", straight, script=SCRIPT))
     assert code == 0, output[-4000:]
     out = tmp_path / "killed"
     kills = run_with_kills(out, False, argv, ["at a random moment", "while writing a checkpoint"], site,
-                           time.time() - start, script=SCRIPT)
+                           time.time() - began, script=SCRIPT)
     assert kills, "the runs were not interrupted"
     assert log_losses(out / "checkpoint-6") == pytest.approx(log_losses(straight / "checkpoint-6"), rel=1e-5)
     a, b = weights(straight / "model.safetensors"), weights(out / "model.safetensors")
