@@ -60,7 +60,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
     """cv.main() in this process, its exit code and output as run_cli returns them: the tests about what the
-    converter does, not about its command line, without a Python start (5 s of imports) each."""
+    converter does, not about its command line, without a Python start (about 6 s of CPU for its imports) each."""
     capsys.readouterr()  # what ran before
     code = cv.main([*args, "--no-tqdm"])
     out, err = capsys.readouterr()
