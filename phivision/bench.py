@@ -55,7 +55,7 @@ from .phi3v.image_processing import CROP_SIZE, hd_image_size, num_image_tokens
 from .phi3v.processing import Phi3VProcessor
 from .phi4mm.image_processing import pad_crops
 from .phi3v.family import reference_clip
-from .training.sizing import STRATEGIES, Layout, meta_model, mode_arguments, state_bytes, step_cost
+from .training.sizing import STRATEGIES, Layout, StepCost, meta_model, mode_arguments, state_bytes, step_cost
 from .training.arguments import LoraArguments, ModelArguments
 from .training.modes import quantization_config, setup_mode
 from .training.trainer import length_buckets
@@ -572,11 +572,16 @@ def measure_mode(config, model: torch.nn.Module, unchecked: torch.nn.Module, sam
     """The FLOPs and activations of `meta_report`'s row for one mode (`model` checkpointed, `unchecked` not;
     `slots`: each sample's crop slots per image in the reference's step, by id)."""
 
-    def mean_flops(model: torch.nn.Module, padded: bool = False, **options) -> float:
-        return sum(step_cost(model, *layout(s), crop_slots=slots[id(s)] if padded else None, **options).flops
-                   for s in samples) / len(samples)
+    def costs(model: torch.nn.Module, padded: bool = False, **options) -> dict[int, StepCost]:
+        return {id(s): step_cost(model, *layout(s), crop_slots=slots[id(s)] if padded else None, **options)
+                for s in samples}
 
-    ours, free = mean_flops(model), mean_flops(unchecked)
+    def mean_flops(model: torch.nn.Module, padded: bool = False, **options) -> float:
+        return sum(cost.flops for cost in costs(model, padded, **options).values()) / len(samples)
+
+    # Our steps, checkpointed or not, also give the longest sample's activations (it is one of the samples).
+    checked, free_costs = costs(model), costs(unchecked)
+    ours, free = (sum(c.flops for c in measured.values()) / len(samples) for measured in (checked, free_costs))
     # The reference's step, one saving at a time: every crop slot, then all of CLIP, then logits everywhere
     # (Phi-4-MM's own model always runs its whole tower: no second saving there).
     slots_only = mean_flops(model, padded=True)
@@ -588,8 +593,8 @@ def measure_mode(config, model: torch.nn.Module, unchecked: torch.nn.Module, sam
            "saved by real crops": (slots_only - ours) / reference,
            "saved by stopping CLIP at its feature layer": (whole_tower - slots_only) / reference,
            "saved by answer-only logits": (reference - whole_tower) / reference,
-           "activations GB": step_cost(model, *layout(longest)).activation_bytes / 1e9,
-           "activations GB, no checkpointing": step_cost(unchecked, *layout(longest)).activation_bytes / 1e9}
+           "activations GB": checked[id(longest)].activation_bytes / 1e9,
+           "activations GB, no checkpointing": free_costs[id(longest)].activation_bytes / 1e9}
     if cached:
         features = mean_flops(unchecked, cached_features=True)
         row.update({"TFLOP/sample, cached features": features / 1e12, "x vs reference, cached features":

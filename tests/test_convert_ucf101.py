@@ -52,9 +52,19 @@ def make_source(root: Path) -> Path:
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The script as a command (a new Python process): for what only the command line shows."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "convert_ucf101.py"), *args, "--no-tqdm"],
                           capture_output=True, text=True, env=env, timeout=120)
+
+
+def run_main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """cv.main() in this process, its exit code and output as run_cli returns them: the tests about what the
+    converter does, not about its command line, without a Python start (about 6 s of CPU for its imports) each."""
+    capsys.readouterr()  # what ran before
+    code = cv.main([*args, "--no-tqdm"])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["convert_ucf101.py", *args], code, out, err)
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -178,9 +188,9 @@ def test_rerun_replaces_output_and_is_deterministic(converted, source, tmp_path)
     assert not (out / "images/old_split").exists() and siblings(out) == []
 
 
-def test_strict_fails_and_writes_nothing(source, tmp_path):
+def test_strict_fails_and_writes_nothing(source, tmp_path, capsys):
     out = tmp_path / "out"
-    result = run_cli("--src_dir", str(source), "--out_dir", str(out), "--strict", "--num_workers", "1")
+    result = run_main(capsys, "--src_dir", str(source), "--out_dir", str(out), "--strict", "--num_workers", "1")
     assert result.returncode == 1
     assert "train/Beta/bad.avi" in result.stderr and "test/Beta/empty.avi" in result.stderr
     assert not out.exists() and siblings(out) == []
@@ -213,42 +223,47 @@ def test_failure_midway_keeps_previous_output(converted, source, tmp_path, monke
     assert not (tmp_path / "new").exists() and siblings(tmp_path / "new") == []
 
 
-def test_refuses_a_folder_it_did_not_write(source, tmp_path):
+def test_refuses_a_folder_it_did_not_write(source, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    result = run_cli("--src_dir", str(source), "--out_dir", str(out))
+    result = run_main(capsys, "--src_dir", str(source), "--out_dir", str(out))
     assert result.returncode == 1 and "did not write" in result.stderr
     assert (out / "notes.txt").read_text() == "keep me" and sorted(os.listdir(out)) == ["notes.txt"]
 
 
-def test_stale_temporary_folders_and_odd_inputs(source, tmp_path):
+def test_stale_temporary_folders_and_odd_inputs(source, tmp_path, capsys):
     src = tmp_path / "download" / "my_videos"  # the splits one level down from --src_dir
     shutil.copytree(source / "val/Alpha", src / "train/Alpha")
     out = tmp_path / "out"
     stale = tmp_path / f".out.tmp-{cv.socket.gethostname()}-{2**22 + 12345}-abc"  # a pid above Linux's pid_max
     (stale / "images").mkdir(parents=True)
-    result = run_cli("--src_dir", str(tmp_path / "download"), "--out_dir", str(out))
+    result = run_main(capsys, "--src_dir", str(tmp_path / "download"), "--out_dir", str(out))
     assert result.returncode == 0, result.stderr
     assert not stale.exists() and siblings(out) == [] and (out / "images/train/Alpha/v1.7.jpg").is_file()
-    result = run_cli("--src_dir", str(src / "train"), "--out_dir", str(tmp_path / "x"))
+    result = run_main(capsys, "--src_dir", str(src / "train"), "--out_dir", str(tmp_path / "x"))
     assert result.returncode == 1 and "No train/, val/ or test/ folder" in result.stderr
-    result = run_cli("--src_dir", str(src), "--out_dir", str(src))
+    result = run_main(capsys, "--src_dir", str(src), "--out_dir", str(src))
     assert result.returncode == 1 and "did not write" in result.stderr
 
 
-def test_archive_with_a_top_folder(converted, source, tmp_path):
+def test_archive_with_a_top_folder(converted, source, tmp_path, capsys):
     archive = tmp_path / "UCF101_subset.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(source, arcname="UCF101_subset")
     out = tmp_path / "out"
-    result = run_cli("--archive", str(archive), "--out_dir", str(out), "--num_workers", "2")
+    result = run_main(capsys, "--archive", str(archive), "--out_dir", str(out), "--num_workers", "2")
     assert result.returncode == 0, result.stderr
     assert tree(out) == tree(converted[0]) and siblings(out) == []
 
 
-def test_hub_unreachable_names_the_local_options(tmp_path):
-    result = run_cli("--out_dir", str(tmp_path / "out"), env={"HF_HOME": str(tmp_path / "hf")})
+def test_hub_unreachable_names_the_local_options(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    # An empty Hub cache, offline: what HF_HOME=<empty folder> HF_HUB_OFFLINE=1 give a new process.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result = run_main(capsys, "--out_dir", str(tmp_path / "out"))
     assert result.returncode == 1
     assert "sayakpaul/ucf101-subset" in result.stderr
     assert "--archive" in result.stderr and "--src_dir" in result.stderr
@@ -263,12 +278,12 @@ def test_long_clips_are_decoded_twice_with_the_same_frames(source, monkeypatch):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(once, twice))
 
 
-def test_num_frames_and_source_flags(source, tmp_path):
+def test_num_frames_and_source_flags(source, tmp_path, capsys):
     src = tmp_path / "src"
     shutil.copytree(source / "train/Alpha", src / "train/Alpha")
     shutil.copytree(source / "val/Beta", src / "test/Beta")
     out = tmp_path / "out"
-    result = run_cli("--src_dir", str(src), "--out_dir", str(out), "--num_frames", "3", "--source", "my_clips")
+    result = run_main(capsys, "--src_dir", str(src), "--out_dir", str(out), "--num_frames", "3", "--source", "my_clips")
     assert result.returncode == 0, result.stderr
     assert "No val folder in the input" in result.stdout
     assert sorted(os.listdir(out)) == ["images", "ucf101_test.jsonl", "ucf101_train.jsonl"]

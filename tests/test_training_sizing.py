@@ -89,6 +89,8 @@ def test_bytes_per_gpu_of_each_mode():
 
 def test_bench_on_the_meta_device_reports_flops_and_bytes_per_gpu(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench, "META_SAMPLES", 2)  # the mean of two samples' steps: each mode's rows at half the cost
+    measured = []
+    monkeypatch.setattr(bench, "step_cost", lambda *args, **kwargs: measured.append(args) or step_cost(*args, **kwargs))
     out = tmp_path / "rows.json"
     bench.main(["--size", "tiny", "--device", "meta", "--distribution", "nlvr2", "--modes", "full", "frozen", "lora",
                 "qlora", "--json", str(out)])
@@ -113,3 +115,6 @@ def test_bench_on_the_meta_device_reports_flops_and_bytes_per_gpu(tmp_path, caps
     assert "GB per GPU by strategy" not in rows["lora"]
     assert rows["qlora"]["GB per GPU"]["1"] < rows["lora"]["GB per GPU"]["1"] == rows["lora"]["GB per GPU"]["8"]
     assert "per GPU" in capsys.readouterr().out
+    # Each sample's step once per variant (ours checkpointed and not, padded crops, whole tower, reference, and for
+    # frozen cached features; QLoRA's are LoRA's): the longest sample's activations come from ours, not a rerun.
+    assert len(measured) == 2 * (5 + 6 + 5)
