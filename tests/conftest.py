@@ -18,27 +18,32 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
-# The tests that take a minute or more on 2 cores (test file::name prefix), longest first. They run before the rest
-# so that under `pytest -n 2 --dist worksteal` (the Makefile's) the two workers end together: found at the end of
-# the collection instead, one of them could leave a worker alone with it for minutes.
+# The slowest tests (test file::name prefix), longest first, from a run's --durations (9:27 on 2 cores, 692 tests).
+# They run before the rest so that under `pytest -n 2 --dist worksteal` (the Makefile's) the two workers end
+# together: found at the end of the collection instead, one of them could leave a worker alone with it for a minute.
 SLOW_FIRST = [
-    "test_gpu_check.py::test_the_whole_plan_runs_on_cpu",
-    "test_dpo_recipe.py::test_lora_learns_the_preference",  # DPO's two learning runs on two ranks
-    "test_dpo_recipe.py::test_full_fine_tuning_zero2_with_stored_reference",
-    "test_long_runs.py::test_killed_at_any_moment",  # builds the ZeRO-2 reference that the next two read
-    "test_long_runs.py::test_sigterm_stops",
-    "test_recipes.py::test_full_zero2_resume",
-    "test_recipes.py::test_learning_colour_task",
+    "test_gpu_check.py::test_the_whole_plan_runs_on_cpu",  # 85 s: six recipe runs, each a torchrun launch
+    "test_dpo_recipe.py::test_full_fine_tuning_zero2_with_stored_reference",  # 77 s: DPO's two learning runs
+    "test_dpo_recipe.py::test_lora_learns_the_preference",  # 54 s
+    "test_long_runs.py::test_killed_at_any_moment",  # builds the ZeRO-2 reference that the next one reads
+    "test_long_runs.py::test_sigterm_stops",  # 49 s: two real torchrun launches
+    "test_recipes.py::test_learning_colour_task",  # 40 s
+    "test_web.py::test_chat_in_a_browser",  # 27 s alone, more beside another test process
+    "test_phi4mm_sizing.py::test_bench_cpu_rows_for_phi4mm",
+    "test_dpo_recipe.py::test_sigterm_stops",
+    "test_recipe_report.py::test_full_finetuning_torchrun",
+    "test_bench.py::test_bench_rows_count_flops",
+    "test_dpo_recipe.py::test_zero3_is_refused",
     "test_sharded_training.py::test_sharded_full_finetuning",
-    "test_sharded_training.py::test_zero3_run_stopped",
+    "test_dpo_recipe.py::test_killed_and_rerun",
+    "test_phi4mm_sizing.py::test_bench_meta_rows_for_phi4mm",
+    "test_long_runs.py::test_two_seeded_runs_are_bit_identical",
+    "test_bench.py::test_bench_runs_every_training_mode",
     "test_modeling_compile.py::test_length_grouped_batches_recompile",
     "test_modeling_compile.py::test_torch_compile_trains_and_evaluates_a_recipe",
-    "test_bench.py::test_bench_rows_count_flops",
-    "test_long_runs.py::test_two_seeded_runs_are_bit_identical",
-    "test_long_runs.py::test_unreadable_images_met_mid_run",
-    "test_long_runs.py::test_a_second_run_into_the_same_output_dir",
-    "test_recipes.py::test_hateful_memes_full_finetuning_zero2",
-    "test_web.py::test_chat_in_a_browser",  # 30 s alone, a minute beside another test process
+    "test_bench.py::test_the_compiled_row",
+    "test_long_runs.py::test_a_setup_mistake_under_torchrun",
+    "test_gpu_check_phi4mm.py::test_microsofts_recipe_check_runs_on_cpu",
 ]
 
 
