@@ -26,7 +26,7 @@ SLOW_FIRST = [
     "test_dpo_recipe.py::test_full_fine_tuning_zero2_with_stored_reference",  # 77 s: DPO's two learning runs
     "test_dpo_recipe.py::test_lora_learns_the_preference",  # 54 s
     "test_long_runs.py::test_killed_at_any_moment",  # builds the ZeRO-2 reference that the next one reads
-    "test_long_runs.py::test_sigterm_stops",  # 49 s: two real torchrun launches
+    "test_long_runs.py::test_sigterm_stops",  # a real torchrun launch signalled, its rerun
     "test_recipes.py::test_learning_colour_task",  # 40 s
     "test_web.py::test_chat_in_a_browser",  # 27 s alone, more beside another test process
     "test_phi4mm_sizing.py::test_bench_cpu_rows_for_phi4mm",

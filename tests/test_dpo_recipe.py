@@ -249,7 +249,7 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_finishes(tiny, 
     """LoRA in one process, DataLoader workers on: SIGTERM stops training at a step boundary with a checkpoint."""
     import signal
 
-    from test_long_runs import finish, launch, stopped_by_sigterm
+    from test_long_runs import finish, launch, start, stopped_by_sigterm
 
     argv = ["--model_name_or_path", tiny, "--data_dir", pairs, "--use_lora", "--lora_rank", 4, "--batch_size", 2,
             "--batch_size_per_gpu", 2, "--max_steps", 12, "--save_steps", 100, "--max_train_samples", 24,
@@ -259,6 +259,6 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_finishes(tiny, 
     assert code == 128 + signal.SIGTERM, output[-4000:]
     assert 1 <= step < 12 and (out / f"checkpoint-{step}" / "checkpoint_complete").is_file()
     assert "Traceback" not in output
-    code, output = finish(launch(False, *argv, "--output_dir", out, script=SCRIPT))
+    code, output = finish(start(False, *argv, "--output_dir", out, script=SCRIPT))  # the rerun: forked will do
     assert code == 0 and f"Resuming from {out / f'checkpoint-{step}'}" in output, output[-4000:]
     assert preference(out, "after")["num_pairs"] == 2

@@ -203,7 +203,7 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_loses_no_step(z
     # torchrun itself ends with its SignalException traceback and status 1 (what the README says).
     assert code == 1 and "SignalException" in output.split("Stopped by SIGTERM")[1], output[-3000:]
 
-    code, output = finish(launch(True, *argv, "--output_dir", out))
+    code, output = finish(start(True, *argv, "--output_dir", out))  # the rerun, on forked ranks: resuming is ours
     assert code == 0 and f"Resuming from {out / f'checkpoint-{step}'}" in output, output[-4000:]
     assert log_losses(out / "checkpoint-6") == log_losses(straight / "checkpoint-6")
     resumed, uninterrupted = weights(out / "model.safetensors"), weights(straight / "model.safetensors")
@@ -211,7 +211,7 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_rerun_loses_no_step(z
 
     # Re-running the finished command trains nothing and changes no file.
     before = files_of(out)
-    code, output = finish(launch(True, *argv, "--output_dir", out))
+    code, output = finish(start(True, *argv, "--output_dir", out))
     assert code == 0 and output.count(f"The run in {out} is complete") == 1, output[-3000:]
     assert files_of(out) == before
 
