@@ -165,12 +165,17 @@ class Zygote:
                                         stderr=subprocess.DEVNULL, cwd=ROOT, env={**os.environ, **FIXED_ENV})
         atexit.register(self.process.stdin.close)  # its loop ends at end of input
         self.buffer = b""
+        self.running: ForkedRun | None = None  # the run whose end the zygote has still to report
         self.answer(timeout=300)
 
-    def ask(self, request: dict) -> dict:
+    def start(self, request: dict, log: Path) -> ForkedRun:
+        """Starts the request's run. A run a failed test left behind is killed first: the zygote runs one at a time."""
+        if self.running is not None and self.running.poll() is None:
+            self.running.kill()
         self.process.stdin.write(json.dumps(request).encode() + b"\n")
         self.process.stdin.flush()
-        return self.answer(timeout=60)
+        self.running = ForkedRun(self, self.answer(timeout=60)["pids"], log)
+        return self.running
 
     def answer(self, timeout: float | None) -> dict | None:
         """The zygote's next answer; None when none came within `timeout` (0: do not wait)."""
@@ -206,6 +211,16 @@ class ForkedRun:
                 self.returncode = ended["status"]
         return self.returncode
 
+    def kill(self) -> int:
+        """SIGKILL to each rank and its session (a rank just forked may not have its own session yet)."""
+        for pid in self.pids:
+            for kill in (os.kill, os.killpg):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        return self.wait()
+
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
             ended = self.zygote.answer(timeout)
@@ -229,7 +244,7 @@ def forked_launch(script: Path, argv: list, nproc: int | None = 2, cwd: Path = R
     request = {"script": str(script), "argv": [str(a) for a in argv], "nproc": nproc, "cwd": str(cwd),
                "env": {**os.environ, **FIXED_ENV, **(env or {})}, "stdout": str(stdout),
                "stderr": str(stderr or stdout), "timeout": timeout}
-    return ForkedRun(_zygote, _zygote.ask(request)["pids"], stdout)
+    return _zygote.start(request, stdout)
 
 
 def forked_run(script: Path, argv: list, nproc: int | None = 2, cwd: Path = ROOT, env: dict | None = None,

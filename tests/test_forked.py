@@ -6,31 +6,40 @@ import subprocess
 import sys
 import time
 
-from forked import forked_run, torchrun_environment
+from forked import forked_launch, forked_run, torchrun_environment
 
 SHOW = """
-import json, os, sys
-print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}))
+import json, os, pathlib, sys
+folder = pathlib.Path(sys.argv[1])
+(folder / (os.environ["RANK"] + ".json")).write_text(json.dumps({"argv": sys.argv[2:], "cwd": os.getcwd(),
+                                                                 "env": dict(os.environ)}))
+print("to stdout")
 print("to stderr", file=sys.stderr)
 """
 
 
+def seen_by_each_rank(folder) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+
+
 def test_each_rank_gets_the_variables_torchrun_gives_its_workers(tmp_path):
-    script = tmp_path / "show.py"
+    script, real, forked = tmp_path / "show.py", tmp_path / "real", tmp_path / "forked"
     script.write_text(SHOW)
-    real = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=120, check=True)
-    forked = forked_run(script, ["a", 1], nproc=2, cwd=tmp_path, env={"EXTRA": "x"})
-    assert forked.returncode == 0 and forked.stderr.count("to stderr") == 2
-    seen = [json.loads(line) for line in forked.stdout.splitlines()]
+    real.mkdir()
+    forked.mkdir()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script), str(real)], capture_output=True, text=True, timeout=120, check=True)
+    result = forked_run(script, [forked, "a", 1], nproc=2, cwd=tmp_path, env={"EXTRA": "x"})
+    assert result.returncode == 0 and result.stdout.count("to stdout") == result.stderr.count("to stderr") == 2
+    ours = seen_by_each_rank(forked)
     assert all(rank["argv"] == ["a", "1"] and rank["cwd"] == str(tmp_path) and rank["env"]["EXTRA"] == "x"
-               for rank in seen)
-    workers = sorted((json.loads(line)["env"] for line in real.stdout.splitlines()), key=lambda env: env["RANK"])
-    ours = sorted((rank["env"] for rank in seen), key=lambda env: env["RANK"])
+               for rank in ours)
+    workers = seen_by_each_rank(real)
+    assert [rank["env"]["RANK"] for rank in ours] == [worker["env"]["RANK"] for worker in workers] == ["0", "1"]
     for worker, rank in zip(workers, ours, strict=True):
         for key in torchrun_environment(0, 2, 0):
             if key not in ("MASTER_PORT", "TORCHELASTIC_RUN_ID"):
-                assert rank[key] == worker[key], key
+                assert rank["env"][key] == worker["env"][key], key
 
 
 def test_a_failed_rank_stops_the_others_and_gives_its_exit_status(tmp_path):
@@ -58,3 +67,14 @@ def test_pythonpath_comes_first_and_its_sitecustomize_runs_as_at_interpreter_sta
     result = forked_run(script, [], nproc=None, env={"PYTHONPATH": str(site)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "site", str(tmp_path)]
+
+
+def test_a_run_left_running_by_a_failed_test_is_killed_before_the_next_one(tmp_path):
+    (tmp_path / "sleep.py").write_text("import time\ntime.sleep(300)\n")
+    (tmp_path / "quick.py").write_text("print('next')\n")
+    left = forked_launch(tmp_path / "sleep.py", [], nproc=2)
+    assert left.poll() is None
+    start = time.time()
+    result = forked_run(tmp_path / "quick.py", [], nproc=None)
+    assert result.returncode == 0 and result.stdout == "next\n" and time.time() - start < 30
+    assert left.returncode == -9
