@@ -5,15 +5,16 @@ A fresh Python process spends about 7.5 s of CPU importing torch, transformers, 
 torch's inductor) before a recipe does anything; a torchrun launch with 2 workers about 17 s. The suite launches
 dozens, so this module keeps one "zygote" process per pytest process, with those imports done, and forks each rank
 from it. A rank gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...; rank 0 hosts the
-rendezvous store, where torchrun's agent would), its own session,
-the given working folder and environment, and runs the script as `python script.py` would (`__main__`); when one
-rank fails the others are stopped, as torchrun does. The code that runs is the recipe's, unchanged.
+rendezvous store, where torchrun's agent would), a session of its own, the given working folder and environment,
+and runs the script as `python script.py` would (`__main__`); when one rank fails the others are stopped, as
+torchrun does. The code that runs is the recipe's, unchanged.
 
-What this does not show is torchrun itself and a fresh interpreter's imports: the tests of the launcher (signals,
-exit status, kills, output printed once, library notices on the console) launch real torchrun (test_long_runs,
-test_recipe_report, the ZeRO-2 and LoRA reference runs of conftest).
+What this does not show is torchrun itself and a fresh interpreter's imports: the tests of those (SIGTERM passed on
+by the launcher, a setup error printed once, the library notices on the console, the command-line entry points)
+start real processes.
 
-    python tests/forked.py   # the zygote: JSON requests on stdin, one JSON line of exit codes on stdout per request
+    python tests/forked.py   # the zygote: a JSON request per line on stdin; per request, the ranks' pids and then
+                             # their exit status, a JSON line each on stdout
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ def run_rank(request: dict, env: dict[str, str], protocol: int) -> None:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the requests' pipe stays the zygote's
         script = request["script"]
         sys.argv = [script, *request["argv"]]
-        import atexit
         import runpy
 
         # What the interpreter does at start: the script's folder first, then PYTHONPATH, whose sitecustomize runs.

@@ -105,8 +105,10 @@ def descendants(pid: int) -> list[int]:
 
 def kill_all(process: subprocess.Popen | ForkedRun) -> None:
     """SIGKILL to every process of the run at once: a node lost, an OOM killer, `kill -9`."""
-    roots = process.pids if isinstance(process, ForkedRun) else [process.pid]
-    for pid in [*roots, *(child for root in roots for child in descendants(root))]:
+    if isinstance(process, ForkedRun):  # each rank leads a session that holds its DataLoader workers
+        process.kill()
+        return
+    for pid in [process.pid, *descendants(process.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
