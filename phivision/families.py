@@ -113,6 +113,12 @@ class ModelFamily:
         """Log-probs of a batch's answer tokens, for preference tuning: see `answer_token_logps`."""
         return answer_token_logps(model, inputs)
 
+    def pair_answer_logps(self, model: torch.nn.Module, inputs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`answer_logps` of a batch of preference pairs: its first half of sequences are the chosen answers, its
+        second half the rejected ones, and the second half's images are the first half's again
+        (phivision.training.preference.PreferenceCollator). Here the images run as given: twice per pair."""
+        return self.answer_logps(model, inputs)
+
     # ----- meta-device sizing (phivision.training.sizing; only families with supports_step_sizing) -----
 
     def batch_images(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -210,6 +216,14 @@ def family_of(name_or_path: str, flag: str = "--model_name_or_path") -> ModelFam
     if not config:
         raise SetupError(f"{flag} {name_or_path}: no config.json in it (is it a model folder?)")
     return family_for_type(config.get("model_type"), f"{flag} {name_or_path}")
+
+
+def bare_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside `model`'s wrappers: DDP, DeepSpeed's engine, torch.compile, peft."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_torch_compile=False)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def family_of_model(model: torch.nn.Module) -> ModelFamily:

@@ -201,3 +201,49 @@ def test_the_reference_pass_puts_a_model_still_on_the_cpu_onto_the_training_devi
     assert model.weight.device.type == "cpu"
     on_training_device(model, SimpleNamespace(training=SimpleNamespace(device=torch.device("meta"))))  # a stand-in
     assert model.weight.device.type == "meta"
+
+
+def test_each_pairs_images_run_through_the_vision_tower_once_with_the_gradients_of_running_them_twice(tiny):
+    """Phi-3-V: the tower sees each pair's images once (the chosen half's), and the log-probs and every gradient
+    (the tower's included) are those of the batch run as collated, every image twice."""
+    from phivision.training.preference import pair_logps
+
+    family, processor, model = load(tiny)
+    model.train()
+    collator = PreferenceCollator(processor, identity, num_crops=1)
+    batch = collator.collate([collator.encode(p) for p in PAIRS])
+    assert len(batch["pixel_values"]) == 6  # 3 images per half
+    tower = family.vision_module(model)
+    seen = []
+    hook = tower.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
+    results = []
+    for run in (lambda: pair_logps(family, model, batch), lambda: family.answer_logps(model, dict(batch))):
+        model.zero_grad()
+        out = run()
+        logps = out[0] if len(out) == 2 else out[0].sum(dim=1)
+        logps.sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    hook.remove()
+    assert seen == [3, 6]
+    (once, grads_once), (twice, grads_twice) = results
+    torch.testing.assert_close(once, twice, rtol=1e-6, atol=1e-5)
+    assert grads_once.keys() == grads_twice.keys() and any(".vision_embed_tokens." in n for n in grads_once)
+    for name in grads_once:
+        torch.testing.assert_close(grads_once[name], grads_twice[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_tower_runs_under_the_autocast_the_trainer_gives_the_model(tiny, tmp_path, bf16):
+    """The tower runs outside the model's forward (which accelerate wraps in autocast under --bf16 without DeepSpeed),
+    so the trainer runs it under the same autocast: bf16 features from fp32 weights, as inside the forward. LoRA: the
+    policy's pass and the reference's (the adapter disabled)."""
+    family, processor, model = load(tiny, lora=True)
+    collator = PreferenceCollator(processor, identity, num_crops=1)
+    batch = collator.collate([collator.encode(p) for p in PAIRS])
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=bf16)
+    trainer = PreferenceTrainer(model=model, args=args, preference=PreferenceLoss())
+    dtypes = []
+    hook = family.vision_module(model).register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    trainer.compute_loss(model, dict(batch))
+    hook.remove()
+    assert dtypes == [torch.bfloat16 if bf16 else torch.float32] * 2

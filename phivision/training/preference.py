@@ -2,9 +2,9 @@
 
 A preference row is a recipe row whose last turn carries the chosen answer as "assistant" and the rejected one
 as "rejected" (phivision.data.preference). A batch of B pairs is ONE forward pass over 2B sequences: the chosen
-ones, then the rejected ones, each pair's images given twice (`PreferenceCollator`). A sequence's log-prob is the
-sum over its answer tokens (labels != -100), taken from the logits at answer positions only (the model family's
-`answer_logps`); packed batches are split by sample.
+ones, then the rejected ones, each pair's images given twice (`PreferenceCollator`; the model family's
+`pair_answer_logps` may run them through the vision tower once). A sequence's log-prob is the sum over its answer
+tokens (labels != -100), taken from the logits at answer positions only; packed batches are split by sample.
 
 The loss follows TRL's DPOTrainer (`dpo_loss`, `concatenated_forward`):
 
@@ -160,7 +160,7 @@ def preference_loss(policy: torch.Tensor, reference: torch.Tensor, tokens: torch
 def pair_logps(family: Any, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """[2B] summed answer log-probs and answer token counts of a collated pair batch, through the family's hook."""
     inputs = {key: value for key, value in batch.items() if key not in ("bad_samples", "reference_logps")}
-    token_logps, mask, positions = family.answer_logps(model, inputs)
+    token_logps, mask, positions = family.pair_answer_logps(model, inputs)
     return sequence_logps(token_logps, mask, positions, inputs)
 
 
@@ -183,7 +183,10 @@ class PreferenceTrainer(RecipeTrainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         self.collect_bad_samples(inputs)
         stored = inputs.pop("reference_logps", None)
-        policy, tokens = pair_logps(self.family, model, inputs)
+        # Under the autocast accelerate gives the model's forward: the family's hook may run part of the model
+        # (the vision tower) outside it.
+        with self.accelerator.autocast():
+            policy, tokens = pair_logps(self.family, model, inputs)
         if stored is None:
             reference = self.reference_logps(inputs)
         else:
@@ -198,7 +201,7 @@ class PreferenceTrainer(RecipeTrainer):
     def reference_logps(self, inputs: dict[str, Any]) -> torch.Tensor:
         """[2B] log-probs of the batch under the model training started from: the base with the adapter disabled."""
         unwrapped = self.accelerator.unwrap_model(self.model)
-        with torch.no_grad(), unwrapped.disable_adapter():
+        with torch.no_grad(), unwrapped.disable_adapter(), self.accelerator.autocast():
             return pair_logps(self.family, unwrapped, inputs)[0]
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
