@@ -7,12 +7,15 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo demo-phi4mm test venv clean gpu-check gpu-check-phi4mm gpu-kit
 
+# One pip run, which compiles nothing (--no-compile, half of its time): each module is compiled when first imported
+# and kept in __pycache__. Machines that set PYTHONDONTWRITEBYTECODE (CI's does) would compile the libraries again
+# in every Python process: the tests start about a hundred.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip install -q --no-compile torch==2.13.0 -r requirements-dev.txt -e .
 	touch $@
 
 venv: $(VENV)/.installed

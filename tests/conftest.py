@@ -18,22 +18,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
-# The slowest tests (test file::name prefix), longest first, from a run's --durations (9:27 on 2 cores, 692 tests).
+# The slowest tests (test file::name prefix), longest first, from a run's --durations (9:21 on 2 cores, 695 tests).
 # They run before the rest so that under `pytest -n 2 --dist worksteal` (the Makefile's) the two workers end
 # together: found at the end of the collection instead, one of them could leave a worker alone with it for a minute.
 SLOW_FIRST = [
     "test_gpu_check.py::test_the_whole_plan_runs_on_cpu",  # 85 s: six recipe runs, each a torchrun launch
-    "test_dpo_recipe.py::test_full_fine_tuning_zero2_with_stored_reference",  # 77 s: DPO's two learning runs
-    "test_dpo_recipe.py::test_lora_learns_the_preference",  # 54 s
+    "test_dpo_recipe.py::test_full_fine_tuning_zero2_with_stored_reference",  # 62 s: DPO's two learning runs
+    "test_recipes.py::test_learning_colour_task",  # 40 s
+    "test_dpo_recipe.py::test_lora_learns_the_preference",  # 35 s
     "test_long_runs.py::test_killed_at_any_moment",  # builds the ZeRO-2 reference that the next one reads
     "test_long_runs.py::test_sigterm_stops",  # a real torchrun launch signalled, its rerun
-    "test_recipes.py::test_learning_colour_task",  # 40 s
-    "test_web.py::test_chat_in_a_browser",  # 27 s alone, more beside another test process
+    "test_web.py::test_chat_in_a_browser",  # 25 s alone, more beside another test process
     "test_phi4mm_sizing.py::test_bench_cpu_rows_for_phi4mm",
     "test_dpo_recipe.py::test_sigterm_stops",
-    "test_recipe_report.py::test_full_finetuning_torchrun",
     "test_bench.py::test_bench_rows_count_flops",
-    "test_dpo_recipe.py::test_zero3_is_refused",
+    "test_recipe_report.py::test_full_finetuning_torchrun",
     "test_sharded_training.py::test_sharded_full_finetuning",
     "test_dpo_recipe.py::test_killed_and_rerun",
     "test_phi4mm_sizing.py::test_bench_meta_rows_for_phi4mm",
