@@ -332,6 +332,7 @@ def generate_cli(*argv: str) -> str:
 
 
 def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -366,7 +367,8 @@ def test_chat_in_a_browser(tiny, adapter, tmp_path):  # noqa: F811
                  {"user": SECOND, "images": []}]
         second = generate_answers(model, processor, [conversation_prompt(turns, 1, processor)], [turns[0]["images"]],
                                   num_crops=2, max_new_tokens=MAX_NEW_TOKENS)[0]
-        wait = WebDriverWait(driver, 40, poll_frequency=0.2)
+        # A message the page replaces between finding it and reading it (Clear, a new answer): read again.
+        wait = WebDriverWait(driver, 40, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
         url = f"http://127.0.0.1:{port}/"
         log, serving = [], threading.Event()
 
