@@ -94,7 +94,7 @@ class Phi3VFamily(ModelFamily):
     def checkpointable_layers(self, model: torch.nn.Module) -> dict[str, list[torch.nn.Module]]:
         """The LM's decoder layers and CLIP's layers up to the feature layer that train (a frozen tower has none)."""
         base = bare_model(model)
-        tower = base.model.vision_embed_tokens.img_processor
+        tower = self.vision_module(base).img_processor
         vision = [layer for layer in tower.vision_model.encoder.layers[: tower.num_layers_used]
                   if any(p.requires_grad for p in layer.parameters())]
         return {"LM": list(base.model.layers), "CLIP": vision}
@@ -103,8 +103,7 @@ class Phi3VFamily(ModelFamily):
                           crop_slots: int | None = None, whole_tower: bool = False) -> torch.Tensor:
         """CLIP on the global crop and the sub-crops of each image (`crop_slots` per image with padding; the
         padding slots are dropped after CLIP, as the reference does), then the HD merge and projection."""
-        base = bare_model(model)
-        embedding = base.model.vision_embed_tokens
+        embedding = self.vision_module(model)
         real = sum(1 + h * w for h, w in crops_hw)
         crops = real if crop_slots is None else crop_slots * len(crops_hw)
         pixels = torch.zeros(crops, 3, embedding.crop_size, embedding.crop_size, dtype=torch.bfloat16, device="meta")
